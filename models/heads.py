@@ -1,0 +1,53 @@
+"""Classification heads per architecture, as LoRA adapters must save them.
+
+peft 0.21 can only batch rows for different adapters in one forward (`adapter_names=`) when
+each entry of `modules_to_save` is a plain Linear layer. RoBERTa's `classifier` is a
+composite module (dense -> tanh -> out_proj), so its inner Linear layers are listed; BERT's
+`classifier` is already a Linear. peft's `task_type="SEQ_CLS"` would silently append the
+composite `classifier` again (and then fail to load the adapter), so adapters are created
+with `task_type=None` and these explicit lists.
+
+Convention: the last entry is the output layer (its weight has one row per label).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HEAD_MODULES: dict[str, list[str]] = {
+    "bert": ["classifier"],
+    "roberta": ["classifier.dense", "classifier.out_proj"],
+    "xlm-roberta": ["classifier.dense", "classifier.out_proj"],
+    "distilbert": ["pre_classifier", "classifier"],
+}
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def head_modules(model_type: str) -> list[str]:
+    try:
+        return list(HEAD_MODULES[model_type])
+    except KeyError:
+        raise ValueError(
+            f"no LoRA head layout for model_type '{model_type}'; known: {sorted(HEAD_MODULES)} "
+            "(add it to models/heads.py)"
+        ) from None
+
+
+def head_out_features(adapter_dir: Path) -> int | None:
+    """Number of classes an adapter's saved head produces, or None if it has no head."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    mts = cfg.get("modules_to_save") or []
+    if not mts:
+        return None
+    out_key_suffix = f"{mts[-1]}.weight"
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
+        for key in f.keys():
+            if key.endswith(out_key_suffix):
+                return int(f.get_slice(key).get_shape()[0])
+    return None

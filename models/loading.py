@@ -1,0 +1,210 @@
+"""Loading variants and bases into memory, fingerprints, and golden-set checks.
+
+The service, training and benchmarks all load weights through these functions so that a
+variant means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.manifest import Golden, Manifest
+from models.store import Store, VariantRefused
+
+BASE_INFO = "base.json"
+ONNX_FILE = "model.onnx"
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The shared encoder of a sequence classifier (BertModel inside BertForSequenceClassification)."""
+    if hasattr(model, "get_base_model"):  # peft wrapper
+        model = model.get_base_model()
+    return getattr(model, "base_model", model)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the encoder's weights: names, dtypes, shapes and bytes, in name order.
+
+    Computed on the weights as stored (before any dtype cast, before peft wraps the model),
+    so a LoRA adapter can prove it was trained on exactly the base the service has loaded.
+    """
+    h = hashlib.sha256()
+    state = encoder_of(model).state_dict()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_tokenizer(path_or_id: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path_or_id))
+
+
+def save_base_snapshot(store: Store, model: nn.Module, tokenizer: Any, base_model: str, init: str) -> str:
+    """Save the encoder `model` was built on into STORE/_bases/<fp16>/ once; return its fingerprint.
+
+    LoRA variants reference the base by fingerprint, so a store is self-contained and
+    servable offline, and adapters never duplicate the base weights.
+    """
+    fp = fingerprint(model)
+    target = store.base_path(fp)
+    if (target / BASE_INFO).exists():
+        return fp
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{fp[:16]}-{uuid.uuid4().hex[:8]}"
+    try:
+        encoder_of(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = {"base_model": base_model, "fingerprint": fp, "init": init}
+        (tmp / BASE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, target)
+    except OSError:
+        if (target / BASE_INFO).exists():  # another writer won the race; theirs is identical
+            return fp
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return fp
+
+
+def load_base(
+    store: Store,
+    manifest: Manifest,
+    *,
+    dtype: str = "fp32",
+    device: str = "cpu",
+) -> tuple[nn.Module, Any, str]:
+    """Load the base encoder a variant was built on, wrapped as a sequence classifier.
+
+    Looks in STORE/_bases first, then at `manifest.base_model` (a local path or Hub id).
+    Returns (model, tokenizer, fingerprint); refuses when the weights found do not match
+    the manifest's fingerprint. The classifier head of the returned model is freshly
+    initialised: adapters bring their own.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    snapshot = store.base_path(manifest.base_fingerprint)
+    source = str(snapshot) if (snapshot / BASE_INFO).exists() else manifest.base_model
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=manifest.num_labels, torch_dtype=torch.float32
+        )
+    except OSError as e:
+        raise VariantRefused(
+            manifest.name,
+            [f"base '{manifest.base_model}' not found in {snapshot} nor loadable ({e}); "
+             "copy the base into the store or make the Hub reachable"],
+        ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    fp = fingerprint(model)
+    if fp != manifest.base_fingerprint:
+        raise VariantRefused(
+            manifest.name,
+            [f"base at {source} has fingerprint {fp[:12]}… but the variant was built on "
+             f"{manifest.base_fingerprint[:12]}…"],
+        )
+    tokenizer = load_tokenizer(source)
+    model.eval().to(device=device, dtype=DTYPES[dtype])
+    return model, tokenizer, fp
+
+
+def load_full(path: Path, *, dtype: str = "fp32", device: str = "cpu") -> tuple[nn.Module, Any]:
+    """A full or merged variant: a complete sequence classifier saved with save_pretrained."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), torch_dtype=torch.float32)
+    model.eval().to(device=device, dtype=DTYPES[dtype])
+    return model, load_tokenizer(path)
+
+
+def attach_adapter(model: nn.Module, path: Path, adapter_name: str) -> nn.Module:
+    """Attach a LoRA variant as `adapter_name`; returns the (possibly new) PeftModel wrapper."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=False)
+        return model
+    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
+
+
+def onnx_session(path: Path, *, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(Path(path) / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: Any, encoded: dict[str, Any]) -> torch.Tensor:
+    """Run an ONNX classifier on tokenizer output (numpy or torch tensors)."""
+    import numpy as np
+
+    names = {i.name for i in session.get_inputs()}
+    feeds = {}
+    for k, v in encoded.items():
+        if k in names:
+            arr = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
+            feeds[k] = arr.astype(np.int64)
+    return torch.from_numpy(session.run(None, feeds)[0]).float()
+
+
+@torch.inference_mode()
+def compute_logits(
+    model: nn.Module | Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    *,
+    adapter_name: str | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """fp32 logits for `texts` from a torch model (optionally one peft adapter) or an ONNX session."""
+    is_onnx = hasattr(model, "get_inputs")
+    rows = []
+    for i in range(0, len(texts), batch_size):
+        chunk = list(texts[i : i + batch_size])
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        if is_onnx:
+            rows.append(onnx_logits(model, enc))
+            continue
+        device = next(model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        kwargs = {"adapter_names": [adapter_name] * len(chunk)} if adapter_name else {}
+        rows.append(model(**enc, **kwargs).logits.float().cpu())
+    return torch.cat(rows)
+
+
+def compare_golden(golden: Golden, logits: torch.Tensor) -> tuple[float, float]:
+    """(max |Δlogit|, argmax agreement in [0, 1]) of `logits` against the golden record."""
+    ref = torch.tensor(golden.logits, dtype=torch.float32)
+    if ref.shape != logits.shape:
+        return float("inf"), 0.0
+    max_abs = (ref - logits.float()).abs().max().item()
+    agreement = (ref.argmax(-1) == logits.argmax(-1)).float().mean().item()
+    return max_abs, agreement
+
+
+def golden_tolerance(dtype: str) -> float:
+    """Max |Δlogit| accepted when re-checking golden logits at serving precision."""
+    return {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}[dtype]
