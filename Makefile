@@ -14,10 +14,8 @@ export TOKENIZERS_PARALLELISM ?= false
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch first and pinned: an unpinned resolve pulls the multi-GB CUDA build.
 setup: $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	scripts/install.sh $(BIN)/python dev
 
 test: $(BIN)/python
 	@[ -x $(BIN)/pytest ] || $(MAKE) setup
