@@ -9,7 +9,19 @@ from models.manifest import KINDS, SCHEMA_VERSION, Golden, Manifest, ManifestErr
 from models.store import Store, VariantInfo, VariantNotFound, VariantRefused, check_name, dir_bytes
 
 __all__ = [
-    "HEAD_MODULES", "KINDS", "SCHEMA_VERSION", "Golden", "Manifest", "ManifestError", "Parity",
-    "Store", "VariantInfo", "VariantNotFound", "VariantRefused", "check_name", "dir_bytes",
-    "head_modules", "head_out_features",
+    "HEAD_MODULES",
+    "KINDS",
+    "SCHEMA_VERSION",
+    "Golden",
+    "Manifest",
+    "ManifestError",
+    "Parity",
+    "Store",
+    "VariantInfo",
+    "VariantNotFound",
+    "VariantRefused",
+    "check_name",
+    "dir_bytes",
+    "head_modules",
+    "head_out_features",
 ]

@@ -47,7 +47,7 @@ def head_out_features(adapter_dir: Path) -> int | None:
         return None
     out_key_suffix = f"{mts[-1]}.weight"
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             if key.endswith(out_key_suffix):
                 return int(f.get_slice(key).get_shape()[0])
     return None

@@ -110,8 +110,10 @@ def load_base(
     except OSError as e:
         raise VariantRefused(
             manifest.name,
-            [f"base '{manifest.base_model}' not found in {snapshot} nor loadable ({e}); "
-             "copy the base into the store or make the Hub reachable"],
+            [
+                f"base '{manifest.base_model}' not found in {snapshot} nor loadable ({e}); "
+                "copy the base into the store or make the Hub reachable"
+            ],
         ) from e
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -119,8 +121,10 @@ def load_base(
     if fp != manifest.base_fingerprint:
         raise VariantRefused(
             manifest.name,
-            [f"base at {source} has fingerprint {fp[:12]}… but the variant was built on "
-             f"{manifest.base_fingerprint[:12]}…"],
+            [
+                f"base at {source} has fingerprint {fp[:12]}… but the variant was built on "
+                f"{manifest.base_fingerprint[:12]}…"
+            ],
         )
     tokenizer = load_tokenizer(source)
     model.eval().to(device=device, dtype=DTYPES[dtype])

@@ -9,8 +9,19 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = (
-    "torch", "transformers", "peft", "accelerate", "optimum", "optimum-onnx", "onnxruntime",
-    "datasets", "tokenizers", "fastapi", "uvicorn", "pydantic", "prometheus-client",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "optimum",
+    "optimum-onnx",
+    "onnxruntime",
+    "datasets",
+    "tokenizers",
+    "fastapi",
+    "uvicorn",
+    "pydantic",
+    "prometheus-client",
 )
 
 

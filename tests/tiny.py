@@ -38,9 +38,16 @@ def tiny_classifier(arch: str = "bert", seed: int = 0, num_labels: int = 4) -> t
     from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64, num_labels=num_labels, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)
+    common = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     if arch == "bert":
         return BertForSequenceClassification(BertConfig(**common, max_position_embeddings=128)).eval()
     if arch == "roberta":
@@ -53,8 +60,14 @@ def tiny_classifier(arch: str = "bert", seed: int = 0, num_labels: int = 4) -> t
 def tiny_lora(base: torch.nn.Module, seed: int, r: int = 4) -> torch.nn.Module:
     """A peft model over a copy of `base` with random (non-zero) LoRA and head weights."""
     arch = base.config.model_type
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"],
-                     modules_to_save=head_modules(arch), task_type=None)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=["query", "value"],
+        modules_to_save=head_modules(arch),
+        task_type=None,
+    )
     pm = get_peft_model(copy.deepcopy(base), cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -70,8 +83,15 @@ def make_store(root: Path, arch: str = "bert", n_adapters: int = 3, full: bool =
     tok = tokenizer()
     base = tiny_classifier(arch, seed=0)
     fp = save_base_snapshot(store, base, tok, base_model=f"tiny-{arch}", init="random")
-    common = dict(tokenizer=tok, labels=LABELS, max_length=MAX_LENGTH, base_model=f"tiny-{arch}",
-                  base_fingerprint=fp, init="random", golden_texts=GOLDEN_TEXTS)
+    common = dict(
+        tokenizer=tok,
+        labels=LABELS,
+        max_length=MAX_LENGTH,
+        base_model=f"tiny-{arch}",
+        base_fingerprint=fp,
+        init="random",
+        golden_texts=GOLDEN_TEXTS,
+    )
     for i in range(n_adapters):
         write_variant(store, name=f"lora-{i}", kind="lora", model=tiny_lora(base, seed=100 + i), **common)
     if full:

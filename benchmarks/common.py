@@ -1,0 +1,168 @@
+"""Shared helpers: test-split loading, results JSON with provenance, free ports, store copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = os.environ.get("AGNEWS_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news"))
+
+
+def load_split(data: str | os.PathLike | None = None, split: str = "test") -> tuple[list[str], list[int]]:
+    """(texts, labels) of an AG News split from a local dir/file (parquet, csv, jsonl) or a Hub id.
+
+    A directory is searched for `<split>.parquet`, `<split>.csv`, `<split>.jsonl`. A header-less
+    CSV in the original AG News layout (class 1..4, title, description) is accepted too.
+    """
+    import pandas as pd
+
+    data = str(data or DEFAULT_DATA)
+    path = Path(data)
+    if path.is_dir():
+        for ext in ("parquet", "csv", "jsonl"):
+            if (path / f"{split}.{ext}").exists():
+                path = path / f"{split}.{ext}"
+                break
+        else:
+            raise FileNotFoundError(
+                f"no {split}.parquet/.csv/.jsonl in {data}; point --data (or AGNEWS_DATA) at an AG News dir"
+            )
+    if path.is_file():
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif path.suffix == ".jsonl":
+            df = pd.read_json(path, lines=True)
+        else:
+            df = pd.read_csv(path)
+            if "text" not in df.columns:  # original layout: no header, class 1..4, title, description
+                df = pd.read_csv(path, header=None, names=["cls", "title", "description"])
+                df = pd.DataFrame({"text": df.title + " " + df.description, "label": df.cls - 1})
+        return df["text"].astype(str).tolist(), df["label"].astype(int).tolist()
+    # Not a local path: a Hub dataset id (only works where the Hub is reachable).
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(data, split=split)
+    except Exception as e:  # datasets raises many types for offline / unknown ids
+        raise FileNotFoundError(f"'{data}' is neither a local path nor a loadable Hub dataset ({e})") from e
+    return list(ds["text"]), [int(x) for x in ds["label"]]
+
+
+def meta() -> dict[str, Any]:
+    """Machine, package versions and git state, recorded in every results JSON."""
+    from models.provenance import git_info, hardware, package_versions
+
+    return {"hardware": hardware(), "versions": package_versions(), "git": git_info(), "time_utc": utc_now()}
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_results(
+    path: str | os.PathLike | None, kind: str, payload: dict[str, Any], argv: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Wrap `payload` with {"kind", "command", "meta"} and write it as JSON (when `path` is given)."""
+    doc = {"kind": kind, "command": list(argv if argv is not None else sys.argv), "meta": meta(), **payload}
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (small race window; fine for loopback tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_adapter(store_root: str | os.PathLike, source: str, new_name: str) -> Path:
+    """Copy LoRA variant `source` as `new_name` in the same store, rewriting only manifest.name.
+
+    The file hashes in the manifest stay valid because no weight file changes; used to
+    measure the service with many resident adapters without training each one.
+    """
+    from models import Store
+    from models.manifest import Manifest
+
+    store = Store(store_root)
+    src = store.path(source)
+    dst = store.root / new_name
+    if dst.exists():
+        return dst
+    tmp = store.root / f".tmp-copy-{new_name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    m = Manifest.load(tmp)
+    m.name = new_name
+    m.save(tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def wait_http_ok(url: str, timeout_s: float = 120.0, proc: Any = None) -> None:
+    """Poll `url` until it answers 200; raise with a clear message on timeout or if `proc` exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server process exited with code {proc.returncode} before {url} was ready")
+        try:
+            r = httpx.get(url, timeout=2.0)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            last = type(e).__name__
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s (last: {last})")
+
+
+@contextmanager
+def running_server(
+    cmd: list[str],
+    ready_url: str,
+    log_path: str | os.PathLike | None = None,
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Start a server subprocess, wait until `ready_url` answers 200, stop it (SIGTERM, then kill) on exit.
+
+    Output goes to `log_path` (or a temporary file); on a failed start its tail is raised
+    with the error so the cause is visible.
+    """
+    log = open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        try:
+            wait_http_ok(ready_url, timeout_s=timeout_s, proc=proc)
+        except (RuntimeError, TimeoutError) as e:
+            log.flush()
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{e}\ncommand: {' '.join(cmd)}\n--- server output (tail) ---\n{tail}") from e
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()

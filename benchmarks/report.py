@@ -1,0 +1,597 @@
+"""reports/REPORT.md from results JSONs: tables, PNG plots and where each target stands.
+
+Reads only results files written by the other commands (each carries its command line and
+the machine it ran on); every number and figure in the report cites the file it came from.
+Target names used by `benchmarks demo` (and recognised here for the targets table):
+`baseline` / `service` (same model), `adapter-1` / `adapters-32` / `merged`, `torch-fp32` / `onnx-int8`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+KINDS = ("accuracy", "load", "memory", "hotswap", "demo")
+MiB = 2**20
+
+
+def collect(paths: list[Path]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """Results JSONs under `paths`, grouped by kind (files that are not results are ignored)."""
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
+    out: dict[str, list[tuple[Path, dict[str, Any]]]] = {k: [] for k in KINDS}
+    for f in files:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and doc.get("kind") in KINDS and "command" in doc and "meta" in doc:
+            out[doc["kind"]].append((f, doc))
+    return out
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _machine(doc: dict[str, Any]) -> str:
+    hw = doc["meta"].get("hardware", {})
+    gpu = f", GPU {hw['gpu']}" if hw.get("gpu") else ", no GPU"
+    git = doc["meta"].get("git", {})
+    sha = (git.get("sha") or "?")[:10] + ("+dirty" if git.get("dirty") else "")
+    return f"{hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} CPUs{gpu}), torch {doc['meta'].get('versions', {}).get('torch')}, git {sha}, {doc['meta'].get('time_utc', '')}"
+
+
+def _source(f: Path, doc: dict[str, Any], out_dir: Path) -> str:
+    cmd = " ".join(["python" if i == 0 and "python" in Path(c).name else c for i, c in enumerate(doc["command"])])
+    return f"Source: `{os.path.relpath(f, out_dir)}` — command: `{cmd}` — machine: {_machine(doc)}"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---- sections -----------------------------------------------------------------------------
+def load_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
+    parts, figs = ["## Throughput and latency (HTTP load)"], []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = False
+    for n, (f, doc) in enumerate(docs):
+        s = doc.get("settings", {})
+        parts.append(
+            f"\n### Load run {n + 1} (`{f.stem}`): models drawn {s.get('adapter_dist', '')}, {s.get('duration')} s "
+            f"measured per level after {s.get('warmup')} s warm-up; targets run one after another on the same texts\n"
+        )
+        rows = []
+        for r in doc["runs"]:
+            lat, st = r["latency"], r.get("server_timing") or {}
+            level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate_rps']}/s"
+            models = r.get("models") or s.get("models") or []
+            mdesc = models[0] if len(models) == 1 else f"{len(models)} models"
+            rows.append(
+                [
+                    r["target"],
+                    mdesc,
+                    level,
+                    r["throughput_rps"],
+                    r.get("tokens_per_s"),
+                    lat["p50_ms"],
+                    lat["p90_ms"],
+                    lat["p99_ms"],
+                    r.get("goodput_rps"),
+                    str(r["errors_by_status"] or 0),
+                    (st.get("queue") or {}).get("p50_ms"),
+                    (st.get("compute") or {}).get("p50_ms"),
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "target",
+                    "models",
+                    "level",
+                    "req/s",
+                    "tokens/s",
+                    "p50 ms",
+                    "p90 ms",
+                    "p99 ms",
+                    "goodput req/s",
+                    "errors",
+                    "server queue p50 ms",
+                    "server compute p50 ms",
+                ],
+                rows,
+            )
+        )
+        if doc.get("ratios"):
+            parts.append("\nRatios to the first target at the same level:\n")
+            parts.append(
+                _table(
+                    ["target", "vs", "level", "throughput ×", "p99 ms", "reference p50 ms"],
+                    [
+                        [
+                            x["target"],
+                            x["reference"],
+                            f"c={x['concurrency']}" if x.get("concurrency") else f"{x['rate_rps']}/s",
+                            f"{x['throughput_ratio']:.2f}",
+                            x["p99_ms"],
+                            x["reference_p50_ms"],
+                        ]
+                        for x in doc["ratios"]
+                    ],
+                )
+            )
+        parts.append("\n" + _source(f, doc, out_dir))
+        by_target: dict[str, list[dict[str, Any]]] = {}
+        for r in doc["runs"]:
+            if r["mode"] == "closed" and r["latency"]["p99_ms"] is not None:
+                by_target.setdefault(r["target"], []).append(r)
+        for target, rs in by_target.items():
+            rs = sorted(rs, key=lambda r: r["concurrency"])
+            label = target if len(docs) == 1 else f"run {n + 1}: {target}"
+            ax.plot([r["throughput_rps"] for r in rs], [r["latency"]["p99_ms"] for r in rs], marker="o", label=label)
+            for r in rs:
+                ax.annotate(
+                    f"c={r['concurrency']}",
+                    (r["throughput_rps"], r["latency"]["p99_ms"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
+            plotted = True
+    if plotted:
+        ax.set_xlabel("throughput (req/s)")
+        ax.set_ylabel("p99 latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title("Throughput vs p99 latency (closed loop, labels: concurrent clients)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        path = fig_dir / "throughput_vs_p99.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        figs.append(path.name)
+        parts.insert(1, f"\n![throughput vs p99]({os.path.relpath(path, out_dir)})\n")
+    plt.close(fig)
+    return "\n".join(parts), figs
+
+
+def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
+    parts, figs = ["## Memory"], []
+    plt = _plt()
+    for n, (f, doc) in enumerate(docs):
+        s = doc.get("settings", {})
+        parts.append(
+            f"\n### Per variant ({s.get('device')}, {s.get('precision')}; each loaded alone in a fresh process)\n"
+        )
+        rows = [
+            [
+                v["variant"],
+                v["kind"],
+                v["param_bytes"] / MiB,
+                (v.get("adapter_param_bytes") or 0) / 1024 if v["kind"] == "lora" else None,
+                v["rss_load_delta_bytes"] / MiB,
+                v["rss_after_forward_delta_bytes"] / MiB,
+                v["disk_bytes"] / MiB,
+                (v["cuda_allocated_bytes"] / MiB) if v.get("cuda_allocated_bytes") is not None else None,
+            ]
+            for v in doc["variants"]
+        ]
+        parts.append(
+            _table(
+                [
+                    "variant",
+                    "kind",
+                    "params MiB (total)",
+                    "adapter KiB",
+                    "RSS Δ load MiB",
+                    "RSS Δ +forward MiB",
+                    "disk MiB",
+                    "CUDA alloc MiB",
+                ],
+                rows,
+            )
+        )
+        parts.append(
+            "\nRSS Δ is the process's resident memory after loading minus before (imports excluded). "
+            "safetensors weights are memory-mapped and count only once touched, so the +forward column "
+            "is the resident cost; a LoRA variant's figures include its base."
+        )
+        sw = doc.get("adapter_sweep")
+        if sw:
+            chk = sw["check"]
+            parts.append(f"\n### Resident adapters (via {sw['via']}; copies of `{sw['source_adapter']}`)\n")
+            lim = {r["adapters"]: r for r in chk["rows"]}
+            rows = [
+                [
+                    p["adapters"],
+                    p["rss_bytes"] / MiB,
+                    (lim[p["adapters"]]["limit_bytes"] / MiB) if p["adapters"] in lim else None,
+                    ("yes" if lim[p["adapters"]]["passed"] else "NO") if p["adapters"] in lim else "–",
+                    sw["full_models_bytes_computed"].get(str(p["adapters"]), 0) / MiB
+                    if str(p["adapters"]) in sw["full_models_bytes_computed"]
+                    else None,
+                    p.get("add_s_per_adapter"),
+                ]
+                for p in sw["points"]
+            ]
+            parts.append(
+                _table(
+                    [
+                        "adapters",
+                        "RSS MiB (measured)",
+                        "limit MiB (base + 1.2 × adapters)",
+                        "within",
+                        "same count of full models MiB (computed)",
+                        "s per added adapter (PUT + first request)",
+                    ],
+                    rows,
+                )
+            )
+            marg = chk.get("marginal_bytes_per_adapter")
+            parts.append(
+                f"\nOne adapter's tensors: {chk['adapter_bytes'] / 1024:.1f} KiB; least-squares marginal cost "
+                f"{_fmt(marg / 1024 if marg is not None else None)} KiB per adapter "
+                f"(×{_fmt(chk.get('marginal_over_adapter_bytes'), 2)}). {sw['note']}."
+            )
+            # Plotted above the base: the base dominates RSS and would flatten every line.
+            pts = sorted((p for p in sw["points"] if p["adapters"] > 0), key=lambda p: p["adapters"])
+            ks = [p["adapters"] for p in pts]
+            base = chk["base_estimate_bytes"]
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            ax.plot(
+                ks,
+                [max(p["rss_bytes"] - base, 1) / MiB for p in pts],
+                marker="o",
+                label=f"measured RSS − base ({sw['via']})",
+            )
+            ax.plot(
+                ks, [1.2 * k * chk["adapter_bytes"] / MiB for k in ks], ls="--", label="target: 1.2 × adapter bytes"
+            )
+            full = [
+                (k, sw["full_models_bytes_computed"][str(k)] / MiB)
+                for k in ks
+                if str(k) in sw["full_models_bytes_computed"]
+            ]
+            if full:
+                ax.plot(
+                    [k for k, _ in full],
+                    [v for _, v in full],
+                    marker="x",
+                    ls=":",
+                    label="same count of full models (computed)",
+                )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylabel(f"MiB above base (base ≈ {base / MiB:.0f} MiB RSS)")
+            ax.set_xlabel("resident LoRA adapters")
+            ax.set_title("Memory vs number of adapters")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+            path = fig_dir / f"memory_vs_adapters{'' if n == 0 else f'_{n + 1}'}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            figs.append(path.name)
+            parts.append(f"\n![memory vs adapters]({os.path.relpath(path, out_dir)})\n")
+        parts.append("\n" + _source(f, doc, out_dir))
+    return "\n".join(parts), figs
+
+
+def accuracy_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
+    parts, figs = ["## Accuracy (AG News test split)"], []
+    plt = _plt()
+    for n, (f, doc) in enumerate(docs):
+        s = doc["settings"]
+        parts.append(
+            f"\n{s['n']} test items{' (seeded random subset)' if s.get('limit') else ''}, evaluated via {s['via']}.\n"
+        )
+        vs = doc["variants"]
+        rows = [
+            [
+                name,
+                v["kind"],
+                f"{v['accuracy']:.4f}",
+                f"[{v['accuracy_ci95'][0]:.4f}, {v['accuracy_ci95'][1]:.4f}]",
+                f"{v['f1_macro']:.4f}",
+                f"{v['f1_weighted']:.4f}",
+                f"{v['precision_macro']:.4f}",
+                f"{v['recall_macro']:.4f}",
+            ]
+            for name, v in vs.items()
+        ]
+        parts.append(
+            _table(
+                [
+                    "variant",
+                    "kind",
+                    "accuracy",
+                    "95% CI (bootstrap)",
+                    "macro F1",
+                    "weighted F1",
+                    "macro precision",
+                    "macro recall",
+                ],
+                rows,
+            )
+        )
+        if vs:
+            labels = list(next(iter(vs.values()))["per_class"])
+            parts.append("\nPer-class F1:\n")
+            parts.append(
+                _table(
+                    ["variant", *labels],
+                    [[name, *[f"{v['per_class'][c]['f1']:.4f}" for c in labels]] for name, v in vs.items()],
+                )
+            )
+        if doc.get("mcnemar"):
+            parts.append("\nMcNemar's test (paired, same items; b = only A right, c = only B right):\n")
+            parts.append(
+                _table(
+                    ["A", "B", "acc A − acc B", "b", "c", "p (exact)", "χ² (cc)", "p (χ²)"],
+                    [
+                        [
+                            t["variant_a"],
+                            t["variant_b"],
+                            f"{t['accuracy_diff']:+.4f}",
+                            t["b"],
+                            t["c"],
+                            f"{t['p_exact']:.3g}",
+                            f"{t['chi2_cc']:.3f}",
+                            f"{t['p_chi2_cc']:.3g}",
+                        ]
+                        for t in doc["mcnemar"]
+                    ],
+                )
+            )
+        ag = doc.get("agreement")
+        if ag and len(ag["variants"]) > 1:
+            parts.append("\nArgmax agreement between variants:\n")
+            parts.append(
+                _table(
+                    ["", *ag["variants"]],
+                    [[a, *[f"{x:.4f}" for x in row]] for a, row in zip(ag["variants"], ag["matrix"], strict=True)],
+                )
+            )
+        if doc.get("skipped"):
+            parts.append("\nSkipped: " + "; ".join(f"`{k}` ({v})" for k, v in doc["skipped"].items()))
+        if vs:
+            fig, ax = plt.subplots(figsize=(7, 0.5 * len(vs) + 1.5))
+            names = list(vs)
+            acc = [vs[k]["accuracy"] for k in names]
+            err = [
+                [a - vs[k]["accuracy_ci95"][0] for k, a in zip(names, acc, strict=True)],
+                [vs[k]["accuracy_ci95"][1] - a for k, a in zip(names, acc, strict=True)],
+            ]
+            ax.errorbar(acc, range(len(names)), xerr=err, fmt="o", capsize=4)
+            ax.set_yticks(range(len(names)), names, fontsize=8)
+            ax.set_xlabel("accuracy (95% bootstrap interval)")
+            ax.set_title("Accuracy per variant")
+            ax.grid(True, axis="x", alpha=0.3)
+            path = fig_dir / f"accuracy{'' if n == 0 else f'_{n + 1}'}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            figs.append(path.name)
+            parts.append(f"\n![accuracy]({os.path.relpath(path, out_dir)})\n")
+        parts.append("\n" + _source(f, doc, out_dir))
+    return "\n".join(parts), figs
+
+
+def hotswap_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
+    parts, figs = ["## Hot-swap under load"], []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    series = []
+    for f, doc in docs:
+        rows = []
+        for r in doc["runs"]:
+            lat = r["swap_latency"]
+            rows.append(
+                [
+                    r["adapter"],
+                    r["mode"],
+                    r["swaps"],
+                    lat["p50_ms"],
+                    lat["max_ms"],
+                    r["put_latency"]["p50_ms"],
+                    r["background_load"]["requests"],
+                    r["failed_requests"],
+                    r["failed_swaps"],
+                    "met" if r["target"]["passed"] else "MISSED",
+                ]
+            )
+            series.append(
+                (
+                    f"{r['adapter']} ({r['mode']})",
+                    [x["servable_ms"] for x in r["swap_rows"] if x.get("servable_ms") is not None],
+                )
+            )
+        parts.append(
+            _table(
+                [
+                    "adapter",
+                    "mode",
+                    "swaps",
+                    "to-servable p50 ms",
+                    "max ms",
+                    "PUT p50 ms",
+                    "background requests",
+                    "failed requests",
+                    "failed swaps",
+                    "target (p50 ≤ 100 ms, 0 failed)",
+                ],
+                rows,
+            )
+        )
+        parts.append(
+            "\nreplace = PUT over the loaded adapter (old version serves until the new one is verified); "
+            "reload = DELETE then PUT (background load excludes the adapter).\n"
+        )
+        parts.append(_source(f, doc, out_dir))
+    if series:
+        ax.boxplot([s for _, s in series], vert=False)
+        ax.set_yticks(range(1, len(series) + 1), [n for n, _ in series], fontsize=8)
+        ax.set_xlabel("PUT → servable (ms)")
+        ax.set_title("Hot-swap latency under load")
+        ax.grid(True, axis="x", alpha=0.3)
+        path = fig_dir / "hotswap.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        figs.append(path.name)
+        parts.insert(1, f"\n![hot-swap]({os.path.relpath(path, out_dir)})\n")
+    plt.close(fig)
+    return "\n".join(parts), figs
+
+
+# ---- targets --------------------------------------------------------------------------------
+def _at(runs: list[dict[str, Any]], target: str, concurrency: int | None = None) -> dict[str, Any] | None:
+    rs = [r for r in runs if r["target"] == target and r["mode"] == "closed"]
+    if concurrency is not None:
+        rs = [r for r in rs if r["concurrency"] == concurrency]
+    return max(rs, key=lambda r: r["concurrency"]) if rs else None
+
+
+def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str:
+    rows = []
+    runs = [r for _, d in groups["load"] for r in d["runs"]]
+    svc, base = _at(runs, "service", 32) or _at(runs, "service"), _at(runs, "baseline", 32) or _at(runs, "baseline")
+    if svc and base and svc["concurrency"] == base["concurrency"]:
+        ratio = svc["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else None
+        ok = ratio is not None and ratio >= 6 and svc["latency"]["p99_ms"] < base["latency"]["p50_ms"]
+        rows.append(
+            [
+                f"service vs naive baseline, same model, c={svc['concurrency']}",
+                "≥ 6× throughput, service p99 < baseline p50",
+                f"{_fmt(ratio, 2)}×; service p99 {_fmt(svc['latency']['p99_ms'])} ms vs baseline p50 {_fmt(base['latency']['p50_ms'])} ms",
+                "met" if ok else "missed",
+            ]
+        )
+    one, many, merged = (
+        _at(runs, "adapter-1"),
+        next((_at(runs, t) for t in sorted({r["target"] for r in runs}) if t.startswith("adapters-")), None),
+        _at(runs, "merged"),
+    )
+    if one and many:
+        r1 = many["throughput_rps"] / one["throughput_rps"] if one["throughput_rps"] else None
+        r2 = many["throughput_rps"] / merged["throughput_rps"] if merged and merged["throughput_rps"] else None
+        ok = r1 is not None and r1 >= 0.95 and (r2 is None or r2 >= 0.85)
+        rows.append(
+            [
+                f"{many['target']} at random vs one adapter{' vs merged' if merged else ''}, c={many['concurrency']}",
+                "≥ 0.95× one adapter, ≥ 0.85× merged",
+                f"{_fmt(r1, 2)}× one adapter"
+                + (f", {r2:.2f}× merged" if r2 is not None else "")
+                + (" (no request of the mix completed inside the window)" if many["requests"] == 0 else ""),
+                "met" if ok else "missed",
+            ]
+        )
+    for _, d in groups["memory"]:
+        sw = d.get("adapter_sweep")
+        if sw:
+            mx = max(sw["check"]["rows"], key=lambda r: r["adapters"])
+            rows.append(
+                [
+                    f"memory, {mx['adapters']} resident adapters ({sw['via']})",
+                    "≤ base + 1.2 × adapters' bytes",
+                    f"{mx['rss_bytes'] / MiB:.1f} MiB vs limit {mx['limit_bytes'] / MiB:.1f} MiB "
+                    f"(marginal ×{_fmt(sw['check'].get('marginal_over_adapter_bytes'), 2)} of adapter bytes)",
+                    "met" if sw["check"]["passed"] else "missed",
+                ]
+            )
+    for _, d in groups["hotswap"]:
+        for r in d["runs"]:
+            rows.append(
+                [
+                    f"hot-swap ({r['mode']}) under load",
+                    "p50 ≤ 100 ms, 0 failed",
+                    f"p50 {_fmt(r['swap_latency']['p50_ms'])} ms, {r['failed_requests']} failed requests, {r['failed_swaps']} failed swaps",
+                    "met" if r["target"]["passed"] else "missed",
+                ]
+            )
+    t32, i8 = _at(runs, "torch-fp32"), _at(runs, "onnx-int8")
+    if t32 and i8:
+        ratio = i8["throughput_rps"] / t32["throughput_rps"]
+        agree = None
+        for _, d in groups["accuracy"]:
+            ag = d.get("agreement")
+            i8_name = (i8.get("models") or [None])[0]
+            src = (d["variants"].get(i8_name) or {}).get("source") if i8_name else None
+            if ag and i8_name in ag["variants"] and src in ag["variants"]:
+                agree = ag["matrix"][ag["variants"].index(i8_name)][ag["variants"].index(src)]
+        ok = ratio >= 4 and agree is not None and agree >= 0.99
+        rows.append(
+            [
+                f"ONNX int8 vs PyTorch fp32 (CPU), c={i8['concurrency']}",
+                "≥ 4× throughput, ≥ 99% argmax agreement",
+                f"{ratio:.2f}×; agreement {_fmt(agree * 100 if agree is not None else None, 2)}%",
+                "met" if ok else "missed",
+            ]
+        )
+    if not rows:
+        return ""
+    return "## Targets\n\n" + _table(["target", "goal", "measured", "status"], rows)
+
+
+def demo_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
+    parts = ["## Demo run (`make demo`)"]
+    for f, doc in docs:
+        parts.append(
+            f"\n{'QUICK=1 form' if doc.get('quick') else 'Full form'}: {doc['total_s'] / 60:.1f} min from the first step to "
+            "the report step (the report itself takes a few seconds more).\n"
+        )
+        parts.append(_table(["step", "wall s"], [[s["step"], s["wall_s"]] for s in doc["steps"]]))
+        parts.append("\n" + _source(f, doc, out_dir))
+    return "\n".join(parts), []
+
+
+def write_report(results: list[Path], out: Path) -> Path:
+    """Render REPORT.md (and figures/ beside it) from every results JSON under `results`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig_dir = out.parent / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    groups = collect(results)
+    n = sum(len(v) for v in groups.values())
+    if n == 0:
+        raise SystemExit(f"no results JSONs (with kind/command/meta) under {', '.join(map(str, results))}")
+    from benchmarks.common import utc_now
+
+    sections = [
+        "# Benchmark report: full fine-tuning vs LoRA for serving",
+        f"\nGenerated {utc_now()} from {n} results file(s). Every figure below comes from the results file named "
+        "under it, with the command that produced it and the machine it ran on.\n",
+    ]
+    t = targets_section(groups)
+    if t:
+        sections.append(t)
+    for kind, fn in (
+        ("demo", demo_section),
+        ("accuracy", accuracy_section),
+        ("load", load_section),
+        ("memory", memory_section),
+        ("hotswap", hotswap_section),
+    ):
+        if groups[kind]:
+            text, _ = fn(groups[kind], fig_dir, out.parent)
+            sections.append(text)
+    out.write_text("\n\n".join(sections) + "\n")
+    return out

@@ -1,0 +1,117 @@
+"""The FastAPI application: wiring only (routes, error handlers, body limit, metrics, lifespan)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models import Store
+from service.batcher import Batcher
+from service.config import ServiceConfig
+from service.errors import PayloadTooLarge, error_body, install_error_handlers
+from service.metrics import UNKNOWN_VARIANT, Metrics
+from service.routes import admin, inference, kserve
+from service.runtime import Runtime
+
+
+def _endpoint(path: str) -> str | None:
+    """Inference endpoints get per-variant request metrics; others are not counted."""
+    if path == "/v1/classify":
+        return "classify"
+    if path.startswith("/models/"):
+        return "hf"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "kserve"
+    return None
+
+
+class LimitsAndMetrics:
+    """Pure ASGI middleware: 413 for oversized bodies, request count/latency by variant and status.
+
+    Hand-written rather than BaseHTTPMiddleware so a body over the limit is refused while it
+    streams (Content-Length or not) without buffering it first.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = _endpoint(scope["path"])
+        limit = self.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, send, endpoint)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            msg = await receive()
+            received += len(msg.get("body", b""))
+            if received > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes; send fewer or shorter inputs")
+            return msg
+
+        status = 500
+        start_s = time.perf_counter()
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, send_status)
+        finally:
+            if endpoint:
+                variant = scope.get("state", {}).get("variant", UNKNOWN_VARIANT)
+                self.metrics.requests.labels(variant, endpoint, str(status)).inc()
+                self.metrics.request_latency.labels(variant, str(status)).observe(time.perf_counter() - start_s)
+
+    async def _too_large(self, scope: Scope, send: Send, endpoint: str | None) -> None:
+        from starlette.responses import JSONResponse
+
+        msg = f"request body exceeds {self.max_body_bytes} bytes; send fewer or shorter inputs"
+        resp = JSONResponse(error_body("payload_too_large", msg), status_code=413)
+        if endpoint:
+            self.metrics.requests.labels(UNKNOWN_VARIANT, endpoint, "413").inc()
+        await resp(scope, _noop_receive, send)
+
+
+async def _noop_receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def create_app(cfg: ServiceConfig) -> FastAPI:
+    """Build the app; models load on the batcher thread at startup (watch /readyz)."""
+    metrics = Metrics(cfg.device)
+    runtime = Runtime(Store(cfg.store), cfg, on_evict=metrics.evictions.inc)
+    batcher = Batcher(runtime, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        # uvicorn has stopped accepting and waited for in-flight requests; drain what is left.
+        batcher.stop(drain_timeout_s=cfg.request_timeout_s)
+
+    app = FastAPI(
+        title="AG News classifier service",
+        version="0.1.0",
+        description="One shared base with per-request LoRA adapters, dynamic batching and hot-swap.",
+        lifespan=lifespan,
+    )
+    app.state.config, app.state.runtime, app.state.batcher, app.state.metrics = cfg, runtime, batcher, metrics
+    install_error_handlers(app)
+    app.include_router(inference.router)
+    app.include_router(kserve.router)
+    app.include_router(admin.admin)
+    app.include_router(admin.router)
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
+    return app

@@ -1,0 +1,333 @@
+"""One batcher thread per device: owns the runtime, forms token-budget batches, applies swaps.
+
+Loop: apply pending admin commands (load / replace / unload) -> wait up to --max-wait-ms for rows
+-> take the oldest row's group (all LoRA adapters form one group; each other variant is its own)
+-> add rows of that group shortest-first while rows x longest <= --max-batch-tokens -> one forward
+-> resolve each request's future. Commands run only between batches, so a batch always sees one
+consistent set of models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.errors import ModelNotFound, QueueFull, ServiceError, Unavailable
+from service.metrics import Metrics
+from service.runtime import Entry, Runtime
+
+log = logging.getLogger("service")
+IDLE_POLL_S = 0.1
+
+
+@dataclass
+class Job:
+    """One HTTP request: its pre-tokenised rows and the future its handler awaits."""
+
+    variant: str
+    texts: list[str]
+    rows: list[list[int]]
+    tokenizer: Any  # the tokenizer `rows` came from; re-tokenised if a swap changed it
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued_s: float = field(default_factory=time.perf_counter)
+    logits: list[list[float] | None] = field(default_factory=list)
+    remaining: int = 0
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    cancelled: bool = False  # set by the handler on timeout; its rows are skipped
+
+    def __post_init__(self) -> None:
+        self.logits = [None] * len(self.rows)
+        self.remaining = len(self.rows)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+@dataclass
+class Row:
+    job: Job
+    index: int
+
+    @property
+    def length(self) -> int:
+        return len(self.job.rows[self.index])
+
+
+class Batcher:
+    """See the module docstring. `submit` and `command` are called from the event loop."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics):
+        self.runtime = runtime
+        self.cfg = runtime.cfg
+        self.metrics = metrics
+        self._rows: deque[Row] = deque()
+        self._commands: deque[tuple[str, str, concurrent.futures.Future]] = deque()
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self.ready = threading.Event()
+        self.startup_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+
+    # ---- called from the HTTP side ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise Unavailable("the server is shutting down; retry on another replica", headers={"Retry-After": "1"})
+            if len(self._rows) + len(job.rows) > self.cfg.max_queue:
+                raise QueueFull(
+                    f"queue full ({len(self._rows)} rows waiting, limit {self.cfg.max_queue}); retry after a moment",
+                    headers={"Retry-After": "1"},
+                )
+            self._rows.extend(Row(job, i) for i in range(len(job.rows)))
+            self.metrics.queue_depth.set(len(self._rows))
+            self._cond.notify()
+
+    def command(self, op: str, name: str) -> concurrent.futures.Future:
+        """Queue a load/unload for the batcher to apply between batches."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._commands.append((op, name, fut))
+            self._cond.notify()
+        return fut
+
+    def queue_depth(self) -> int:
+        return len(self._rows)
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting, let queued rows finish (up to the timeout), then end the thread."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify()
+        deadline = time.monotonic() + drain_timeout_s
+        while self._rows and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+
+    # ---- the batcher thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self.cfg.threads)
+        try:
+            self._startup()
+        except Exception as e:  # the server stays up and /readyz says why
+            log.exception("startup failed")
+            self.startup_error = f"{type(e).__name__}: {e}"
+            return
+        self.ready.set()
+        while True:
+            try:
+                self._apply_commands()
+                batch = self._next_batch()
+                if batch:
+                    self._execute(batch)
+                elif self._stopping and not self._rows:
+                    return
+            except Exception:  # never a dead batcher: log, fail nothing else, keep going
+                log.exception("batcher loop error")
+
+    def _startup(self) -> None:
+        rt = self.runtime
+        rt.load_base()
+        wanted = (
+            rt.store.names()
+            if self.cfg.variants == "all"
+            else [v.strip() for v in self.cfg.variants.split(",") if v.strip()]
+        )
+        for name in wanted:
+            t0 = time.perf_counter()
+            try:
+                entry = rt.load(name)
+            except ServiceError as e:  # refused or missing: listed with its reason in GET /v1/models
+                log.warning("not serving %s: %s", name, e.message)
+                continue
+            self.metrics.adapter_load.labels(entry.kind, "start").observe(time.perf_counter() - t0)
+        self._update_gauges()
+        log.info("serving %s", ", ".join(sorted(rt.entries)) or "nothing")
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            with self._cond:
+                op, name, fut = self._commands.popleft()
+            t0 = time.perf_counter()
+            try:
+                if op == "load":
+                    existed = name in self.runtime.entries
+                    entry = self.runtime.load(name)
+                    load_s = time.perf_counter() - t0
+                    self.metrics.adapter_load.labels(entry.kind, "admin").observe(load_s)
+                    result = {
+                        "name": name,
+                        "status": "replaced" if existed else "loaded",
+                        "kind": entry.kind,
+                        "load_ms": load_s * 1e3,
+                    }
+                else:
+                    self.runtime.unload(name)
+                    result = {"name": name, "status": "unloaded"}
+                self.metrics.swaps.labels(op, "ok").inc()
+                fut.set_result(result)
+            except Exception as e:
+                self.metrics.swaps.labels(op, "refused").inc()
+                fut.set_exception(e)
+            self._update_gauges()
+
+    def _next_batch(self) -> list[tuple[Row, Entry]] | None:
+        with self._cond:
+            if not self._rows and not self._commands:
+                self._cond.wait(IDLE_POLL_S)
+            if not self._rows or self._commands:
+                return None
+            first_s = self._rows[0].job.enqueued_s
+        # Wait for company until the oldest row has waited max_wait_ms or the budget is full.
+        deadline = first_s + self.cfg.max_wait_ms / 1e3
+        while time.perf_counter() < deadline and not self._commands:
+            with self._cond:
+                full = (
+                    len(self._rows) >= self.cfg.max_batch_size
+                    or sum(r.length for r in self._rows) >= self.cfg.max_batch_tokens
+                )
+                if full:
+                    break
+                self._cond.wait(max(0.0, deadline - time.perf_counter()))
+        with self._cond:
+            return self._take_batch()
+
+    def _take_batch(self) -> list[tuple[Row, Entry]]:
+        """Pick rows of the oldest row's group; shortest first within the token budget. Caller holds the lock."""
+        entries = self.runtime.entries
+        live: deque[Row] = deque()
+        for row in self._rows:  # drop timed-out rows and rows whose variant was unloaded
+            if row.job.cancelled:
+                continue
+            if row.job.variant not in entries:
+                self._fail(
+                    row.job,
+                    ModelNotFound(
+                        f"'{row.job.variant}' was unloaded while the request waited; load it with PUT /v1/adapters/{row.job.variant}"
+                    ),
+                )
+                continue
+            live.append(row)
+        self._rows = live
+        if not live:
+            self.metrics.queue_depth.set(0)
+            return []
+        oldest = live[0]
+        group = entries[oldest.job.variant].group
+        candidates = [r for r in live if entries[r.job.variant].group == group]
+        chosen = [oldest]
+        width = oldest.length
+        for r in sorted(candidates[1:], key=lambda r: r.length):
+            w = max(width, r.length)
+            if len(chosen) >= self.cfg.max_batch_size or (len(chosen) + 1) * w > self.cfg.max_batch_tokens:
+                break
+            chosen.append(r)
+            width = w
+        taken = {id(r) for r in chosen}
+        self._rows = deque(r for r in live if id(r) not in taken)
+        self.metrics.queue_depth.set(len(self._rows))
+        return [(r, entries[r.job.variant]) for r in chosen]
+
+    def _execute(self, batch: list[tuple[Row, Entry]]) -> None:
+        start_s = time.perf_counter()
+        batch = self._make_resident(batch)
+        if not batch:
+            return
+        rows, entries = [r for r, _ in batch], [e for _, e in batch]
+        ids = [self._ids_for(r, e) for r, e in batch]
+        try:
+            logits = self.runtime.forward(entries, ids)
+        except Exception as e:
+            log.exception("forward failed")
+            for job in {id(r.job): r.job for r in rows}.values():
+                self._fail(job, ServiceError(f"inference failed: {type(e).__name__}: {e}; this is a server bug"))
+            return
+        compute_s = time.perf_counter() - start_s
+        rows_logits = logits.tolist()
+        width = max(len(i) for i in ids)
+        self.metrics.compute.labels(entries[0].group).observe(compute_s)
+        self.metrics.batch_size.observe(len(rows))
+        self.metrics.batch_tokens.observe(len(rows) * width)
+        self.metrics.batch_adapters.observe(len({e.name for e in entries}))
+        seen: set[int] = set()
+        now = time.time()
+        for row, entry, p in zip(rows, entries, rows_logits, strict=True):
+            job = row.job
+            job.logits[row.index] = p
+            job.remaining -= 1
+            wait_s = start_s - job.enqueued_s
+            self.metrics.queue_wait.labels(job.variant).observe(wait_s)
+            job.queue_ms = max(job.queue_ms, wait_s * 1e3)
+            if id(job) not in seen:
+                seen.add(id(job))
+                job.compute_ms += compute_s * 1e3
+            entry.last_used = now
+            if job.remaining == 0:
+                entry.request_count += 1
+                job.loop.call_soon_threadsafe(_resolve, job.future, job)
+        if self.runtime.evict_over_cap(set()):
+            self._update_gauges()
+
+    def _make_resident(self, batch: list[tuple[Row, Entry]]) -> list[tuple[Row, Entry]]:
+        """Transparently reload LRU-evicted adapters needed by this batch (a cold load)."""
+        names = {e.name for _, e in batch}
+        failed: set[str] = set()
+        for name in sorted({e.name for _, e in batch if not e.resident}):
+            t0 = time.perf_counter()
+            try:
+                self.runtime.ensure_resident(name, protect=names)
+                self.metrics.adapter_load.labels("lora", "cold").observe(time.perf_counter() - t0)
+            except Exception as e:
+                log.warning("cold reload of %s failed: %s", name, e)
+                failed.add(name)
+                for row, entry in batch:
+                    if entry.name == name:
+                        self._fail(
+                            row.job,
+                            ServiceError(
+                                f"reloading evicted adapter '{name}' failed: {e}; check the store", status=503
+                            ),
+                        )
+        self._update_gauges()
+        return [(r, e) for r, e in batch if e.name not in failed]
+
+    @staticmethod
+    def _ids_for(row: Row, entry: Entry) -> list[int]:
+        if row.job.tokenizer is not entry.tokenizer:  # a replacement brought another tokenizer
+            row.job.rows[row.index] = entry.encode([row.job.texts[row.index]])[0]
+        return row.job.rows[row.index]
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        job.cancelled = True
+        job.loop.call_soon_threadsafe(_reject, job.future, error)
+
+    def _update_gauges(self) -> None:
+        self.metrics.loaded_adapters.set(self.runtime.resident_adapters())
+        self.metrics.loaded_variants.set(len(self.runtime.entries))
+
+
+def _resolve(fut: asyncio.Future, job: Job) -> None:
+    if not fut.done():
+        fut.set_result(job)
+
+
+def _reject(fut: asyncio.Future, error: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(error)

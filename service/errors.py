@@ -1,0 +1,108 @@
+"""Every error leaves the server as JSON {"error": {"type", "message"}}; the message says what to do."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service")
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status, a short machine-readable type and a human message."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, status: int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class ModelNotFound(ServiceError):
+    status, type = 404, "model_not_found"
+
+
+class Refused(ServiceError):
+    """A variant failed verification (hashes, base fingerprint, labels, golden logits)."""
+
+    status, type = 409, "variant_refused"
+
+
+class QueueFull(ServiceError):
+    status, type = 429, "queue_full"
+
+
+class Timeout(ServiceError):
+    status, type = 504, "timeout"
+
+
+class Unavailable(ServiceError):
+    status, type = 503, "unavailable"
+
+
+def error_body(type_: str, message: str) -> dict:
+    return {"error": {"type": type_, "message": message}}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        if err.get("type") == "json_invalid":
+            return f"request body is not valid JSON ({err.get('msg')}); send a JSON object"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts) + "; see /docs for the request schema"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Replace FastAPI's default error bodies with the service's shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, ServiceError):  # e.g. the body limit tripped while FastAPI read the body
+            return await _service_error(request, exc.__cause__)
+        if exc.status_code == 404:
+            msg = f"no route {request.method} {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
+        else:
+            msg = str(exc.detail)
+        return JSONResponse(
+            error_body("http_error", msg), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(
+            error_body("internal_error", f"{type(exc).__name__}: {exc}; this is a server bug, please report it"),
+            status_code=500,
+        )

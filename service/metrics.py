@@ -1,0 +1,84 @@
+"""Prometheus metrics; each app owns its CollectorRegistry so several servers can live in one process."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from models.provenance import current_rss_bytes
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+UNKNOWN_VARIANT = "_unknown"  # requests naming no loaded variant share one label (bounded cardinality)
+
+
+class Metrics:
+    """All series the service exports; names carry their unit."""
+
+    def __init__(self, device: str = "cpu"):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "service_requests",
+            "Requests by variant, endpoint and status",
+            ["variant", "endpoint", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "service_request_latency_seconds",
+            "End-to-end request latency",
+            ["variant", "status"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "service_queue_wait_seconds",
+            "Time a row waited before its batch started",
+            ["variant"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "service_compute_seconds", "Forward time of one batch", ["group"], buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.batch_size = Histogram("service_batch_size_rows", "Rows per batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "service_batch_tokens",
+            "Padded tokens per batch (rows x longest row)",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_adapters = Histogram(
+            "service_batch_adapters",
+            "Distinct LoRA adapters mixed in one batch",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("service_queue_depth_rows", "Input rows waiting for the batcher", registry=r)
+        self.loaded_adapters = Gauge("service_loaded_adapters", "LoRA adapters resident on the base", registry=r)
+        self.loaded_variants = Gauge("service_loaded_variants", "Variants servable by name", registry=r)
+        self.adapter_load = Histogram(
+            "service_adapter_load_seconds",
+            "Time to load and verify a variant",
+            ["kind", "reason"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.evictions = Counter("service_adapter_evictions", "LoRA adapters evicted by the LRU cap", registry=r)
+        self.swaps = Counter(
+            "service_admin_operations", "Admin load/replace/unload by outcome", ["op", "outcome"], registry=r
+        )
+        self.rss = Gauge("service_process_resident_memory_bytes", "Resident set size of the server process", registry=r)
+        self.rss.set_function(current_rss_bytes)
+        if device == "cuda" and torch.cuda.is_available():
+            self.cuda_allocated = Gauge(
+                "service_cuda_memory_allocated_bytes", "CUDA memory held by tensors", registry=r
+            )
+            self.cuda_allocated.set_function(torch.cuda.memory_allocated)
+            self.cuda_reserved = Gauge(
+                "service_cuda_memory_reserved_bytes", "CUDA memory reserved by the allocator", registry=r
+            )
+            self.cuda_reserved.set_function(torch.cuda.memory_reserved)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

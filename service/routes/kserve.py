@@ -1,0 +1,126 @@
+"""KServe V2 / Open Inference Protocol: health, model metadata and infer with a BYTES text input.
+
+tritonclient sends inputs in the binary-tensor extension by default (a JSON header of
+`Inference-Header-Content-Length` bytes followed by raw tensors), so the body is parsed here
+rather than by FastAPI; the pydantic models still document the JSON form in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from service.errors import BadRequest, Unavailable
+from service.routes.inference import check_inputs, resolve, run_job, scores
+from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2Tensor, V2TensorMeta
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@router.get("")
+async def server_metadata() -> dict:
+    return {"name": "agnews-lora-serving", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    if not request.app.state.batcher.ready.is_set():
+        raise Unavailable("still loading models; retry shortly")
+    return Response(status_code=200)
+
+
+@router.get("/models/{name}", response_model=V2ModelMetadata)
+async def model_metadata(name: str, request: Request) -> V2ModelMetadata:
+    entry = resolve(request, name)
+    return V2ModelMetadata(
+        name=name,
+        platform=f"agnews_{entry.kind}",
+        inputs=[V2TensorMeta(name="text", datatype="BYTES", shape=[-1])],
+        outputs=[
+            V2TensorMeta(name="label", datatype="BYTES", shape=[-1]),
+            V2TensorMeta(name="probabilities", datatype="FP32", shape=[-1, len(entry.manifest.labels)]),
+        ],
+    )
+
+
+@router.get("/models/{name}/ready")
+async def model_ready(name: str, request: Request) -> Response:
+    resolve(request, name)
+    return Response(status_code=200)
+
+
+def _decode_bytes_tensor(raw: bytes, count: int) -> list[str]:
+    """Binary BYTES tensor: each element is a little-endian uint32 length then that many bytes."""
+    out, pos = [], 0
+    for _ in range(count):
+        if pos + 4 > len(raw):
+            raise BadRequest("binary BYTES tensor is shorter than its shape says; re-encode the input")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        out.append(raw[pos + 4 : pos + 4 + n].decode("utf-8", errors="replace"))
+        pos += 4 + n
+    return out
+
+
+def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest, list[str]]:
+    """The request and its texts, from plain JSON or the binary-tensor extension."""
+    try:
+        split = int(header_length) if header_length else len(body)
+        req = V2InferRequest.model_validate(json.loads(body[:split]))
+    except (ValueError, ValidationError) as e:
+        raise BadRequest(
+            f"invalid V2 infer request: {e}; send {{'inputs': [{{'name', 'shape', 'datatype': 'BYTES', 'data'}}]}}"
+        ) from None
+    if len(req.inputs) != 1 or req.inputs[0].datatype != "BYTES":
+        raise BadRequest("send exactly one input tensor of datatype BYTES holding the texts")
+    tensor = req.inputs[0]
+    count = 1
+    for d in tensor.shape:
+        count *= d
+    binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is not None:
+        texts = _decode_bytes_tensor(body[split : split + int(binary_size)], count)
+    elif tensor.data is not None:
+        texts = [x if isinstance(x, str) else str(x) for x in _flatten(tensor.data)]
+    else:
+        raise BadRequest("the input tensor has neither 'data' nor binary_data_size; put the texts in 'data'")
+    if len(texts) != count:
+        raise BadRequest(f"input shape {tensor.shape} says {count} elements but {len(texts)} were sent")
+    return req, texts
+
+
+def _flatten(data: list) -> list:
+    return [y for x in data for y in (_flatten(x) if isinstance(x, list) else [x])]
+
+
+@router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True)
+async def infer(name: str, request: Request) -> V2InferResponse:
+    """Texts in a BYTES input -> `label` (BYTES) and `probabilities` (FP32, [n, labels]) outputs."""
+    entry = resolve(request, name)
+    req, texts = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
+    texts = check_inputs(request, texts)
+    job = await run_job(request, entry, texts)
+    labels = entry.manifest.labels
+    probs = [scores(row) for row in job.logits]
+    best = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
+    outputs = [
+        V2Tensor(name="label", datatype="BYTES", shape=[len(texts)], data=best),
+        V2Tensor(
+            name="probabilities", datatype="FP32", shape=[len(texts), len(labels)], data=[x for p in probs for x in p]
+        ),
+    ]
+    if req.outputs:  # only what was asked for; always as JSON data (clients accept it for binary requests too)
+        wanted = {o.name for o in req.outputs}
+        unknown = wanted - {o.name for o in outputs}
+        if unknown:
+            raise BadRequest(f"unknown outputs {sorted(unknown)}; this model has 'label' and 'probabilities'")
+        outputs = [o for o in outputs if o.name in wanted]
+    return V2InferResponse(model_name=name, id=req.id, outputs=outputs)

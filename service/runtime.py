@@ -1,0 +1,299 @@
+"""The models: one shared base with LoRA adapters, full/merged torch models, ONNX sessions.
+
+Only the batcher thread calls the mutating methods (`load`, `unload`, `ensure_resident`,
+`forward`), so no model is ever touched by two threads and a swap can never tear a batch.
+HTTP handlers only read `entries` (dict reads are atomic under the GIL; entries are replaced
+whole, never mutated into an inconsistent state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
+from models.loading import (
+    DTYPES,
+    attach_adapter,
+    compare_golden,
+    compute_logits,
+    load_base,
+    load_full,
+    load_tokenizer,
+    onnx_logits,
+    onnx_session,
+)
+from service.config import ServiceConfig
+from service.errors import ModelNotFound, Refused
+
+log = logging.getLogger("service")
+LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
+
+
+@dataclass
+class Entry:
+    """One servable variant. `model` is a torch module or ONNX session; LoRA entries use `adapter`."""
+
+    name: str
+    manifest: Manifest
+    tokenizer: Any
+    bytes: int
+    model: Any = None
+    adapter: str | None = None  # internal peft adapter name while resident
+    resident: bool = True
+    # HF fast tokenizers are not thread-safe when truncation/padding settings change between calls
+    # ("RuntimeError: Already borrowed"); every call on this tokenizer goes through this lock.
+    tok_lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = 0.0
+    request_count: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, truncated to the manifest's max_length, unpadded."""
+        with self.tok_lock:
+            return self.tokenizer(texts, truncation=True, max_length=self.manifest.max_length)["input_ids"]
+
+    @property
+    def group(self) -> str:
+        """Rows with the same group can share one forward."""
+        return LORA_GROUP if self.kind == "lora" else self.name
+
+
+class Runtime:
+    """Owns every model of one device; see the module docstring for the threading rule."""
+
+    def __init__(self, store: Store, cfg: ServiceConfig, on_evict: Callable[[int], None] | None = None):
+        self.store = store
+        self.on_evict = on_evict or (lambda n: None)
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        # bf16 on CPU: autocast keeps fp32 master weights (golden checks stay exact-ish) while
+        # matmuls run in bf16 on avx512_bf16; "weights" casts the weights instead.
+        self.weight_dtype = cfg.precision
+        if cfg.precision == "bf16" and cfg.device == "cpu" and cfg.bf16_mode == "autocast":
+            self.weight_dtype = "fp32"
+        self.entries: dict[str, Entry] = {}
+        self.refused: dict[str, str] = {}  # name -> last refusal reason (shown in /v1/models)
+        self.base: Any = None  # PeftModel once an adapter is attached, else the bare classifier
+        self.base_tokenizer: Any = None
+        self.base_fingerprint: str | None = None
+        self.base_manifest: Manifest | None = None
+        self.base_tok_lock = threading.Lock()  # shared by every LoRA entry: one tokenizer object
+        self._adapter_ids = itertools.count()
+        self._stale_adapters: list[str] = []  # peft cannot delete its last adapter; see _drop_adapter
+
+    # ---- precision -------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16" and self.weight_dtype == "fp32":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def tolerance(self, kind: str) -> float:
+        from models.loading import golden_tolerance
+
+        if kind == "onnx":
+            return golden_tolerance("fp32")
+        if kind == "onnx-int8":
+            return 0.05  # quantised kernels differ slightly across CPUs; argmax is also checked
+        return golden_tolerance(self.cfg.precision)
+
+    # ---- base ------------------------------------------------------------------------------
+    def choose_base(self) -> Manifest | None:
+        """The LoRA base to load: --base if given, else the one most LoRA variants were built on."""
+        loras = [i.manifest for i in self.store.list() if i.manifest and i.manifest.kind == "lora"]
+        if self.cfg.base:
+            loras = [m for m in loras if m.base_fingerprint.startswith(self.cfg.base)]
+        if not loras:
+            return None
+        top_fp, _ = Counter(m.base_fingerprint for m in loras).most_common(1)[0]
+        return next(m for m in loras if m.base_fingerprint == top_fp)
+
+    def load_base(self) -> None:
+        m = self.choose_base()
+        if m is None:
+            log.info("no LoRA variants in %s; serving full/merged/ONNX variants only", self.store.root)
+            return
+        t0 = time.perf_counter()
+        self.base, self.base_tokenizer, self.base_fingerprint = load_base(
+            self.store, m, dtype=self.weight_dtype, device=self.cfg.device
+        )
+        self.base_manifest = m
+        log.info("base %s (%s…) loaded in %.2fs", m.base_model, m.base_fingerprint[:12], time.perf_counter() - t0)
+
+    # ---- load / unload (batcher thread only) -----------------------------------------------
+    def load(self, name: str) -> Entry:
+        """Load or replace `name` from the store; the old version keeps serving unless this succeeds."""
+        try:
+            entry = self._build(name)
+        except VariantNotFound as e:
+            raise ModelNotFound(f"{e}; write it into the store first") from e
+        except VariantRefused as e:
+            self.refused[name] = "; ".join(e.reasons)
+            raise Refused(f"{e}; the previous version (if any) keeps serving") from e
+        old = self.entries.get(name)
+        self.entries[name] = entry  # the swap: one dict assignment between batches
+        self.refused.pop(name, None)
+        if old is not None:
+            entry.request_count = old.request_count
+            self._release(old)
+        if entry.kind == "lora":
+            self.evict_over_cap({name})
+        return entry
+
+    def unload(self, name: str) -> None:
+        entry = self.entries.pop(name, None)
+        if entry is None:
+            raise ModelNotFound(f"'{name}' is not loaded; loaded: {', '.join(sorted(self.entries)) or 'none'}")
+        self._release(entry)
+
+    def ensure_resident(self, name: str, protect: set[str]) -> bool:
+        """Reload an LRU-evicted adapter; returns True when it had to (a cold load)."""
+        entry = self.entries[name]
+        if entry.resident:
+            return False
+        on_disk = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
+        if on_disk.files != entry.manifest.files:  # reload exactly the version that was serving
+            raise VariantRefused(
+                name,
+                [
+                    f"the store's '{name}' changed since it was loaded; load the new version with PUT /v1/adapters/{name}"
+                ],
+            )
+        entry.adapter = self._attach(name)
+        entry.resident = True
+        self.evict_over_cap(protect | {name})
+        return True
+
+    def evict_over_cap(self, protect: set[str]) -> list[str]:
+        """Evict least-recently-used adapters beyond --max-adapters (never those in `protect`)."""
+        resident = sorted(
+            (e for e in self.entries.values() if e.kind == "lora" and e.resident), key=lambda e: e.last_used
+        )
+        evicted = []
+        for e in resident:
+            if len(resident) - len(evicted) <= self.cfg.max_adapters:
+                break
+            if e.name in protect:
+                continue
+            self._drop_adapter(e.adapter)
+            e.adapter, e.resident = None, False
+            evicted.append(e.name)
+        if evicted:
+            log.info("evicted %s (over --max-adapters %d)", ", ".join(evicted), self.cfg.max_adapters)
+            self.on_evict(len(evicted))
+        return evicted
+
+    def resident_adapters(self) -> int:
+        return sum(1 for e in self.entries.values() if e.kind == "lora" and e.resident)
+
+    def _build(self, name: str) -> Entry:
+        m = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint if self._is_lora(name) else None)
+        path = self.store.path(name)
+        if m.kind == "lora":
+            if self.base is None:
+                raise VariantRefused(name, ["no LoRA base is loaded; start the server with --base set to its base"])
+            adapter = self._attach(name)
+            entry = Entry(name, m, self.base_tokenizer, dir_bytes(path), adapter=adapter, tok_lock=self.base_tok_lock)
+        elif m.kind in ("full", "merged"):
+            model, tok = load_full(path, dtype=self.weight_dtype, device=self.cfg.device)
+            entry = Entry(name, m, tok, dir_bytes(path), model=model)
+        else:  # onnx, onnx-int8: always CPU fp32 through onnxruntime
+            entry = Entry(
+                name, m, load_tokenizer(path), dir_bytes(path), model=onnx_session(path, threads=self.cfg.threads)
+            )
+        try:
+            self._check_golden(entry)
+        except VariantRefused:
+            if entry.adapter:
+                self._drop_adapter(entry.adapter)
+            raise
+        return entry
+
+    def _is_lora(self, name: str) -> bool:
+        try:
+            return self.store.manifest(name).kind == "lora"
+        except Exception:  # unreadable manifests are reported by verify with the full reason
+            return False
+
+    def _attach(self, name: str) -> str:
+        adapter = f"a{next(self._adapter_ids)}"  # peft module keys may not contain '.', variant names may
+        self.base = attach_adapter(self.base, self.store.path(name), adapter)
+        if self.weight_dtype != "fp32" or self.device.type != "cpu":
+            self.base.to(device=self.device, dtype=DTYPES[self.weight_dtype])
+        for stale in self._stale_adapters:
+            self._delete(stale)
+        self._stale_adapters.clear()
+        return adapter
+
+    def _drop_adapter(self, adapter: str | None) -> None:
+        if adapter is None:
+            return
+        if len(self.base.peft_config) > 1:
+            self._delete(adapter)
+        else:  # peft 0.21 breaks when its last adapter is deleted; drop it after the next attach
+            self._stale_adapters.append(adapter)
+
+    def _delete(self, adapter: str) -> None:
+        with warnings.catch_warnings():  # "adapter was active ... setting active adapter to X": expected
+            warnings.simplefilter("ignore", UserWarning)
+            self.base.delete_adapter(adapter)
+
+    def _release(self, entry: Entry) -> None:
+        if entry.kind == "lora":
+            self._drop_adapter(entry.adapter)
+        entry.model = None
+
+    def _check_golden(self, entry: Entry) -> None:
+        m = entry.manifest
+        with entry.tok_lock, self.autocast():
+            model = self.base if entry.kind == "lora" else entry.model
+            logits = compute_logits(model, entry.tokenizer, m.golden.texts, m.max_length, adapter_name=entry.adapter)
+        max_abs, agreement = compare_golden(m.golden, logits)
+        tol = self.tolerance(entry.kind)
+        if not max_abs <= tol or agreement < 1.0:
+            raise VariantRefused(
+                entry.name,
+                [
+                    f"golden-set logits differ by {max_abs:.4g} (tolerance {tol} at {self.cfg.precision}), "
+                    f"argmax agreement {agreement:.2f}; the weights do not reproduce the manifest — re-export"
+                ],
+            )
+
+    # ---- inference (batcher thread only) ---------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, entries: list[Entry], rows: list[list[int]]) -> torch.Tensor:
+        """fp32 logits for pre-tokenised `rows`, all in one group (one LoRA mix or one variant)."""
+        pad_id = entries[0].tokenizer.pad_token_id or 0
+        width = max(len(r) for r in rows)
+        # Padding by hand: tokenizer.pad on python lists is slower and warns on every call.
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        first = entries[0]
+        if first.kind in ("onnx", "onnx-int8"):
+            return onnx_logits(
+                first.model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+            )
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with self.autocast():
+            if first.kind == "lora":
+                out = self.base(input_ids=ids, attention_mask=mask, adapter_names=[e.adapter for e in entries])
+            else:
+                out = first.model(input_ids=ids, attention_mask=mask)
+        return out.logits.float().cpu()

@@ -1,0 +1,124 @@
+"""Request and response bodies; FastAPI turns these into the OpenAPI schema at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"model": "minilm-lora-r8", "inputs": ["Stocks rally."]}]}
+    )
+
+    model: str = Field(min_length=1, description="variant name, see GET /v1/models")
+    inputs: str | list[str] = Field(description="one text or a list of texts")
+    top_k: int | None = Field(None, ge=1, description="labels per input, best first (default: all)")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Usage(BaseModel):
+    tokens: int = Field(description="tokens after truncation, summed over inputs")
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="time the request's rows waited for a batch")
+    compute_ms: float = Field(description="forward time of the batch(es) that served it")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    predictions: list[list[LabelScore]]
+    usage: Usage
+    timing: Timing
+
+
+class HFParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send more generic parameters than we use
+
+    top_k: int | None = Field(None, ge=1)
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = None
+
+
+class HFRequest(BaseModel):
+    """Hugging Face text-classification payload, as sent by huggingface_hub.InferenceClient."""
+
+    inputs: str | list[str]
+    parameters: HFParameters = Field(default_factory=HFParameters)
+
+
+# ---- KServe V2 / Open Inference Protocol -----------------------------------------------------
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+class V2TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(default_factory=list)
+    platform: str
+    inputs: list[V2TensorMeta]
+    outputs: list[V2TensorMeta]
+
+
+# ---- admin -----------------------------------------------------------------------------------
+class ModelInfo(BaseModel):
+    name: str
+    kind: str | None
+    base: str | None = Field(description="base model id and fingerprint prefix")
+    labels: list[str]
+    loaded: bool = Field(description="servable by name now (an LRU-evicted adapter reloads on its next request)")
+    resident: bool = Field(description="weights in memory now")
+    bytes: int | None
+    last_used: float | None = Field(description="unix time of the last request, None if never")
+    request_count: int
+    error: str | None = Field(None, description="why it is not loaded, when it was refused")
+
+
+class ModelList(BaseModel):
+    data: list[ModelInfo]
+
+
+class AdapterOp(BaseModel):
+    name: str
+    status: Literal["loaded", "replaced", "unloaded"]
+    kind: str | None = None
+    load_ms: float | None = None
+
+
+class Health(BaseModel):
+    status: str
+    loaded: list[str] = Field(default_factory=list)

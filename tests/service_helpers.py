@@ -1,0 +1,160 @@
+"""Helpers for the service tests: extra store variants (merged, ONNX, corrupt, foreign base) and a
+real uvicorn server on a free loopback port, run in a thread of the test process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from tiny import GOLDEN_TEXTS, LABELS, MAX_LENGTH, tiny_classifier, tiny_lora, tokenizer
+
+from models import Manifest, Store
+from models.loading import fingerprint, save_base_snapshot
+from models.writing import write_variant
+from service.app import create_app
+from service.config import ServiceConfig
+
+
+def _common(arch: str, fp: str) -> dict:
+    return dict(
+        tokenizer=tokenizer(),
+        labels=LABELS,
+        max_length=MAX_LENGTH,
+        base_model=f"tiny-{arch}",
+        base_fingerprint=fp,
+        init="random",
+        golden_texts=GOLDEN_TEXTS,
+    )
+
+
+def write_lora(store: Store, name: str, *, arch: str = "bert", seed: int = 100, base_seed: int = 0) -> Manifest:
+    """A LoRA variant over tiny_classifier(arch, base_seed); base_seed != 0 gives a foreign base."""
+    base = tiny_classifier(arch, seed=base_seed)
+    fp = fingerprint(base)
+    if base_seed != 0:
+        save_base_snapshot(store, base, tokenizer(), base_model=f"tiny-{arch}", init="random")
+    return write_variant(
+        store, name=name, kind="lora", model=tiny_lora(base, seed=seed), overwrite=True, **_common(arch, fp)
+    )
+
+
+def write_merged(store: Store, name: str, *, source: str, arch: str = "bert", seed: int = 100) -> Manifest:
+    base = tiny_classifier(arch, seed=0)
+    merged = tiny_lora(base, seed=seed).merge_and_unload()
+    return write_variant(
+        store, name=name, kind="merged", model=merged, source=source, **_common(arch, fingerprint(base))
+    )
+
+
+def write_onnx(store: Store, name: str, *, source: str) -> Manifest:
+    """Export the torch variant `source` to ONNX with optimum and register it like training's export."""
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    from models import Golden
+    from models.loading import compute_logits, onnx_session
+
+    src = store.manifest(source)
+    with store.writing(name, overwrite=True) as tmp:
+        ORTModelForSequenceClassification.from_pretrained(str(store.path(source)), export=True).save_pretrained(
+            str(tmp)
+        )
+        tokenizer().save_pretrained(str(tmp))
+        logits = compute_logits(onnx_session(tmp), tokenizer(), GOLDEN_TEXTS, MAX_LENGTH)
+        data = src.model_dump()
+        data.update(
+            name=name,
+            kind="onnx",
+            source=source,
+            files={},
+            created_at="",
+            golden=Golden(texts=GOLDEN_TEXTS, logits=logits.tolist()).model_dump(),
+        )
+        store.commit(tmp, Manifest.model_validate(data))
+    return store.manifest(name)
+
+
+def corrupt(store: Store, name: str) -> None:
+    """Flip bytes in the variant's weights so its sha256 no longer matches the manifest."""
+    path = next(p for p in sorted(store.path(name).iterdir()) if p.suffix in (".safetensors", ".onnx"))
+    raw = bytearray(path.read_bytes())
+    raw[-10:] = bytes(b ^ 0xFF for b in raw[-10:])
+    path.write_bytes(bytes(raw))
+
+
+def tamper_golden(store: Store, name: str) -> None:
+    """Shift the manifest's golden logits: hashes still pass, the golden-set check must not."""
+    path = store.path(name) / "manifest.json"
+    data = json.loads(path.read_text())
+    data["golden"]["logits"] = [[x + 1.0 for x in row] for row in data["golden"]["logits"]]
+    path.write_text(json.dumps(data))
+
+
+def golden_probs(store: Store, name: str) -> list[list[float]]:
+    """Softmax of the golden logits: what the variant alone produced at write time, in fp32."""
+    return torch.softmax(torch.tensor(store.manifest(name).golden.logits), -1).tolist()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real uvicorn server on 127.0.0.1:<free port> running create_app(cfg) in a thread."""
+
+    def __init__(self, store: Path, **overrides):
+        self.port = free_port()
+        self.cfg = ServiceConfig(store=store, port=self.port, threads=1, **overrides)
+        self.app = create_app(self.cfg)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        self.admin = httpx.Client(base_url=self.url, timeout=60, headers=headers)
+
+    def start(self, timeout_s: float = 60) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if self.client.get("/readyz").status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"server on {self.url} not ready after {timeout_s}s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.client.close()
+        self.admin.close()
+
+    def classify(self, model: str, inputs, **extra) -> httpx.Response:
+        return self.client.post("/v1/classify", json={"model": model, "inputs": inputs, **extra})
+
+    def probs(self, model: str, texts: list[str]) -> list[list[float]]:
+        """Scores in label order (the API returns them best first)."""
+        r = self.classify(model, texts)
+        assert r.status_code == 200, r.text
+        labels = LABELS
+        return [
+            [next(x["score"] for x in pred if x["label"] == lab) for lab in labels] for pred in r.json()["predictions"]
+        ]
+
+
+@contextlib.contextmanager
+def running(store: Path, **overrides) -> Iterator[Server]:
+    srv = Server(store, **overrides).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

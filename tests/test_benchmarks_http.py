@@ -1,0 +1,255 @@
+"""Integration tests of the benchmark suite: real uvicorn servers on loopback (the naive
+baseline and the real service on tiny stores), the load generator, hot-swap, accuracy over
+HTTP vs in-process, and memory probes in real subprocesses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from service_helpers import running
+from tiny import GOLDEN_TEXTS, make_store, tiny_classifier
+
+from benchmarks.__main__ import main as bench_main
+from benchmarks.accuracy import run_accuracy
+from benchmarks.baseline_server import create_app, load_pipeline
+from benchmarks.common import free_port
+from benchmarks.hotswap import hotswap
+from benchmarks.loadgen import Workload, closed_loop, open_loop, summarize
+from benchmarks.memory import run_memory
+from benchmarks.stats import poisson_arrivals
+from models.manifest import Manifest
+
+TEXTS = [*GOLDEN_TEXTS, "Oil prices rise again.", "A new phone was announced today.", "The striker scored twice."]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench-store")
+    make_store(root, n_adapters=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def flagged_store(store: Path, tmp_path_factory) -> Path:
+    """The tiny store with manifests flagged init=pretrained, to exercise the accuracy pipeline.
+
+    The weights are random, so these accuracies mean nothing; the flag only lets the code path
+    run (the manifest is not part of the hashed files, so variants still verify).
+    """
+    root = tmp_path_factory.mktemp("flagged") / "store"
+    shutil.copytree(store, root)
+    for d in root.iterdir():
+        if (d / "manifest.json").exists():
+            m = Manifest.load(d)
+            m.init = "pretrained"
+            m.save(d)
+    return root
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                break
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def baseline(store: Path):
+    """The naive baseline serving the tiny 'full' variant, with a server-side request counter."""
+    pipe, name, tok = load_pipeline("full", str(store))
+    app = create_app(pipe, name, tok, max_length=64)
+    counter = {"n": 0}
+
+    @app.middleware("http")
+    async def count(request, call_next):
+        if request.url.path in ("/v1/classify",) or request.url.path.startswith("/models/"):
+            counter["n"] += 1
+        return await call_next(request)
+
+    with serve_in_thread(app) as url:
+        yield url, counter
+
+
+def test_closed_loop_counts_and_errors_match_the_server(baseline):
+    url, counter = baseline
+    before = counter["n"]
+    wl = Workload(TEXTS, ["full", "nope"], seed=0)
+    samples, window_s, outside = asyncio.run(closed_loop(url, wl, concurrency=3, duration_s=1.0, warmup_s=0.2))
+    s = summarize(samples, window_s, slo_ms=10_000)
+    # every request the server saw is accounted for: in the window, or in warm-up / the last round
+    assert s["requests"] + outside == counter["n"] - before
+    assert s["requests"] > 20 and window_s == 1.0 and outside >= 3
+    assert s["errors_by_status"] == {"404": s["per_model_requests"]["nope"]}
+    assert s["ok"] == s["per_model_requests"]["full"] > 0
+    assert s["goodput_rps"] == pytest.approx(s["throughput_rps"])
+    assert s["tokens_per_s"] > s["throughput_rps"]  # usage.tokens counted per input
+    assert s["server_timing"]["compute"]["p50_ms"] > 0 and s["server_timing"]["queue"]["p50_ms"] is None
+    assert 0 < s["latency"]["p50_ms"] <= s["latency"]["p99_ms"] <= s["latency"]["max_ms"]
+
+
+def test_open_loop_sends_the_poisson_schedule_and_hf_api(baseline):
+    url, counter = baseline
+    before = counter["n"]
+    wl = Workload(TEXTS, ["full"], seed=5, api="hf")
+    samples, window_s, dropped = asyncio.run(open_loop(url, wl, rate_per_s=40, duration_s=1.0, seed=5))
+    expected = len(poisson_arrivals(40, 1.0, np.random.default_rng(6)))
+    assert len(samples) + dropped == expected == counter["n"] - before
+    assert all(s.status == "200" for s in samples) and dropped == 0
+    starts = sorted(s.start_s for s in samples)
+    assert starts[-1] < 1.0 and window_s >= starts[-1]
+
+
+def test_unreachable_target_counts_connection_errors():
+    wl = Workload(TEXTS, ["full"])
+    samples, window_s, _ = asyncio.run(closed_loop(f"http://127.0.0.1:{free_port()}", wl, 2, 0.3, 0.0, timeout_s=2))
+    s = summarize(samples, window_s, None)
+    assert s["ok"] == 0 and s["requests"] > 0 and s["errors_by_status"] == {"ConnectError": s["requests"]}
+
+
+def test_service_and_baseline_side_by_side_in_one_run(store: Path, baseline, tmp_path: Path):
+    base_url, _ = baseline
+    out = tmp_path / "load.json"
+    with running(store) as svc:
+        rc = bench_main(
+            [
+                "load",
+                "--url",
+                f"service={svc.url},baseline={base_url}",
+                "--models",
+                "full",
+                "--concurrency",
+                "1,4",
+                "--duration",
+                "0.6",
+                "--warmup",
+                "0.1",
+                "--slo-ms",
+                "5000",
+                "--out",
+                str(out),
+            ]
+        )
+        metrics = svc.client.get("/metrics").text
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "load" and doc["command"][-2:] == ["--out", str(out)]
+    assert doc["meta"]["hardware"]["cpu_count"] >= 1 and "torch" in doc["meta"]["versions"]
+    assert [(r["target"], r["concurrency"]) for r in doc["runs"]] == [
+        ("service", 1),
+        ("service", 4),
+        ("baseline", 1),
+        ("baseline", 4),
+    ]
+    assert all(r["errors"] == 0 and r["ok"] > 0 for r in doc["runs"])
+    svc_run = doc["runs"][1]
+    assert svc_run["server_timing"]["queue"]["p50_ms"] is not None  # the service reports queue vs compute
+    assert [(x["target"], x["concurrency"]) for x in doc["ratios"]] == [("baseline", 1), ("baseline", 4)]
+    assert doc["ratios"][1]["throughput_ratio"] == pytest.approx(
+        doc["runs"][3]["throughput_rps"] / svc_run["throughput_rps"]
+    )
+    assert 'service_requests_total{endpoint="classify",status="200",variant="full"}' in metrics
+
+
+def test_hotswap_under_load_replace_and_reload(store: Path):
+    with running(store) as svc:
+        rep = asyncio.run(hotswap(svc.url, "lora-1", 3, ["lora-0", "lora-1"], TEXTS, concurrency=2, mode="replace"))
+        rel = asyncio.run(hotswap(svc.url, "lora-1", 2, ["lora-0", "lora-1"], TEXTS, concurrency=2, mode="reload"))
+    assert rep["ops"] == {"replaced": 3} and rel["ops"] == {"loaded": 2}
+    for r in (rep, rel):
+        assert r["failed_swaps"] == 0 and r["failed_requests"] == 0, r["failed_by_status"]
+        assert r["background_load"]["requests"] > 5
+        assert all(row["servable_ms"] >= row["put_ms"] > 0 for row in r["swap_rows"])
+    assert set(rel["background_load"]["per_model_requests"]) == {"lora-0"}  # reload keeps load off the unloaded adapter
+    assert set(rep["background_load"]["per_model_requests"]) == {"lora-0", "lora-1"}
+
+
+def _acc_args(store: Path, out: Path, **kw) -> argparse.Namespace:
+    base = dict(
+        store=str(store),
+        data=None,
+        url=None,
+        in_process=False,
+        variants=None,
+        limit=48,
+        batch_size=16,
+        api_key=None,
+        out=str(out),
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_accuracy_over_http_equals_in_process(flagged_store: Path, store: Path, tmp_path: Path):
+    with running(flagged_store) as svc:
+        http = run_accuracy(_acc_args(flagged_store, tmp_path / "http.json", url=svc.url), ["cmd"])
+    local = run_accuracy(_acc_args(flagged_store, tmp_path / "local.json", in_process=True), ["cmd"])
+    names = ["full", "lora-0", "lora-1", "lora-2"]
+    assert list(http["variants"]) == names == list(local["variants"])
+    for n in names:
+        assert http["variants"][n]["n"] == 48
+        assert http["variants"][n]["confusion_matrix"] == local["variants"][n]["confusion_matrix"]
+        lo, hi = http["variants"][n]["accuracy_ci95"]
+        assert lo <= http["variants"][n]["accuracy"] <= hi
+    assert [(t["variant_a"], t["variant_b"]) for t in http["mcnemar"]] == [("full", f"lora-{i}") for i in range(3)]
+    ag = np.array(http["agreement"]["matrix"])
+    assert np.allclose(np.diag(ag), 1.0) and np.allclose(ag, ag.T)
+    # random-init variants are never evaluated
+    skipped = run_accuracy(_acc_args(store, tmp_path / "rand.json", in_process=True), ["cmd"])
+    assert skipped["variants"] == {} and set(skipped["skipped"]) == set(names)
+    assert all("init=random" in r for r in skipped["skipped"].values())
+
+
+def test_memory_probes_and_adapter_sweep(store: Path, tmp_path: Path):
+    args = argparse.Namespace(
+        store=str(store),
+        counts=[1, 4, 12],
+        adapter="lora-0",
+        variants=["full", "lora-0"],
+        via="service",
+        device="cpu",
+        precision="fp32",
+        out=str(tmp_path / "mem.json"),
+    )
+    doc = run_memory(args, ["cmd"])
+    full, lora = doc["variants"]
+    model = tiny_classifier("bert")
+    full_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    assert full["param_bytes"] == full_bytes
+    # r=4 on query+value in 2 layers (A 4x32 + B 32x4 each) plus the head copy (32x4 + 4), fp32
+    assert lora["adapter_param_bytes"] == (2 * 2 * (4 * 32 + 32 * 4) + 32 * 4 + 4) * 4
+    assert lora["base_param_bytes"] + lora["adapter_param_bytes"] == lora["param_bytes"]
+    assert 0 < full["rss_load_delta_bytes"] < 200 * 2**20
+    sw = doc["adapter_sweep"]
+    assert sw["via"] == "service" and [p["adapters"] for p in sw["points"]] == [1, 4, 12]
+    assert [p["resident_adapters_reported"] for p in sw["points"]] == [1, 4, 12]
+    rss = [p["rss_bytes"] for p in sw["points"]]
+    assert all(b >= a - 2 * 2**20 for a, b in zip(rss, rss[1:], strict=False)), rss  # monotone up to allocator noise
+    assert 100 * 2**20 < rss[0] < 4 * 2**30
+    assert sw["full_models_bytes_computed"] == {str(k): k * full_bytes for k in (1, 4, 12)}
+    assert json.loads(Path(args.out).read_text())["kind"] == "memory"

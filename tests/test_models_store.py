@@ -1,0 +1,150 @@
+"""The store contract (models/): manifest round-trip, verification refusals, atomic writes, loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import LABELS, make_store
+
+from models import Manifest, ManifestError, Store, VariantNotFound, VariantRefused
+from models.loading import attach_adapter, compare_golden, compute_logits, load_base, load_full
+from models.store import sha256_file
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store"), n_adapters=1).root
+
+
+@pytest.fixture
+def store(pristine, tmp_path) -> Store:
+    import shutil
+
+    shutil.copytree(pristine, tmp_path / "s")
+    return Store(tmp_path / "s")
+
+
+def _rehash(store: Store, name: str, rel: str) -> None:
+    """Record a deliberately edited file's new hash, so only the edit's meaning is under test."""
+    path = store.path(name)
+    data = json.loads((path / "manifest.json").read_text())
+    data["files"][rel] = sha256_file(path / rel)
+    (path / "manifest.json").write_text(json.dumps(data))
+
+
+def _reasons(store: Store, name: str, **kw) -> list[str]:
+    with pytest.raises(VariantRefused) as e:
+        store.verify(name, **kw)
+    return e.value.reasons
+
+
+def test_manifest_round_trip(store):
+    m = store.manifest("lora-0")
+    assert Manifest.load(store.path("lora-0")) == m
+    again = Manifest.model_validate_json(m.model_dump_json())
+    assert again == m
+    assert m.kind == "lora" and m.labels == LABELS and m.num_labels == 4
+    assert set(m.files) == {
+        p.relative_to(store.path("lora-0")).as_posix()
+        for p in store.path("lora-0").rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
+    assert store.names() == ["full", "lora-0"]
+    assert store.verify("lora-0", expected_base_fingerprint=m.base_fingerprint) == m
+
+
+def test_corrupted_file_is_refused(store):
+    p = store.path("lora-0") / "adapter_model.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    reasons = _reasons(store, "lora-0")
+    assert reasons == [
+        "adapter_model.safetensors does not match its sha256 in the manifest (corrupt or modified); re-export it"
+    ]
+
+
+def test_extra_and_missing_files_are_refused(store):
+    (store.path("full") / "notes.txt").write_text("x")
+    (store.path("full") / "vocab.txt").unlink()
+    reasons = _reasons(store, "full")
+    assert any("missing: ['vocab.txt']" in r for r in reasons)
+    assert any("not listed in the manifest: ['notes.txt']" in r for r in reasons)
+    assert len(reasons) == 2
+
+
+def test_pickle_file_is_refused(store):
+    torch.save({"w": torch.zeros(1)}, store.path("full") / "pytorch_model.bin")
+    reasons = _reasons(store, "full")
+    assert any("pickle weight files are not allowed: ['pytorch_model.bin']" in r for r in reasons)
+
+
+def test_label_count_mismatch_is_refused(store):
+    path = store.path("full")
+    data = json.loads((path / "manifest.json").read_text())
+    data["labels"] = LABELS + ["Extra"]
+    data["golden"]["logits"] = [row + [0.0] for row in data["golden"]["logits"]]
+    (path / "manifest.json").write_text(json.dumps(data))
+    assert _reasons(store, "full") == [f"weights produce 4 classes but the manifest has 5 labels {LABELS + ['Extra']}"]
+
+
+def test_lora_without_head_is_refused(store):
+    path = store.path("lora-0")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = None
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    _rehash(store, "lora-0", "adapter_config.json")
+    assert _reasons(store, "lora-0") == [
+        "adapter has no classification head (modules_to_save); retrain with the head saved"
+    ]
+
+
+def test_wrong_base_fingerprint_is_refused(store):
+    reasons = _reasons(store, "lora-0", expected_base_fingerprint="0" * 64)
+    assert len(reasons) == 1 and "train the adapter on this base" in reasons[0]
+
+
+def test_invalid_manifests_are_refused(store):
+    (store.path("full") / "manifest.json").write_text("{not json")
+    assert "is not valid JSON" in _reasons(store, "full")[0]
+    path = store.path("lora-0")
+    data = json.loads((path / "manifest.json").read_text())
+    del data["golden"]
+    data["kind"] = "bogus"
+    (path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as e:
+        Manifest.load(path)
+    assert "golden" in str(e.value) and "kind" in str(e.value)
+    listed = {info.name: info for info in store.list()}
+    assert listed["lora-0"].manifest is None and "invalid" in listed["lora-0"].error
+    with pytest.raises(VariantNotFound, match="available: full, lora-0"):
+        store.path("nope")
+
+
+def test_writing_is_atomic(store):
+    with pytest.raises(RuntimeError), store.writing("half") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("crash while writing")
+    assert "half" not in store.names()
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp")]
+    with store.writing("pickled") as tmp:
+        (tmp / "model.pt").write_bytes(b"x")
+        with pytest.raises(ValueError, match="refusing to store pickle"):
+            store.commit(tmp, store.manifest("full").model_copy(update={"name": "pickled"}))
+    assert "pickled" not in store.names()
+
+
+def test_loaded_variants_reproduce_golden_logits(store):
+    m = store.verify("lora-0")
+    base, tok, fp = load_base(store, m)
+    assert fp == m.base_fingerprint
+    model = attach_adapter(base, store.path("lora-0"), "lora-0")
+    max_abs, agreement = compare_golden(m.golden, compute_logits(model, tok, m.golden.texts, m.max_length))
+    assert max_abs < 1e-5 and agreement == 1.0
+    full, tok = load_full(store.path("full"))
+    mf = store.manifest("full")
+    max_abs, agreement = compare_golden(mf.golden, compute_logits(full, tok, mf.golden.texts, mf.max_length))
+    assert max_abs < 1e-5 and agreement == 1.0

@@ -1,0 +1,228 @@
+"""The service against a real uvicorn server on loopback: results, mixing, clients, metrics."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from service_helpers import golden_probs, running, write_merged, write_onnx
+from tiny import GOLDEN_TEXTS, LABELS, make_store
+
+ADAPTERS = ["lora-0", "lora-1", "lora-2", "lora-3"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    store = make_store(tmp_path_factory.mktemp("bert") / "store", arch="bert", n_adapters=4)
+    write_merged(store, "lora-0-merged", source="lora-0", seed=100)  # same weights as lora-0, merged
+    write_onnx(store, "full-onnx", source="full")
+    # A long max wait so that concurrent requests for different adapters share a batch.
+    with running(store.root, max_wait_ms=40, api_key="secret") as srv:
+        srv.store = store
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+    store = make_store(tmp_path_factory.mktemp("roberta") / "store", arch="roberta", n_adapters=3)
+    with running(store.root, max_wait_ms=40) as srv:
+        srv.store = store
+        yield srv
+
+
+def metric_samples(srv) -> dict[str, list]:
+    text = srv.client.get("/metrics").text
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def burst(srv, names: list[str], texts: list[str], repeats: int = 3) -> dict[str, list]:
+    """Concurrent single-text requests: every (adapter, text) pair, `repeats` times, all at once."""
+    jobs = [(n, i) for _ in range(repeats) for n in names for i in range(len(texts))]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda j: (j, srv.probs(j[0], [texts[j[1]]])[0]), jobs))
+    out: dict[str, list] = {n: [None] * len(texts) for n in names}
+    for (n, i), p in results:
+        prev = out[n][i]
+        assert prev is None or np.allclose(prev, p, atol=TOL), f"{n} gave different answers for text {i}"
+        out[n][i] = p
+    return out
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_mixed_adapter_batches_equal_each_adapter_alone(arch, request):
+    srv = request.getfixturevalue(arch)
+    names = ["lora-0", "lora-1", "lora-2"]
+    before = metric_samples(srv)
+    got = burst(srv, names, GOLDEN_TEXTS)
+    for n in names:  # golden logits: each adapter alone, fp32, computed when the variant was written
+        np.testing.assert_allclose(got[n], golden_probs(srv.store, n), atol=TOL)
+    # ...and the batches really mixed adapters: some batch had more than one.
+    after = metric_samples(srv)
+
+    def mixed(samples):
+        le1 = next(s.value for s in samples["service_batch_adapters_bucket"] if s.labels["le"] == "1.0")
+        return samples["service_batch_adapters_count"][0].value - le1
+
+    assert mixed(after) > mixed(before)
+    assert len({tuple(np.round(p, 4)) for p in got["lora-0"]} | {tuple(np.round(p, 4)) for p in got["lora-1"]}) == 8
+
+
+def test_concurrent_clients_on_four_adapters_and_other_kinds(bert):
+    kinds = ADAPTERS + ["full", "lora-0-merged", "full-onnx"]
+    got = burst(bert, kinds, GOLDEN_TEXTS, repeats=2)
+    for n in ADAPTERS + ["full", "full-onnx"]:
+        np.testing.assert_allclose(got[n], golden_probs(bert.store, n), atol=TOL)
+    # a merged adapter serves what the adapter serves; ONNX what its torch source serves
+    np.testing.assert_allclose(got["lora-0-merged"], got["lora-0"], atol=TOL)
+    np.testing.assert_allclose(got["full-onnx"], got["full"], atol=TOL)
+
+
+def test_classify_response_shape_usage_and_top_k(bert):
+    r = bert.classify("lora-1", GOLDEN_TEXTS[:2], top_k=2)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "lora-1"
+    assert [len(p) for p in body["predictions"]] == [2, 2]
+    for pred in body["predictions"]:
+        assert pred[0]["score"] >= pred[1]["score"] and pred[0]["label"] in LABELS
+    tok = bert.app.state.runtime.base_tokenizer
+    assert body["usage"]["tokens"] == sum(len(tok(t)["input_ids"]) for t in GOLDEN_TEXTS[:2])
+    assert body["timing"]["queue_ms"] >= 0 and body["timing"]["compute_ms"] > 0
+    single = bert.classify("lora-1", GOLDEN_TEXTS[0]).json()["predictions"]
+    assert len(single) == 1 and len(single[0]) == len(LABELS)
+    assert math.isclose(sum(x["score"] for x in single[0]), 1.0, rel_tol=1e-6)
+    # truncation to the manifest's max_length
+    long = bert.classify("lora-1", "word " * 500).json()
+    assert long["usage"]["tokens"] == bert.store.manifest("lora-1").max_length
+
+
+def test_huggingface_inference_client(bert, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+    from huggingface_hub.utils import reset_sessions
+
+    # Offline mode blocks every URL, loopback included; the client only talks to our server here.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    reset_sessions()
+
+    client = InferenceClient(model=f"{bert.url}/models/lora-2")
+    out = client.text_classification(GOLDEN_TEXTS[1])
+    ref = bert.classify("lora-2", GOLDEN_TEXTS[1]).json()["predictions"][0]
+    assert [o.label for o in out] == [x["label"] for x in ref]
+    np.testing.assert_allclose([o.score for o in out], [x["score"] for x in ref], atol=1e-6)
+    top1 = client.text_classification(GOLDEN_TEXTS[1], top_k=1)
+    assert len(top1) == 1 and top1[0].label == ref[0]["label"]
+    monkeypatch.undo()
+    reset_sessions()
+
+
+def test_tritonclient_kserve_v2(bert):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{bert.port}")
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_model_metadata("lora-3")
+    assert meta["inputs"][0]["datatype"] == "BYTES" and meta["outputs"][1]["shape"] == [-1, 4]
+    ref = bert.probs("lora-3", GOLDEN_TEXTS)
+    for binary in (True, False):  # tritonclient's default binary tensors, and plain JSON
+        inp = httpclient.InferInput("text", [len(GOLDEN_TEXTS)], "BYTES")
+        inp.set_data_from_numpy(np.array([t.encode() for t in GOLDEN_TEXTS], dtype=object), binary_data=binary)
+        res = client.infer("lora-3", [inp])
+        probs = res.as_numpy("probabilities")
+        assert probs.shape == (4, 4)
+        np.testing.assert_allclose(probs, ref, atol=1e-5)
+        labels = [x.decode() if isinstance(x, bytes) else x for x in res.as_numpy("label")]
+        assert labels == [LABELS[int(np.argmax(p))] for p in ref]
+    only = client.infer("lora-3", [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=True)])
+    np.testing.assert_allclose(only.as_numpy("probabilities"), ref, atol=1e-5)
+    assert only.as_numpy("label") is None
+    client.close()
+
+
+def test_admin_list_models(bert):
+    assert bert.client.get("/v1/models").status_code == 401
+    data = bert.admin.get("/v1/models").json()["data"]
+    by_name = {m["name"]: m for m in data}
+    assert set(ADAPTERS + ["full", "full-onnx", "lora-0-merged"]) <= set(by_name)
+    m = by_name["lora-0"]
+    assert m["kind"] == "lora" and m["loaded"] and m["labels"] == LABELS and m["bytes"] > 0
+    assert m["base"].startswith("tiny-bert@") and m["request_count"] > 0 and m["last_used"] > 0
+    assert by_name["full-onnx"]["kind"] == "onnx"
+
+
+def test_metrics_parse(bert):
+    bert.classify("lora-0", "metrics check")
+    s = metric_samples(bert)
+    ok = [
+        x
+        for x in s["service_requests_total"]
+        if x.labels == {"variant": "lora-0", "endpoint": "classify", "status": "200"}
+    ]
+    assert ok and ok[0].value >= 1
+    lat = [
+        x
+        for x in s["service_request_latency_seconds_count"]
+        if x.labels["variant"] == "lora-0" and x.labels["status"] == "200"
+    ]
+    assert lat and lat[0].value == ok[0].value
+    assert sum(x.value for x in s["service_queue_wait_seconds_count"]) > 0
+    assert sum(x.value for x in s["service_compute_seconds_count"]) > 0
+    assert s["service_batch_size_rows_count"][0].value > 0 and s["service_batch_tokens_sum"][0].value > 0
+    assert s["service_queue_depth_rows"][0].value == 0
+    assert s["service_loaded_adapters"][0].value == 4
+    assert s["service_loaded_variants"][0].value == 7
+    starts = {
+        x.labels["kind"]: x.value for x in s["service_adapter_load_seconds_count"] if x.labels["reason"] == "start"
+    }
+    assert starts == {"lora": 4, "full": 1, "merged": 1, "onnx": 1}
+    assert s["service_process_resident_memory_bytes"][0].value > 50e6
+
+
+def test_openapi_schema_from_pydantic(bert):
+    spec = bert.client.get("/openapi.json").json()
+    assert {"/v1/classify", "/models/{name}", "/v2/models/{name}/infer", "/v1/adapters/{name}"} <= set(spec["paths"])
+    assert "ClassifyRequest" in spec["components"]["schemas"]
+
+
+def test_bf16_server_matches_fp32_within_tolerance(bert):
+    from service_helpers import running
+
+    with running(bert.store.root, precision="bf16", variants="lora-0,lora-1,full") as fast:
+        assert fast.app.state.runtime.weight_dtype == "bf16"
+        for name in ["lora-0", "lora-1", "full"]:
+            np.testing.assert_allclose(fast.probs(name, GOLDEN_TEXTS), golden_probs(bert.store, name), atol=0.03)
+        models = {m["name"]: m for m in fast.admin.get("/v1/models").json()["data"]}
+        assert models["lora-0"]["loaded"] and not models["lora-2"]["loaded"]  # --variants selects
+
+
+def test_config_layers_env_and_cli():
+    from service.config import load_config
+
+    env = {"SERVICE_STORE": "/s", "SERVICE_PORT": "9000", "SERVICE_MAX_ADAPTERS": "3", "SERVICE_PRECISION": "bf16"}
+    cfg = load_config(["--port", "9100"], env=env)
+    assert (cfg.port, cfg.max_adapters, cfg.precision, str(cfg.store)) == (9100, 3, "bf16", "/s")
+    for argv, env in [
+        ([], {}),
+        (["--store", "/s", "--precision", "fp16"], {}),
+        (["--store", "/s"], {"SERVICE_PORT": "x"}),
+    ]:
+        with pytest.raises(SystemExit):
+            load_config(argv, env=env)
+
+
+def test_unload_and_reload_non_lora_kinds(bert):
+    for name in ["full-onnx", "lora-0-merged", "full"]:
+        before = bert.probs(name, GOLDEN_TEXTS)
+        assert bert.admin.delete(f"/v1/adapters/{name}").json()["status"] == "unloaded"
+        r = bert.classify(name, "x")
+        assert r.status_code == 404 and f"PUT /v1/adapters/{name}" in r.json()["error"]["message"]
+        assert bert.admin.put(f"/v1/adapters/{name}").json()["status"] == "loaded"
+        assert bert.admin.put(f"/v1/adapters/{name}").json()["status"] == "replaced"
+        np.testing.assert_allclose(bert.probs(name, GOLDEN_TEXTS), before, atol=TOL)

@@ -1,0 +1,134 @@
+"""Bad input, limits and auth: every refusal is a 4xx with the JSON error shape, never a 500."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from service_helpers import running
+from tiny import make_store
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    store = make_store(tmp_path_factory.mktemp("limits") / "store", arch="bert", n_adapters=1)
+    with running(store.root, api_key="k3y", max_inputs=8, max_input_chars=200, max_body_bytes=20_000) as s:
+        yield s
+
+
+CLASSIFY = "/v1/classify"
+V2 = "/v2/models/lora-0/infer"
+
+
+def _v2(**tensor) -> dict:
+    return {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"], **tensor}]}
+
+
+# (method, path, body: json object | raw bytes | None, expected status, error type, words the message must contain)
+BAD = [
+    ("POST", CLASSIFY, b'{"model": "lora-0", "inputs": ', 422, "invalid_request", "not valid JSON"),
+    ("POST", CLASSIFY, b"not json at all", 422, "invalid_request", "JSON"),
+    ("POST", CLASSIFY, {"inputs": "x"}, 422, "invalid_request", "model"),
+    ("POST", CLASSIFY, {"model": "lora-0"}, 422, "invalid_request", "inputs"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": 5}, 422, "invalid_request", "inputs"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": [1, 2]}, 422, "invalid_request", "inputs"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": []}, 422, "invalid_request", "at least one"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": "x", "top_k": 0}, 422, "invalid_request", "top_k"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": "x", "topk": 1}, 422, "invalid_request", "topk"),
+    ("POST", CLASSIFY, [1, 2], 422, "invalid_request", "body"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": ["x"] * 9}, 413, "payload_too_large", "split"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": ["y" * 201]}, 422, "invalid_request", "shorten"),
+    ("POST", CLASSIFY, {"model": "lora-0", "inputs": ["z" * 199] * 120}, 413, "payload_too_large", "bytes"),
+    (
+        "POST",
+        CLASSIFY,
+        {"model": "nope", "inputs": "x"},
+        404,
+        "model_not_found",
+        "loaded: full, lora-0; load it with PUT /v1/adapters/nope",
+    ),
+    ("POST", "/models/nope", {"inputs": "x"}, 404, "model_not_found", "PUT /v1/adapters/nope"),
+    ("POST", "/models/lora-0", {"parameters": {}}, 422, "invalid_request", "inputs"),
+    ("POST", "/models/lora-0", {"inputs": "x", "parameters": {"top_k": -1}}, 422, "invalid_request", "top_k"),
+    ("POST", V2, b"{", 422, "invalid_request", "V2"),
+    ("POST", V2, _v2(datatype="FP32"), 422, "invalid_request", "BYTES"),
+    ("POST", V2, _v2(data=None), 422, "invalid_request", "data"),
+    ("POST", V2, _v2(shape=[3]), 422, "invalid_request", "shape"),
+    ("POST", V2, {**_v2(), "outputs": [{"name": "nope"}]}, 422, "invalid_request", "unknown outputs"),
+    ("POST", "/v2/models/nope/infer", _v2(), 404, "model_not_found", "loaded"),
+    ("GET", "/v2/models/nope", None, 404, "model_not_found", "loaded"),
+    ("GET", CLASSIFY, None, 405, "http_error", "not allowed"),
+    ("GET", "/no/such/route", None, 404, "http_error", "/docs"),
+    ("PUT", "/v1/adapters/missing", None, 404, "model_not_found", "no variant 'missing'"),
+    ("PUT", "/v1/adapters/bad name!", None, 422, "invalid_request", "invalid variant name"),
+    ("DELETE", "/v1/adapters/missing", None, 404, "model_not_found", "not loaded"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "etype", "words"),
+    BAD,
+    ids=[f"{b[0]} {b[1]} {b[3]}-{i}" for i, b in enumerate(BAD)],
+)
+def test_bad_input_gets_its_4xx(srv, method, path, body, status, etype, words):
+    kwargs = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
+    r = srv.admin.request(method, path, **({} if body is None else kwargs))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"type", "message"} and err["type"] == etype
+    assert words in err["message"], err["message"]
+    # the server is still healthy after every refusal
+    assert srv.classify("lora-0", "still fine").status_code == 200
+
+
+def test_admin_requires_the_key(srv):
+    for method, path in [("GET", "/v1/models"), ("PUT", "/v1/adapters/lora-0"), ("DELETE", "/v1/adapters/lora-0")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k3y"}):
+            r = srv.client.request(method, path, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["type"] == "unauthorized"
+    assert srv.admin.get("/v1/models").status_code == 200
+    # inference, health and metrics stay open
+    assert srv.client.get("/healthz").status_code == 200 and srv.client.get("/metrics").status_code == 200
+
+
+def test_chunked_body_over_limit_is_413(srv):
+    def chunks():
+        for _ in range(30):
+            yield b" " * 1000
+
+    r = httpx.post(f"{srv.url}{CLASSIFY}", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+
+def test_queue_full_is_429_with_retry_after(tmp_path):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    # The batcher holds each batch open for 1.5 s, so the queue of 4 rows fills up.
+    with (
+        running(store.root, max_queue=4, max_wait_ms=1500, max_batch_tokens=100_000) as s,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        waiting = pool.submit(s.classify, "lora-0", ["a", "b", "c"])
+        deadline = time.monotonic() + 10
+        while s.app.state.batcher.queue_depth() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = s.classify("lora-0", ["d", "e"])
+        assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "queue_full"
+        assert waiting.result().status_code == 200
+
+
+def test_request_timeout_is_504_and_batcher_survives(tmp_path):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    with running(store.root, request_timeout_s=0.2, max_wait_ms=600) as s:
+        r = s.classify("lora-0", "slow")
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        assert "request-timeout-s" in r.json()["error"]["message"]
+        s.app.state.config.request_timeout_s = 10  # the same batcher keeps serving
+        assert s.classify("lora-0", "fast enough").status_code == 200

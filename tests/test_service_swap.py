@@ -1,0 +1,199 @@
+"""Hot-swap under traffic, refused replacements, LRU eviction and graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from service_helpers import corrupt, free_port, golden_probs, running, tamper_golden, write_lora
+from tiny import GOLDEN_TEXTS, make_store
+
+TOL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_twenty_hot_swaps_during_traffic_fail_no_request(tmp_path):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=4, full=False)
+    version_a = golden_probs(store, "lora-0")
+    with running(store.root, max_wait_ms=5) as srv:
+        stop = threading.Event()
+        results: list[tuple[str, int, list | str]] = []
+
+        def client(name: str) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                while not stop.is_set():
+                    r = c.post("/v1/classify", json={"model": name, "inputs": GOLDEN_TEXTS})
+                    if r.status_code != 200:
+                        results.append((name, r.status_code, r.text))
+                        continue
+                    scores = [{x["label"]: x["score"] for x in p} for p in r.json()["predictions"]]
+                    results.append(
+                        (name, 200, [[s[k] for k in ("World", "Sports", "Business", "Sci/Tech")] for s in scores])
+                    )
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in ("lora-0", "lora-1", "lora-2") for _ in range(2)]
+        for t in threads:
+            t.start()
+        ops = []
+        version_b = None
+        for i in range(20):
+            step = i % 4
+            if step == 0:  # replace lora-0 with a different adapter (B), then back to A
+                write_lora(store, "lora-0", seed=999 if (i // 4) % 2 == 0 else 100)
+                if version_b is None:
+                    version_b = golden_probs(store, "lora-0")
+                r = srv.admin.put("/v1/adapters/lora-0")
+            elif step == 1:  # replace lora-1 with the same files
+                r = srv.admin.put("/v1/adapters/lora-1")
+            elif step == 2:
+                r = srv.admin.delete("/v1/adapters/lora-3")
+            else:
+                r = srv.admin.put("/v1/adapters/lora-3")
+            ops.append((i, r.status_code, r.json().get("status")))
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert all(code == 200 for _, code, _ in ops), ops
+    assert [s for _, _, s in ops[:4]] == ["replaced", "replaced", "unloaded", "loaded"]
+    failed = [r for r in results if r[1] != 200]
+    assert not failed, failed[:3]
+    assert len(results) >= 60
+    # No torn model: every lora-0 answer is exactly version A or version B, never a mix.
+    seen = {"A": 0, "B": 0}
+    for name, _, probs in results:
+        if name == "lora-0":
+            if np.allclose(probs, version_a, atol=TOL):
+                seen["A"] += 1
+            else:
+                np.testing.assert_allclose(probs, version_b, atol=TOL)
+                seen["B"] += 1
+        else:
+            np.testing.assert_allclose(probs, golden_probs(store, name), atol=TOL)
+    assert seen["A"] > 0 and seen["B"] > 0
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (lambda st: corrupt(st, "lora-2"), "does not match its sha256"),
+        (lambda st: write_lora(st, "lora-2", seed=555, base_seed=1), "loaded base is"),
+        (lambda st: (write_lora(st, "lora-2", seed=556), tamper_golden(st, "lora-2")), "golden-set logits differ"),
+    ],
+    ids=["bad-sha256", "other-base", "golden-mismatch"],
+)
+def test_refused_replacement_keeps_the_old_version_serving(tmp_path, spoil, reason):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=3, full=False)
+    old = golden_probs(store, "lora-2")
+    with running(store.root, api_key="k") as srv:
+        before = srv.probs("lora-2", GOLDEN_TEXTS)
+        np.testing.assert_allclose(before, old, atol=TOL)
+        spoil(store)
+        r = srv.admin.put("/v1/adapters/lora-2")
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["type"] == "variant_refused" and reason in err["message"] and "keeps serving" in err["message"]
+        np.testing.assert_allclose(srv.probs("lora-2", GOLDEN_TEXTS), old, atol=TOL)
+        info = {m["name"]: m for m in srv.admin.get("/v1/models").json()["data"]}["lora-2"]
+        assert info["loaded"] and info["error"] is None
+        # once the store holds a good version again, the replacement goes through
+        write_lora(store, "lora-2", seed=777)
+        assert srv.admin.put("/v1/adapters/lora-2").json()["status"] == "replaced"
+        np.testing.assert_allclose(srv.probs("lora-2", GOLDEN_TEXTS), golden_probs(store, "lora-2"), atol=TOL)
+
+
+def test_refused_at_start_is_listed_and_the_rest_serve(tmp_path):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=False)
+    corrupt(store, "lora-1")
+    with running(store.root) as srv:
+        models = {m["name"]: m for m in srv.admin.get("/v1/models").json()["data"]}
+        assert models["lora-0"]["loaded"] and not models["lora-1"]["loaded"]
+        assert "sha256" in models["lora-1"]["error"]
+        r = srv.classify("lora-1", "x")
+        assert r.status_code == 404 and "loaded: lora-0" in r.json()["error"]["message"]
+
+
+def test_lru_eviction_and_transparent_reload(tmp_path):
+    store = make_store(tmp_path / "store", arch="roberta", n_adapters=4, full=False)
+    with running(store.root, max_adapters=2, max_wait_ms=0) as srv:
+        rt = srv.app.state.runtime
+        assert rt.resident_adapters() == 2  # four loaded at start, two evicted
+        for name in ["lora-0", "lora-1", "lora-2", "lora-3", "lora-0", "lora-3"]:
+            np.testing.assert_allclose(srv.probs(name, GOLDEN_TEXTS), golden_probs(store, name), atol=TOL)
+            assert rt.entries[name].resident and rt.resident_adapters() <= 2
+        assert {n for n, e in rt.entries.items() if e.resident} == {"lora-0", "lora-3"}  # the two used last
+        models = {m["name"]: m for m in srv.admin.get("/v1/models").json()["data"]}
+        assert all(m["loaded"] for m in models.values()) and sum(m["resident"] for m in models.values()) == 2
+        text = srv.client.get("/metrics").text
+        cold = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith('service_adapter_load_seconds_count{kind="lora",reason="cold"}')
+        ]
+        assert cold and float(cold[0].split()[-1]) >= 3
+        evictions = [ln for ln in text.splitlines() if ln.startswith("service_adapter_evictions_total")]
+        assert float(evictions[0].split()[-1]) >= 5
+        # an evicted adapter whose store files changed is not silently swapped on reload
+        write_lora(store, "lora-1", arch="roberta", seed=4242)
+        r = srv.classify("lora-1", "x")
+        assert r.status_code == 503 and "PUT /v1/adapters/lora-1" in r.json()["error"]["message"]
+        assert srv.admin.put("/v1/adapters/lora-1").json()["status"] == "replaced"
+        np.testing.assert_allclose(srv.probs("lora-1", GOLDEN_TEXTS), golden_probs(store, "lora-1"), atol=TOL)
+
+
+def test_graceful_shutdown_drains_the_queue(tmp_path):
+    """SIGTERM to `python -m service`: queued requests still get answers, then the process exits 0."""
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    port = free_port()
+    env = {**os.environ, "SERVICE_MAX_WAIT_MS": "2000", "SERVICE_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--store", str(store.root), "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        with ThreadPoolExecutor(6) as pool:
+            futures = [
+                pool.submit(
+                    httpx.post, f"{url}/v1/classify", json={"model": "lora-0", "inputs": f"text {i}"}, timeout=30
+                )
+                for i in range(6)
+            ]
+            # SIGTERM once all six are queued (the batcher holds a batch open for up to 2 s)
+            while (
+                time.monotonic() < deadline and "service_queue_depth_rows 6.0" not in httpx.get(f"{url}/metrics").text
+            ):
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            codes = [f.result().status_code for f in futures]
+        assert codes == [200] * 6
+        # uvicorn re-raises SIGTERM once its graceful shutdown is done (exit status -15).
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = proc.stdout.read()
+        assert "Traceback" not in log, log
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

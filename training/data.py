@@ -1,0 +1,250 @@
+"""Data: load AG News-shaped datasets, validate them, split, tokenise once, length-grouped batches.
+
+Sources: a Hub dataset id (`datasets.load_dataset`) or a local directory / file — Parquet,
+CSV (with a header, or the original AG News header-less `class,title,description` layout with
+classes 1..4) or JSONL. A directory holds `train*` and optionally `test*` files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.config import TrainConfig
+
+OFFLINE_HINT = "--set data=../shared/data/ag_news"
+SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; `problems` lists every problem found."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(f"data: {len(self.problems)} problem(s):\n  - " + "\n  - ".join(self.problems))
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """One local file as a DataFrame; AG News original header-less CSV becomes (text, label)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=True)
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise DataError([f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)}"])
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+    first = raw.iloc[0].tolist() if len(raw) else []
+    # Original AG News layout: no header, 3 columns, class 1..4 in the first column.
+    if raw.shape[1] == 3 and first and first[0].strip().isdigit():
+        classes = pd.to_numeric(raw[0], errors="coerce")
+        return pd.DataFrame({"text": raw[1] + " " + raw[2], "label": classes - 1})
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for p in sorted(directory.iterdir()):
+        if p.suffix.lower() not in SUFFIXES:
+            continue
+        for split in ("train", "test"):
+            if p.name.lower().startswith(split) and split not in files:
+                files[split] = p
+    return {split: files[split] for split in ("train", "test") if split in files}
+
+
+def load_raw(cfg: TrainConfig) -> dict[str, pd.DataFrame]:
+    """{'train': df, 'test': df (when the source has one)} from the configured source."""
+    src = Path(cfg.data)
+    if src.is_dir():
+        files = _split_files(src)
+        if "train" not in files:
+            raise DataError([f"{src} has no train*.parquet/.csv/.jsonl file; put the training split there"])
+        return {split: read_table(p) for split, p in files.items()}
+    if src.is_file():
+        return {"train": read_table(src)}
+    return _load_hub(cfg.data)
+
+
+def _load_hub(dataset_id: str) -> dict[str, pd.DataFrame]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(dataset_id)
+    except Exception as e:  # the Hub raises many types when offline (ConnectionError, OfflineModeIsEnabled, ...)
+        raise DataError(
+            [
+                f"cannot load Hub dataset '{dataset_id}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"offline, use a local copy: {OFFLINE_HINT}"
+            ]
+        ) from e
+    return {split: ds[split].to_pandas() for split in ("train", "test") if split in ds}
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+def clean(df: pd.DataFrame, cfg: TrainConfig, split: str) -> tuple[pd.DataFrame, list[str]]:
+    """(text, label) frame with int labels 0..n-1, plus every problem found in this split."""
+    problems = []
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
+    if missing:
+        return df, [
+            f"{split}: missing column(s) {missing}; columns are {list(df.columns)} — set text_column / label_column"
+        ]
+    text = df[cfg.text_column].astype(str)
+    raw = df[cfg.label_column]
+    n = len(cfg.labels)
+    if not pd.api.types.is_numeric_dtype(raw) and not pd.to_numeric(raw, errors="coerce").notna().all():
+        index = {name: i for i, name in enumerate(cfg.labels)}
+        labels = raw.map(index)
+        bad = sorted({str(v) for v in raw[labels.isna()]})[:5]
+        if bad:
+            problems.append(f"{split}: label names {bad} are not in labels {cfg.labels}; fix the data or labels")
+    else:
+        labels = pd.to_numeric(raw, errors="coerce")
+    out_of_range = ~labels.between(0, n - 1) | labels.isna() | (labels != labels.round())
+    if out_of_range.any() and not problems:
+        examples = sorted({str(v) for v in raw[out_of_range]})[:5]
+        problems.append(
+            f"{split}: {int(out_of_range.sum())} label(s) outside 0..{n - 1} (e.g. {examples}); "
+            f"labels must index {cfg.labels} (original AG News classes 1..4 are shifted automatically "
+            "only for the header-less CSV)"
+        )
+    empty = text.str.strip() == ""
+    if empty.any():
+        rows = np.flatnonzero(empty.to_numpy())[:5].tolist()
+        problems.append(f"{split}: {int(empty.sum())} empty text(s) at rows {rows}; drop or fill them")
+    if problems:
+        return df, problems
+    out = pd.DataFrame({"text": text.to_numpy(), "label": labels.astype(int).to_numpy()})
+    return out, problems
+
+
+def _stratified_cap(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
+    if cap is None or cap >= len(df):
+        return df
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(df, train_size=cap, stratify=df["label"], random_state=seed)
+    return keep.sort_index()
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame | None
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
+    """Train / validation (stratified, carved from train) / test, validated all at once."""
+    from sklearn.model_selection import train_test_split
+
+    raw = load_raw(cfg)
+    problems: list[str] = []
+    cleaned = {}
+    for split, df in raw.items():
+        out, p = clean(df, cfg, split)
+        problems += p
+        cleaned[split] = out
+    if problems:
+        raise DataError(problems)
+    train = cleaned["train"]
+    counts = train["label"].value_counts()
+    if len(train) < 2 * len(cfg.labels) or counts.min() < 2:
+        raise DataError([f"train: {len(train)} rows with class counts {counts.to_dict()}; need >= 2 per class"])
+    n_val = max(len(cfg.labels), math.ceil(cfg.val_fraction * len(train)))
+    train, val = train_test_split(train, test_size=n_val, stratify=train["label"], random_state=cfg.seed)
+    train = _stratified_cap(train.sort_index(), cfg.train_subset, cfg.seed)
+    val = _stratified_cap(val.sort_index(), cfg.val_subset, cfg.seed)
+    test = cleaned.get("test")
+    if test is not None:
+        test = _stratified_cap(test, cfg.test_subset, cfg.seed)
+    return Splits(
+        train.reset_index(drop=True), val.reset_index(drop=True), None if test is None else test.reset_index(drop=True)
+    )
+
+
+def golden_texts(df: pd.DataFrame, per_class: int, num_labels: int) -> list[str]:
+    """Fixed golden set: the first `per_class` texts of each class, in file order."""
+    texts = []
+    for label in range(num_labels):
+        texts += df.loc[df["label"] == label, "text"].head(per_class).tolist()
+    return texts
+
+
+# ---- tokenising and batching -----------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+def encode(df: pd.DataFrame, tokenizer: Any, max_length: int) -> Encoded:
+    """Tokenise once, unpadded: padding happens per batch."""
+    enc = tokenizer(df["text"].tolist(), truncation=True, max_length=max_length)
+    return Encoded(list(enc["input_ids"]), df["label"].astype(int).tolist())
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, grouped: bool) -> list[np.ndarray]:
+    """Batches of indices for one epoch; a pure function of (seed, epoch) so resume can replay it.
+
+    Length grouping (hand-written for that determinism): shuffle, cut into mega-batches of
+    50 batches, sort each by length, split into batches, shuffle the batch order. Each batch
+    is padded only to its own longest text.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if grouped:
+        mega = batch_size * 50
+        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if grouped:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(data: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest member."""
+    seqs = [data.input_ids[i] for i in idx]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    labels = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def eval_batches(data: Encoded, batch_size: int) -> Iterator[np.ndarray]:
+    """Length-sorted batches (order restored by the caller via the indices)."""
+    order = np.argsort(-data.lengths, kind="stable")
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
