@@ -32,7 +32,6 @@ def load_pipeline(model: str, store: str | None = None) -> tuple[Any, str, Any]:
     import torch
     from transformers import pipeline
 
-    torch.set_grad_enabled(False)
     path = Path(model)
     if store is not None and not path.exists():
         from models import Store

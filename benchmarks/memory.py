@@ -9,6 +9,7 @@ subprocess entry points; users run `python -m benchmarks memory`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -25,6 +26,19 @@ PROBE_TIMEOUT_S = 600
 
 
 # ---- subprocess side -----------------------------------------------------------------------
+def _no_grad(fn: Any) -> Any:
+    """Run `fn` without autograd, restoring the caller's grad mode (these also run in-process)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _rss() -> int:
     from models.provenance import current_rss_bytes
 
@@ -75,16 +89,14 @@ def _preimport(architecture: str, kind: str) -> None:
         import onnxruntime  # noqa: F401
 
 
+@_no_grad
 def probe_variant(store_root: str, name: str, device: str, precision: str) -> dict[str, Any]:
     """Load one variant in this (fresh) process; RSS and CUDA deltas around the load and a forward."""
     import gc
 
-    import torch
-
     from models import Store, dir_bytes
     from models.loading import attach_adapter, compute_logits, load_base, load_full, onnx_session
 
-    torch.set_grad_enabled(False)
     store = Store(store_root)
     m = store.verify(name)
     _preimport(m.architecture, m.kind)
@@ -126,18 +138,16 @@ def probe_variant(store_root: str, name: str, device: str, precision: str) -> di
     return out
 
 
+@_no_grad
 def sweep_in_process(
     store_root: str, names: list[str], counts: list[int], device: str, precision: str
 ) -> dict[str, Any]:
     """Load the base, attach adapters one by one; RSS (and CUDA) at each count in `counts`."""
     import gc
 
-    import torch
-
     from models import Store
     from models.loading import attach_adapter, load_base
 
-    torch.set_grad_enabled(False)
     store = Store(store_root)
     m0 = store.verify(names[0])
     _preimport(m0.architecture, m0.kind)

@@ -169,7 +169,8 @@ def train(
     }
     results_path = runs_dir / f"{cfg.name}.json"
     try:
-        results["train_info"] = _train(cfg, store, runs_dir, resume, overwrite, stop_after_steps)
+        with torch.enable_grad():  # never inherit a caller's no-grad / inference mode
+            results["train_info"] = _train(cfg, store, runs_dir, resume, overwrite, stop_after_steps)
         results["run_info"]["status"] = "ok" if stop_after_steps is None else "stopped"
         return results
     except BaseException as e:
