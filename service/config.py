@@ -48,6 +48,11 @@ class ServiceConfig(BaseModel):
     bf16_mode: Literal["autocast", "weights"] = Field(
         "weights", description="bf16 on CPU: weights cast to bf16, or autocast over fp32 weights"
     )
+    lora_kernel: Literal["bank", "peft"] = Field(
+        "bank",
+        description="how a batch mixing adapters runs: stacked weights + bmm (service/lora_bank.py), or peft's "
+        "per-adapter loop (adapter_names=)",
+    )
     log_level: str = Field("info", description="uvicorn log level")
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ from models.loading import (
 )
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
+from service.lora_bank import LoraBank
 
 log = logging.getLogger("service")
 LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
@@ -95,6 +96,8 @@ class Runtime:
         self.base_tok_lock = threading.Lock()  # shared by every LoRA entry: one tokenizer object
         self._adapter_ids = itertools.count()
         self._stale_adapters: list[str] = []  # peft cannot delete its last adapter; see _drop_adapter
+        self.bank: LoraBank | None = None  # stacked adapter weights for mixed batches (lora_kernel=bank)
+        self._bank_stale = True  # set whenever peft's set of adapters changes; rebuilt before the next batch
 
     # ---- precision -------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -217,7 +220,7 @@ class Runtime:
             )
         try:
             self._check_golden(entry)
-        except VariantRefused:
+        except Exception:  # refused or broken: never leave a half-loaded adapter attached
             if entry.adapter:
                 self._drop_adapter(entry.adapter)
             raise
@@ -237,6 +240,7 @@ class Runtime:
         for stale in self._stale_adapters:
             self._delete(stale)
         self._stale_adapters.clear()
+        self._bank_stale = True
         return adapter
 
     def _drop_adapter(self, adapter: str | None) -> None:
@@ -251,6 +255,7 @@ class Runtime:
         with warnings.catch_warnings():  # "adapter was active ... setting active adapter to X": expected
             warnings.simplefilter("ignore", UserWarning)
             self.base.delete_adapter(adapter)
+        self._bank_stale = True
 
     def _release(self, entry: Entry) -> None:
         if entry.kind == "lora":
@@ -293,7 +298,24 @@ class Runtime:
         ids, mask = ids.to(self.device), mask.to(self.device)
         with self.autocast():
             if first.kind == "lora":
-                out = self.base(input_ids=ids, attention_mask=mask, adapter_names=[e.adapter for e in entries])
+                adapters = [e.adapter for e in entries]
+                if self.cfg.lora_kernel == "bank":
+                    out = self._lora_bank().forward(adapters, input_ids=ids, attention_mask=mask)
+                else:
+                    out = self.base(input_ids=ids, attention_mask=mask, adapter_names=adapters)
             else:
                 out = first.model(input_ids=ids, attention_mask=mask)
         return out.logits.float().cpu()
+
+    def _lora_bank(self) -> LoraBank:
+        """The bank over the current adapters, rebuilt (between batches) after any attach or delete."""
+        if self.bank is None or self._bank_stale:
+            if self.bank is not None:
+                self.bank.close()
+            # forward() runs under inference_mode; stacks made there would be inference tensors, and
+            # peft's weights (views of them after rebuild) could then not be touched by a later load.
+            with torch.inference_mode(False):
+                self.bank = LoraBank(self.base)
+                self.bank.rebuild()
+            self._bank_stale = False
+        return self.bank
