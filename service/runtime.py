@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
+from models import Golden, Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
 from models.loading import (
     DTYPES,
     attach_adapter,
@@ -72,6 +72,15 @@ class Entry:
     def group(self) -> str:
         """Rows with the same group can share one forward."""
         return LORA_GROUP if self.kind == "lora" else self.name
+
+
+def golden_subset(golden: Golden, k: int) -> Golden:
+    """`k` golden rows evenly spread over the set (all of it when k >= its size)."""
+    n = len(golden.texts)
+    if k >= n:
+        return golden
+    idx = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    return Golden(texts=[golden.texts[i] for i in idx], logits=[golden.logits[i] for i in idx], dtype=golden.dtype)
 
 
 class Runtime:
@@ -264,10 +273,11 @@ class Runtime:
 
     def _check_golden(self, entry: Entry) -> None:
         m = entry.manifest
+        golden = golden_subset(m.golden, self.cfg.golden_check_texts)
         with entry.tok_lock, self.autocast():
             model = self.base if entry.kind == "lora" else entry.model
-            logits = compute_logits(model, entry.tokenizer, m.golden.texts, m.max_length, adapter_name=entry.adapter)
-        max_abs, agreement = compare_golden(m.golden, logits)
+            logits = compute_logits(model, entry.tokenizer, golden.texts, m.max_length, adapter_name=entry.adapter)
+        max_abs, agreement = compare_golden(golden, logits)
         tol = self.tolerance(entry.kind)
         if not max_abs <= tol or agreement < 1.0:
             raise VariantRefused(
