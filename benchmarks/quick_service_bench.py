@@ -50,16 +50,10 @@ def build_store(root: Path, arch: str) -> Path:
         base = BertForSequenceClassification.from_pretrained(str(MINILM), num_labels=len(LABELS))
         base_model, init = str(MINILM), "pretrained"
     else:  # RoBERTa-base size, random init, with the MiniLM WordPiece tokenizer
-        cfg = RobertaConfig(
-            num_hidden_layers=12,
-            hidden_size=768,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            vocab_size=50265,
-            max_position_embeddings=514,
-            pad_token_id=tok.pad_token_id,
-            num_labels=len(LABELS),
-        )
+        from training.config import ARCH_PRESETS  # the published RoBERTa-base shape, one source
+
+        arch = {k: v for k, v in ARCH_PRESETS["roberta-base"].items() if k != "model_type"}
+        cfg = RobertaConfig(**arch, pad_token_id=tok.pad_token_id, num_labels=len(LABELS))
         base, base_model, init = RobertaForSequenceClassification(cfg), "roberta-base-random", "random"
     base.eval()
     fp = save_base_snapshot(store, base, tok, base_model=base_model, init=init)

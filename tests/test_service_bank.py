@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from models import head_modules
 from models.loading import attach_adapter
 from service.lora_bank import LoraBank
 from tests.tiny import tiny_classifier, tiny_lora, tokenizer
@@ -17,25 +15,12 @@ from tests.tiny import tiny_classifier, tiny_lora, tokenizer
 TEXTS = ["hello world", "stocks fell sharply today in a long sentence", "the team won", "x", "another one"]
 
 
-def _adapter_targeting(base: torch.nn.Module, targets: list[str], seed: int, r: int) -> torch.nn.Module:
-    cfg = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=head_modules(base.config.model_type)
-    )
-    pm = get_peft_model(copy.deepcopy(base), cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return pm.eval()
-
-
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_bank_equals_peft_mixed_batches(arch: str, tmp_path: Path) -> None:
     base = tiny_classifier(arch)
     tiny_lora(base, seed=1, r=4).save_pretrained(tmp_path / "a0")
     tiny_lora(base, seed=2, r=8).save_pretrained(tmp_path / "a1")  # another rank
-    _adapter_targeting(base, ["query"], seed=3, r=2).save_pretrained(tmp_path / "a2")  # other layers
+    tiny_lora(base, seed=3, r=2, targets=("query",)).save_pretrained(tmp_path / "a2")  # other layers
     model = copy.deepcopy(base)
     for name in ("a0", "a1", "a2"):
         model = attach_adapter(model, tmp_path / name, name)

@@ -57,14 +57,16 @@ def tiny_classifier(arch: str = "bert", seed: int = 0, num_labels: int = 4) -> t
     raise ValueError(arch)
 
 
-def tiny_lora(base: torch.nn.Module, seed: int, r: int = 4) -> torch.nn.Module:
+def tiny_lora(
+    base: torch.nn.Module, seed: int, r: int = 4, targets: tuple[str, ...] = ("query", "value")
+) -> torch.nn.Module:
     """A peft model over a copy of `base` with random (non-zero) LoRA and head weights."""
     arch = base.config.model_type
     cfg = LoraConfig(
         r=r,
         lora_alpha=2 * r,
         lora_dropout=0.0,
-        target_modules=["query", "value"],
+        target_modules=list(targets),
         modules_to_save=head_modules(arch),
         task_type=None,
     )
