@@ -27,6 +27,20 @@ ONNX_FILE = "model.onnx"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token-id lists, padded on the right to the longest row.
+
+    By hand rather than tokenizer.pad: on Python lists that is slower and warns on every call.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def encoder_of(model: nn.Module) -> nn.Module:
     """The shared encoder of a sequence classifier (BertModel inside BertForSequenceClassification)."""
     if hasattr(model, "get_base_model"):  # peft wrapper

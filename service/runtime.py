@@ -32,6 +32,7 @@ from models.loading import (
     load_tokenizer,
     onnx_logits,
     onnx_session,
+    pad_rows,
 )
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
@@ -292,14 +293,7 @@ class Runtime:
     @torch.inference_mode()
     def forward(self, entries: list[Entry], rows: list[list[int]]) -> torch.Tensor:
         """fp32 logits for pre-tokenised `rows`, all in one group (one LoRA mix or one variant)."""
-        pad_id = entries[0].tokenizer.pad_token_id or 0
-        width = max(len(r) for r in rows)
-        # Padding by hand: tokenizer.pad on python lists is slower and warns on every call.
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(rows, entries[0].tokenizer.pad_token_id or 0)
         first = entries[0]
         if first.kind in ("onnx", "onnx-int8"):
             return onnx_logits(

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from models.loading import pad_rows
 from training.config import TrainConfig
 
 OFFLINE_HINT = "--set data=../shared/data/ag_news"
@@ -232,13 +233,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, g
 
 def collate(data: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest member."""
-    seqs = [data.input_ids[i] for i in idx]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[row, : len(s)] = 1
+    ids, mask = pad_rows([data.input_ids[i] for i in idx], pad_id)
     labels = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
