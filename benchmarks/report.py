@@ -1,7 +1,10 @@
-"""reports/REPORT.md from results JSONs: tables, PNG plots and where each target stands.
+"""reports/REPORT.md from results files: each kind rendered by its experiment's renderer.
 
-Reads only results files written by the other commands (each carries its command line and
-the machine it ran on); every number and figure in the report cites the file it came from.
+Reads only result documents written by the experiment runner (`benchmarks/experiment.py`:
+{kind, command, settings, meta, status, error, payload}); every figure cites the file it came
+from, its command and the machine it ran on. Files it cannot render are listed, never dropped;
+runs that failed or were refused are listed with why, never shown as figures; when the results
+come from more than one machine, every source line says which.
 Target names used by `benchmarks demo` (and recognised here for the targets table):
 `baseline` / `service` (same model), `adapter-1` / `adapters-32` / `merged`, `torch-fp32` / `onnx-int8`.
 """
@@ -10,30 +13,43 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-KINDS = ("accuracy", "load", "memory", "hotswap", "demo")
+from benchmarks.experiment import RESULT_KEYS, load_all, utc_now
+from models.hardware import machine_label
+
 MiB = 2**20
+Doc = tuple[Path, dict[str, Any]]
 
 
-def collect(paths: list[Path]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
-    """Results JSONs under `paths`, grouped by kind (files that are not results are ignored)."""
+def _view(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document as renderers read it: payload fields at the top, beside settings/meta/command."""
+    return {**(doc.get("payload") or {}), **{k: doc[k] for k in RESULT_KEYS}}
+
+
+def collect(paths: list[Path]) -> tuple[list[Doc], list[tuple[Path, str]]]:
+    """(result documents, [(file, why it cannot be rendered)]) for every JSON file under `paths`."""
     files: list[Path] = []
     for p in paths:
         files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
-    out: dict[str, list[tuple[Path, dict[str, Any]]]] = {k: [] for k in KINDS}
+    docs, skipped = [], []
     for f in files:
         try:
             doc = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError) as e:
+            skipped.append((f, f"not readable JSON ({e})"))
             continue
-        if isinstance(doc, dict) and doc.get("kind") in KINDS and "command" in doc and "meta" in doc:
-            out[doc["kind"]].append((f, doc))
-    return out
+        missing = [k for k in RESULT_KEYS if not isinstance(doc, dict) or k not in doc]
+        if missing:
+            skipped.append((f, f"not a result document (missing {', '.join(missing)})"))
+            continue
+        docs.append((f, _view(doc)))
+    return docs, skipped
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
+def fmt(v: Any, digits: int = 1) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -41,23 +57,31 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _machine(doc: dict[str, Any]) -> str:
+def machine_of(doc: dict[str, Any]) -> str:
     hw = doc["meta"].get("hardware", {})
-    gpu = f", GPU {hw['gpu']}" if hw.get("gpu") else ", no GPU"
+    label = machine_label(hw)
+    return label if "native_bf16" in hw or hw.get("gpu") else label.replace("bf16 no", "bf16 not recorded")
+
+
+def _machine(doc: dict[str, Any]) -> str:
     git = doc["meta"].get("git", {})
     sha = (git.get("sha") or "?")[:10] + ("+dirty" if git.get("dirty") else "")
-    return f"{hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} CPUs{gpu}), torch {doc['meta'].get('versions', {}).get('torch')}, git {sha}, {doc['meta'].get('time_utc', '')}"
+    return f"{machine_of(doc)}, torch {doc['meta'].get('versions', {}).get('torch')}, git {sha}, {doc['meta'].get('time_utc', '')}"
 
 
-def _source(f: Path, doc: dict[str, Any], out_dir: Path) -> str:
+def source_line(f: Path, doc: dict[str, Any], out_dir: Path) -> str:
     cmd = " ".join(["python" if i == 0 and "python" in Path(c).name else c for i, c in enumerate(doc["command"])])
     return f"Source: `{os.path.relpath(f, out_dir)}` — command: `{cmd}` — machine: {_machine(doc)}"
+
+
+# Names the sections below still use (they predate the contract).
+_fmt, _table, _source = fmt, table, source_line
 
 
 def _plt():
@@ -416,7 +440,7 @@ def hotswap_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_
                     r["background_load"]["requests"],
                     r["failed_requests"],
                     r["failed_swaps"],
-                    "met" if r["target"]["passed"] else "MISSED",
+                    ("met" if r["target"]["passed"] else "MISSED") + f" (≤ {r['target']['p50_ms_max']:.0f} ms)",
                 ]
             )
             series.append(
@@ -437,7 +461,7 @@ def hotswap_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_
                     "background requests",
                     "failed requests",
                     "failed swaps",
-                    "target (p50 ≤ 100 ms, 0 failed)",
+                    "target (p50 ≤ target, 0 failed)",
                 ],
                 rows,
             )
@@ -464,7 +488,8 @@ def hotswap_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_
 
 # ---- targets --------------------------------------------------------------------------------
 def _at(runs: list[dict[str, Any]], target: str, concurrency: int | None = None) -> dict[str, Any] | None:
-    rs = [r for r in runs if r["target"] == target and r["mode"] == "closed"]
+    # a level with no successful request is a failure (listed with why), never a figure
+    rs = [r for r in runs if r["target"] == target and r["mode"] == "closed" and r.get("ok", 1) > 0]
     if concurrency is not None:
         rs = [r for r in rs if r["concurrency"] == concurrency]
     return max(rs, key=lambda r: r["concurrency"]) if rs else None
@@ -522,7 +547,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
             rows.append(
                 [
                     f"hot-swap ({r['mode']}) under load",
-                    "p50 ≤ 100 ms, 0 failed",
+                    f"p50 ≤ {r['target']['p50_ms_max']:.0f} ms, 0 failed",
                     f"p50 {_fmt(r['swap_latency']['p50_ms'])} ms, {r['failed_requests']} failed requests, {r['failed_swaps']} failed swaps",
                     "met" if r["target"]["passed"] else "missed",
                 ]
@@ -563,35 +588,81 @@ def demo_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir
     return "\n".join(parts), []
 
 
+Renderer = Callable[[list[Doc], Path, Path], str]
+
+
+def _legacy(fn: Callable[[list[Doc], Path, Path], tuple[str, list[str]]]) -> Renderer:
+    return lambda docs, fig_dir, out_dir: fn(docs, fig_dir, out_dir)[0]
+
+
+# Kinds whose experiment module does not register a renderer yet are rendered here.
+FALLBACK_RENDERERS: dict[str, Renderer] = {
+    "demo": _legacy(demo_section),
+    "accuracy": _legacy(accuracy_section),
+    "load": _legacy(load_section),
+    "memory": _legacy(memory_section),
+    "hotswap": _legacy(hotswap_section),
+}
+ORDER = ("demo", "accuracy", "ceiling", "load", "lora-mix", "memory", "hotswap", "recipe-compare", "step-overhead")
+
+
+def renderers() -> dict[str, Renderer]:
+    out = dict(FALLBACK_RENDERERS)
+    out.update({kind: exp.render for kind, exp in load_all().items() if exp.render is not None})
+    return out
+
+
 def write_report(results: list[Path], out: Path) -> Path:
-    """Render REPORT.md (and figures/ beside it) from every results JSON under `results`."""
+    """Render REPORT.md (and figures/ beside it) from every result document under `results`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.parent / "figures"
     fig_dir.mkdir(exist_ok=True)
-    groups = collect(results)
-    n = sum(len(v) for v in groups.values())
-    if n == 0:
-        raise SystemExit(f"no results JSONs (with kind/command/meta) under {', '.join(map(str, results))}")
-    from benchmarks.common import utc_now
-
+    docs, skipped = collect(results)
+    if not docs:
+        raise SystemExit(f"no result documents under {', '.join(map(str, results))}")
+    render = renderers()
+    ok = [(f, d) for f, d in docs if d["status"] != "failed"]
+    groups: dict[str, list[Doc]] = {}
+    for f, d in ok:
+        if d["kind"] in render:
+            groups.setdefault(d["kind"], []).append((f, d))
+        else:
+            skipped.append((f, f"no renderer for kind '{d['kind']}'"))
+    machines = sorted({machine_of(d) for _, d in docs})
     sections = [
         "# Benchmark report: full fine-tuning vs LoRA for serving",
-        f"\nGenerated {utc_now()} from {n} results file(s). Every figure below comes from the results file named "
-        "under it, with the command that produced it and the machine it ran on.\n",
+        f"\nGenerated {utc_now()} from {len(docs)} result file(s). Every figure below comes from the results file "
+        "named under it, with the command that produced it and the machine it ran on.\n",
     ]
-    t = targets_section(groups)
+    if len(machines) > 1:
+        sections.append(
+            "**These results come from more than one machine** — compare figures only within one machine:\n\n"
+            + "\n".join(f"- {m}" for m in machines)
+        )
+    else:
+        sections.append(f"Machine: {machines[0]}.")
+    t = targets_section({k: groups.get(k, []) for k in ("load", "memory", "hotswap", "accuracy")})
     if t:
         sections.append(t)
-    for kind, fn in (
-        ("demo", demo_section),
-        ("accuracy", accuracy_section),
-        ("load", load_section),
-        ("memory", memory_section),
-        ("hotswap", hotswap_section),
-    ):
-        if groups[kind]:
-            text, _ = fn(groups[kind], fig_dir, out.parent)
-            sections.append(text)
+    for kind in sorted(groups, key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER), k)):
+        sections.append(render[kind](groups[kind], fig_dir, out.parent))
+    problems = [(f, d) for f, d in docs if d["status"] != "ok"]
+    if problems:
+        sections.append(
+            "## Runs that failed or were refused (no figures shown for these parts)\n\n"
+            + table(
+                ["file", "kind", "status", "why"],
+                [
+                    [f"`{os.path.relpath(f, out.parent)}`", d["kind"], d["status"], d["error"] or "–"]
+                    for f, d in problems
+                ],
+            )
+        )
+    if skipped:
+        sections.append(
+            "## Files not rendered\n\n"
+            + table(["file", "why"], [[f"`{os.path.relpath(f, out.parent)}`", why] for f, why in skipped])
+        )
     out.write_text("\n\n".join(sections) + "\n")
     return out
