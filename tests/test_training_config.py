@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from pydantic import ValidationError
 
-from training.config import ARCH_PRESETS, ConfigError, TrainConfig, load_config
+from training.__main__ import main
+from training.config import ARCH_PRESETS, ConfigError, TrainConfig, config_keys, load_config
 from training.methods import METHODS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -90,31 +93,96 @@ def test_overrides_and_env_expansion(monkeypatch, tmp_path):
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
+    """Field errors (pydantic), unknown keys at any depth and cross-field checks: one error lists all."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "method: qlora\nlearning_rate: 0.1\nbatch_size: 0\nlr: 3\nval_fraction: 0.9\n"
-        "data: ./missing-dir\nlora: {r: 0, rank: 4}\nprecision: fp8\n"
+        "data: ./missing-dir\nlora: {r: 0, rank: 4, alpah: 8}\nprecision: fp8\ncompile: maybe\nmax_stesp: 5\n"
     )
     with pytest.raises(ConfigError) as e:
-        load_config(bad, ["init=random", "base_model=my-encoder", "max_length=abc"])
+        load_config(bad, ["init=random", "base_model=my-encoder", "max_length=abc", "bad-override"])
     problems = e.value.problems
     expected = [
+        "--set 'bad-override': expected key=value",
         "method: 'qlora' is not one of ['full', 'lora']",
-        "unknown key 'learning_rate'",
-        "batch_size: must be >= 1",
+        "unknown key 'learning_rate' (did you mean 'lr'?)",
+        "unknown key 'max_stesp' (did you mean 'max_steps'?)",
+        "batch_size: must be >= 1, got 0",
         "lr: 3.0 must be in (0, 1)",
-        "val_fraction: 0.9",
+        "val_fraction: 0.9 must be in (0, 0.5)",
         "data: ./missing-dir does not exist",
-        "unknown key 'lora.rank'",
-        "precision: 'fp8' is not one of",
+        "lora.r: must be >= 1, got 0",
+        "unknown key 'lora.rank' (did you mean 'r'?)",
+        "unknown key 'lora.alpah' (did you mean 'alpha'?)",
+        "precision: 'fp8' is not one of ['auto', 'fp32', 'bf16', 'fp16']",
+        "compile: expected 'auto' or true/false, got 'maybe'",
         "init: random needs arch_preset",
-        "max_length: expected an integer",
+        "max_length: expected an integer, got 'abc'",
         "tokenizer: init: random needs a tokenizer path",
     ]
     for text in expected:
-        assert any(text in p for p in problems), (text, problems)
+        assert sum(text in p for p in problems) == 1, (text, problems)
     assert len(problems) == len(expected), problems
+    assert str(e.value).startswith(f"{bad}: {len(expected)} problem(s):")
+    # An unknown key far from every known one lists them instead of guessing.
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.zzz'; known keys: alpha, dropout, r, targets"):
+        load_config("configs/tiny-bert-lora.yaml", ["lora.zzz=1"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config("configs/tiny-bert-full.yaml", ["lr"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_cross_field_checks_are_pydantic_validators():
+    """Direct construction runs the same checks (the CLI is not the only gate)."""
+    with pytest.raises(ValidationError, match="init: random needs a tokenizer path"):
+        TrainConfig(init="random", arch_preset="tiny-bert")
+    with pytest.raises(ValidationError, match="not one of"):
+        TrainConfig(method="qlora")
+    with pytest.raises(ValidationError, match="labels: names must be unique"):
+        TrainConfig(labels=["a", "a"])
+    assert TrainConfig(init="random", base_model="tiny-bert", tokenizer="t").arch_preset == "tiny-bert"
+
+
+def test_precision_and_compile_defaults(monkeypatch):
+    cfg = TrainConfig()
+    assert (cfg.precision, cfg.compile, cfg.log_every) == ("auto", "auto", 10)
+    cfg = load_config("configs/tiny-bert-full.yaml", ["precision=auto", "compile=false", "log_every=5"])
+    assert (cfg.precision, cfg.compile, cfg.log_every) == ("auto", False, 5)
+    assert load_config("configs/tiny-bert-full.yaml", ["compile=true"]).compile is True
+    with pytest.raises(ConfigError, match="log_every: must be >= 1, got 0"):
+        load_config("configs/tiny-bert-full.yaml", ["log_every=0"])
+    # fp16 needs CUDA only when asked for explicitly; auto never fails validation.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="precision: fp16 autocast needs a CUDA GPU"):
+        load_config("configs/tiny-bert-full.yaml", ["precision=fp16"])
+    assert load_config("configs/tiny-bert-full.yaml", ["precision=auto"]).precision == "auto"
+
+
+def test_dotted_overrides_and_env_values(monkeypatch, tmp_path):
+    monkeypatch.setenv("STEPS", "12")
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        "method: lora\nbase_model: tiny-bert\ninit: random\ntokenizer: tok\nmax_steps: ${STEPS:-3}\n"
+        "eval_every: ${UNSET_EVAL_EVERY:-4}\nlora: {r: 2, alpha: 4}\narch: {num_hidden_layers: 1}\n"
+    )
+    cfg = load_config(cfg_file, ["lora.r=16", "arch.hidden_size=64", "name=2024", "lora.dropout=0"])
+    # env values arrive as strings and are validated as the field's type
+    assert (cfg.max_steps, cfg.eval_every) == (12, 4)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 4, 0.0)
+    assert cfg.arch == {"num_hidden_layers": 1, "hidden_size": 64} and cfg.arch_preset == "tiny-bert"
+    assert cfg.name == "2024"  # a YAML number is a fine variant name
+    assert load_config(cfg_file).name == "run"  # default: the file's stem
+    with pytest.raises(ConfigError, match="lora was set to a value, not a mapping"):
+        load_config(cfg_file, ["lora=3", "lora.r=2"])
+
+
+def test_help_lists_every_key_with_its_description(capsys):
+    keys = {k: (default, doc) for k, default, doc in config_keys()}
+    assert keys["lora.r"] == (8, "rank of the low-rank update")
+    assert keys["precision"][0] == "auto" and "resolve_precision" in keys["precision"][1]
+    assert all(doc for _, doc in keys.values()), [k for k, (_, d) in keys.items() if not d]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "lora.r = 8" in out and "rank of the low-rank update" in out and "log_every = 10" in out

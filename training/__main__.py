@@ -12,10 +12,26 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _config_keys_help() -> str:
+    """Every config key with its default and description, from training.config (one source)."""
+    from training.config import config_keys
+
+    lines = ["config keys (YAML or --set; dotted for nested; values are YAML scalars, ${ENV:-default} expands):"]
+    for key, default, doc in config_keys():
+        lines.append(f"  {key} = {default!r}\n      {doc}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a variant from a YAML config")
+    t = sub.add_parser(
+        "train",
+        help="train a variant from a YAML config",
+        description="Train a variant from a YAML config; any key can be overridden with --set KEY=VALUE.",
+        epilog=_config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("config", help="YAML config, e.g. configs/demo-minilm-lora.yaml")
     t.add_argument(
         "--set",
@@ -24,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         nargs="+",
-        help="override a config key (dotted for nested: lora.r=16); repeatable",
+        help="override a config key (dotted for nested: lora.r=16); repeatable; keys listed below",
     )
     t.add_argument("--store", default="store", help="model store directory (default ./store)")
     t.add_argument("--runs-dir", default="runs", help="results JSON, TensorBoard logs, checkpoints (default ./runs)")

@@ -1,21 +1,27 @@
-"""Training configuration: typed dataclasses, YAML loading, `--set` overrides, whole-config validation.
+"""Training configuration: one pydantic model, YAML loading, `--set` overrides, whole-config validation.
 
-Defaults live here, one comment per field (nanoGPT style). Unknown keys are an error, and
-`validate` reports every problem at once with what to do (torchtune style).
+Defaults live here, one `description` per field (nanoGPT style; `python -m training train --help`
+prints them). Unknown keys are an error with a "did you mean", and `load_config` reports every
+problem at once, each saying what to do (torchtune style): pydantic's field errors and the
+cross-field checks are collected into one `ConfigError`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+import difflib
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from models.store import check_name
+from training.methods import METHODS
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -60,6 +66,9 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# The error type of the cross-field checks: one pydantic error carrying every such problem.
+_CHECKS = "config_checks"
+
 
 class ConfigError(ValueError):
     """A config with one or more problems; `problems` lists them all."""
@@ -69,60 +78,184 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(self.problems)} problem(s):\n  - " + "\n  - ".join(self.problems))
 
 
-@dataclass
-class LoraArgs:
-    r: int = 8  # rank of the low-rank update
-    alpha: int = 16  # scaling numerator: the update is scaled by alpha / r
-    dropout: float = 0.1  # dropout on the LoRA input
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])  # attention projections adapted
+class _Strict(BaseModel):
+    # extra=forbid: a misspelt key is an error, never silently ignored. Numbers are accepted for
+    # strings so that `--set name=2024` names a variant "2024".
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
-@dataclass
-class TrainConfig:
+class LoraArgs(_Strict):
+    r: int = Field(8, ge=1, description="rank of the low-rank update")
+    alpha: int = Field(16, ge=1, description="scaling numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        description="module names adapted (attention projections), e.g. [query, value]",
+    )
+
+
+class TrainConfig(_Strict):
+    """One training run. Build it with `load_config` (YAML + `--set`) or directly with keywords."""
+
     # --- what to train -------------------------------------------------------------------
-    name: str = ""  # store variant name; defaults to the config file's stem
-    method: Literal["full", "lora"] = "full"  # see training.methods.METHODS
-    base_model: str = "roberta-large"  # Hub id or local path of the pretrained encoder
-    init: Literal["pretrained", "random"] = "pretrained"  # random: build `arch_preset` with random weights
-    arch_preset: str | None = None  # architecture for init=random: one of ARCH_PRESETS
-    arch: dict[str, Any] = field(default_factory=dict)  # overrides of the preset, e.g. num_hidden_layers: 2
-    tokenizer: str | None = None  # tokenizer path/id; defaults to base_model (needed for random init)
+    name: str = Field("", description="store variant name; defaults to the config file's stem")
+    method: str = Field("full", description=f"fine-tuning method, one of training.methods.METHODS: {sorted(METHODS)}")
+    base_model: str = Field("roberta-large", description="Hub id or local path of the pretrained encoder")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: build `arch_preset` with random weights (speed work and tests)"
+    )
+    arch_preset: str | None = Field(
+        None, description=f"architecture for init=random, one of {sorted(ARCH_PRESETS)}; default: base_model"
+    )
+    arch: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the preset for init=random, e.g. num_hidden_layers: 2"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer path/id; defaults to base_model (needed for init=random)"
+    )
     # --- data ----------------------------------------------------------------------------
-    data: str = "fancyzhx/ag_news"  # Hub dataset id, or a local directory / .parquet / .csv / .jsonl file
-    text_column: str = "text"  # column holding the input text
-    label_column: str = "label"  # column holding the class index (0..n-1) or label name
-    labels: list[str] = field(default_factory=lambda: list(AG_NEWS_LABELS))  # names, order = class index
-    max_length: int = 256  # tokens per text after truncation (AG News: mean ~56, tail ~200)
-    val_fraction: float = 0.05  # stratified validation split carved from train (never the test split)
-    train_subset: int | None = None  # cap on training rows (stratified sample); None = all
-    test_subset: int | None = None  # cap on test rows evaluated at the end (stratified); None = all
-    eval_test: bool = True  # evaluate the test split once at the end with the best checkpoint
-    golden_per_class: int = 8  # golden-set texts per class (fixed indices of the test split)
+    data: str = Field(
+        "fancyzhx/ag_news", description="Hub dataset id, or a local directory / .parquet / .csv / .jsonl file"
+    )
+    text_column: str = Field("text", description="column holding the input text")
+    label_column: str = Field("label", description="column holding the class index (0..n-1) or label name")
+    labels: list[str] = Field(
+        default_factory=lambda: list(AG_NEWS_LABELS), min_length=2, description="label names, order = class index"
+    )
+    max_length: int = Field(
+        256, ge=8, le=4096, description="tokens per text after truncation (AG News: mean ~56, tail ~200)"
+    )
+    val_fraction: float = Field(
+        0.05, gt=0, lt=0.5, description="stratified validation split carved from train (never the test split)"
+    )
+    train_subset: int | None = Field(None, ge=1, description="cap on training rows (stratified sample); null = all")
+    test_subset: int | None = Field(
+        None, ge=1, description="cap on test rows evaluated at the end (stratified); null = all"
+    )
+    eval_test: bool = Field(True, description="evaluate the test split once at the end with the best checkpoint")
+    golden_per_class: int = Field(8, ge=1, description="golden-set texts per class (fixed indices of the test split)")
     # --- optimisation --------------------------------------------------------------------
-    batch_size: int = 16  # sequences per micro-batch
-    eval_batch_size: int = 64  # sequences per evaluation batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0  # passes over the training data (ignored when max_steps is set)
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float | None = None  # peak learning rate; None = the method's default
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases / LayerNorm)
-    warmup_ratio: float = 0.06  # fraction of steps with linear warmup, then linear decay to 0
-    max_grad_norm: float = 1.0  # gradient clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast precision (bf16 works on this CPU)
-    length_grouping: bool = True  # batch texts of similar length together (pads far less)
-    seed: int = 42  # seeds init, split, shuffling and dropout
-    # --- evaluation, checkpoints ---------------------------------------------------------
-    eval_every: int = 0  # validation every N optimizer steps (0 = only at the end); best by macro-F1
-    val_subset: int | None = None  # cap on validation rows (stratified); None = all
-    checkpoint_every: int = 0  # resumable checkpoint every N optimizer steps (0 = none)
-    lora: LoraArgs = field(default_factory=LoraArgs)  # used when method = lora
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    eval_batch_size: int = Field(64, ge=1, description="sequences per evaluation batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    epochs: float = Field(1.0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    lr: float | None = Field(None, gt=0, lt=1, description="peak learning rate; null = the method's default_lr")
+    weight_decay: float = Field(
+        0.01, ge=0, lt=1, description="AdamW decoupled weight decay (not on biases / LayerNorm)"
+    )
+    warmup_ratio: float = Field(
+        0.06, ge=0, lt=1, description="fraction of steps with linear warmup, then linear decay to 0"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast precision; auto = models.hardware.resolve_precision (bf16 on CUDA or on a CPU "
+        "with native bf16, else fp32); fp16 needs CUDA",
+    )
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the train step; auto = only where it pays (decided by the loop)"
+    )
+    length_grouping: bool = Field(True, description="batch texts of similar length together (pads far less)")
+    seed: int = Field(42, description="seeds init, split, shuffling and dropout")
+    # --- evaluation, logging, checkpoints ------------------------------------------------
+    log_every: int = Field(
+        10, ge=1, description="read loss/metrics back to the host every N optimizer steps (not every step)"
+    )
+    eval_every: int = Field(
+        0, ge=0, description="validation every N optimizer steps (0 = only at the end); best by macro-F1"
+    )
+    val_subset: int | None = Field(None, ge=1, description="cap on validation rows (stratified); null = all")
+    checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every N optimizer steps (0 = none)")
+    lora: LoraArgs = Field(default_factory=LoraArgs, description="used when method = lora")
 
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.base_model
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict (what results and manifests record)."""
+        return self.model_dump()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_from_base_model(cls, data: Any) -> Any:
+        # `base_model: roberta-large` + `init: random` means that preset.
+        preset_unset = isinstance(data, dict) and data.get("init") == "random" and data.get("arch_preset") is None
+        if preset_unset and data.get("base_model") in ARCH_PRESETS:
+            data = {**data, "arch_preset": data["base_model"]}
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:  # the registry is the one list of methods
+            raise ValueError(f"{v!r} is not one of {sorted(METHODS)}")
+        return v
+
+    @field_validator("arch_preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in ARCH_PRESETS:
+            raise ValueError(f"{v!r} is not one of {sorted(ARCH_PRESETS)}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _store_name(cls, v: str) -> str:
+        if v:
+            check_name(v)  # raises ValueError saying what a store name may contain
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> TrainConfig:
+        """Checks that span fields or the environment; all of them, raised as one error."""
+        p = []
+        if self.init == "random" and not self.arch_preset and "model_type" not in self.arch:
+            p.append(
+                f"init: random needs arch_preset (one of {sorted(ARCH_PRESETS)}) or arch.model_type "
+                "(or base_model naming a preset)"
+            )
+        if self.arch and self.init != "random":
+            p.append("arch: overrides apply only with init: random (a pretrained model keeps its architecture)")
+        if len(set(self.labels)) != len(self.labels):
+            p.append(f"labels: names must be unique, got {self.labels}")
+        if self.max_steps is None and self.epochs <= 0:
+            p.append(f"epochs: must be > 0 (or set max_steps), got {self.epochs}")
+        if self.precision == "fp16":  # explicit only: `auto` never resolves to fp16 on a CPU
+            import torch
+
+            if not torch.cuda.is_available():
+                p.append("precision: fp16 autocast needs a CUDA GPU; use auto, bf16 or fp32 on CPU")
+        # Local paths must exist; anything else is treated as a Hub id (checked when loading).
+        if _looks_local(self.data) and not Path(self.data).exists():
+            p.append(f"data: {self.data} does not exist; give a Hub id (fancyzhx/ag_news) or an existing dir/file")
+        for key in ("base_model", "tokenizer"):
+            v = getattr(self, key)
+            if key == "base_model" and self.init == "random":
+                continue
+            if v and _looks_local(v) and not Path(v).exists():
+                p.append(f"{key}: {v} does not exist; give a local path or a Hub id")
+        if self.init == "random" and not self.tokenizer:
+            p.append("tokenizer: init: random needs a tokenizer path (e.g. ../shared/models/all-MiniLM-L6-v2)")
+        if p:
+            raise PydanticCustomError(_CHECKS, "{summary}", {"problems": p, "summary": "; ".join(p)})
+        return self
+
+
+def _looks_local(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.endswith((".parquet", ".csv", ".jsonl", ".json")) or Path(s).exists()
+
+
+def config_keys(model: type[BaseModel] = TrainConfig, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, default, description) of every config key, nested models flattened (for --help/docs)."""
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from config_keys(ann, f"{prefix}{name}.")
+        else:
+            yield prefix + name, info.get_default(call_default_factory=True), info.description or ""
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -143,11 +276,12 @@ def expand_env(value: Any) -> Any:
 
 
 def parse_overrides(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """`key=value` pairs (dotted keys for nested fields) -> nested dict; values parsed as YAML."""
+    """`key=value` pairs (dotted keys for nested fields) -> nested dict; values parsed as YAML scalars."""
     out: dict[str, Any] = {}
     problems = []
     for item in items:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             problems.append(f"--set {item!r}: expected key=value, e.g. --set lr=1e-4")
             continue
@@ -156,179 +290,192 @@ def parse_overrides(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
         except yaml.YAMLError:
             value = raw
         node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item!r}: {'.'.join(parents[: i + 1])} was set to a value, not a mapping")
+                break
+        else:
+            node[leaf] = value
     return out, problems
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` onto `base`, nested mappings merged key by key (so `--set lora.r=16` keeps lora.alpha)."""
     merged = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "arch":
-            merged[k] = _merge(merged[k], v)
-        elif isinstance(v, dict) and k == "arch" and isinstance(merged.get(k), dict):
-            merged[k] = {**merged[k], **v}
-        else:
-            merged[k] = v
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
-def _check_type(name: str, value: Any, tp: Any) -> str | None:
-    """None when `value` fits `tp` (ints accepted for floats); else a problem string."""
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if tp is Any:
-        return None
-    if origin is Literal:
-        return None if value in args else f"{name}: {value!r} is not one of {list(args)}"
-    if origin is not None and type(None) in args:  # Optional[...]
-        if value is None:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        return _check_type(name, value, rest[0])
-    if origin is list:
-        if not isinstance(value, list):
-            return f"{name}: expected a list, got {value!r}"
-        return None
-    if origin is dict:
-        return None if isinstance(value, dict) else f"{name}: expected a mapping, got {value!r}"
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else f"{name}: expected a number, got {value!r}"
-    if tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"{name}: expected an integer, got {value!r}"
-    if tp is bool:
-        return None if isinstance(value, bool) else f"{name}: expected true/false, got {value!r}"
-    if tp is str:
-        return None if isinstance(value, str) else f"{name}: expected a string, got {value!r}"
-    return None
+# ---- pydantic errors -> problems that say what to do ------------------------------------------
+
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_parsing": "true/false",
+    "bool_type": "true/false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+# Spellings from transformers / peft that difflib cannot relate to ours (`learning_rate` vs `lr`).
+_ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "max_seq_length": "max_length",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "model_name_or_path": "base_model",
+    "dataset": "data",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "mixed_precision": "precision",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_steps": "checkpoint_every",
+}
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            close = [n for n in names if n.startswith(str(key)[:3])]
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {sorted(names)}"
-            problems.append(f"unknown key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
+def _suggest(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close and _ALIASES.get(key.lower()) in known:
+        close = [_ALIASES[key.lower()]]
+    return f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel], Any]:
+    """Dotted path of an error location, the model holding its last key, and that field's info
+    (None for an unknown key). Union members add entries after a field (`literal['auto']`): dropped."""
+    model: Any = TrainConfig
+    holder: type[BaseModel] = TrainConfig
+    info = None
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item}]"
             continue
-        value = data[f.name]
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                problems.append(
-                    f"{prefix}{f.name}: expected a mapping of {sorted(x.name for x in dataclasses.fields(tp))}"
-                )
-                continue
-            kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.", problems)
+        if model is None:
+            break
+        if item not in model.model_fields:
+            return ".".join([*parts, str(item)]), model, None
+        holder, info = model, model.model_fields[item]
+        parts.append(item)
+        ann = info.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return ".".join(parts), holder, info
+
+
+def _allowed(ann: Any) -> list[Any]:
+    """The literal values an annotation admits (`Literal["auto"] | bool` -> ["auto"])."""
+    if get_origin(ann) is Literal:
+        return list(get_args(ann))
+    return [v for a in get_args(ann) for v in _allowed(a)]
+
+
+def _out_of_range(path: str, info: Any, got: Any) -> str:
+    """`lr: 3.0 must be in (0, 1)` for two bounds, `batch_size: must be >= 1, got 0` for one."""
+    lo = hi = None
+    for m in info.metadata if info else ():
+        if isinstance(m, (Gt, Ge)):
+            lo = ("(", m.gt) if isinstance(m, Gt) else ("[", m.ge)
+        elif isinstance(m, (Lt, Le)):
+            hi = (")", m.lt) if isinstance(m, Lt) else ("]", m.le)
+    if info is not None and float in (info.annotation, *get_args(info.annotation)) and isinstance(got, int):
+        got = float(got)  # show the value as the number it was read as
+    if lo and hi:
+        return f"{path}: {got!r} must be in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    sign, bound = lo or hi  # type: ignore[misc]
+    op = {"(": ">", "[": ">=", ")": "<", "]": "<="}[sign]
+    return f"{path}: must be {op} {bound}, got {got!r}"
+
+
+def _problems(err: ValidationError) -> list[str]:
+    """One line per problem; errors of one key (union members) merged into one line."""
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    out: list[str] = []
+    for e in err.errors():
+        if e["type"] == _CHECKS:
+            out.extend(e["ctx"]["problems"])
             continue
-        if get_origin(tp) is not Literal and (tp is float or float in get_args(tp)):
-            # YAML 1.1 reads `5e-4` (no dot) as a string; accept it as the number it means.
-            if isinstance(value, str):
-                with contextlib.suppress(ValueError):
-                    value = float(value)
-            elif isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-        problem = _check_type(prefix + f.name, value, tp)
-        if problem:
-            problems.append(problem)
+        path, _, _ = _walk(e["loc"])
+        by_path.setdefault(path, []).append(e)
+    for path, errs in by_path.items():
+        e = errs[0]
+        _, holder, info = _walk(e["loc"])
+        got = e["input"]
+        if e["type"] == "extra_forbidden":
+            leaf = path.rsplit(".", 1)[-1]
+            out.append(f"unknown key '{path}'{_suggest(leaf, list(holder.model_fields))}")
+        elif e["type"] in _RANGE:
+            out.append(_out_of_range(path, info, got))
+        elif e["type"] == "too_short":
+            out.append(f"{path}: list at least {e['ctx']['min_length']} item(s), got {got!r}")
+        elif e["type"] == "value_error":
+            out.append(f"{path}: {e['ctx']['error']}")
+        elif all(x["type"] in _EXPECTED or x["type"] == "literal_error" for x in errs):
+            allowed = _allowed(info.annotation) if info else []
+            wants = [_EXPECTED[x["type"]] for x in errs if x["type"] in _EXPECTED]
+            if allowed and not wants:
+                out.append(f"{path}: {got!r} is not one of {allowed}")
+            else:
+                wants = [repr(v) for v in allowed] + list(dict.fromkeys(wants))
+                out.append(f"{path}: expected {' or '.join(wants)}, got {got!r}")
         else:
-            kwargs[f.name] = value
-    return cls(**kwargs)
+            out.append(f"{path}: {e['msg']} (got {got!r})")
+    return out
 
 
-def validate(cfg: TrainConfig) -> list[str]:
-    """Every semantic problem of a config (types were checked while building it)."""
-    from training.methods import METHODS
-
-    p = []
-    if cfg.method not in METHODS:
-        p.append(f"method: {cfg.method!r} is not one of {sorted(METHODS)}")
-    if cfg.init == "random" and not cfg.arch_preset and "model_type" not in cfg.arch:
-        p.append(
-            f"init: random needs arch_preset (one of {sorted(ARCH_PRESETS)}) or arch.model_type "
-            "(or base_model naming a preset)"
-        )
-    if cfg.arch_preset is not None and cfg.arch_preset not in ARCH_PRESETS:
-        p.append(f"arch_preset: {cfg.arch_preset!r} is not one of {sorted(ARCH_PRESETS)}")
-    if cfg.arch and cfg.init != "random":
-        p.append("arch: overrides apply only with init: random (a pretrained model keeps its architecture)")
-    if cfg.name:
-        from models.store import check_name
-
-        try:
-            check_name(cfg.name)
-        except ValueError as e:
-            p.append(f"name: {e}")
-    if len(cfg.labels) < 2:
-        p.append(f"labels: need at least 2 label names, got {cfg.labels}")
-    if len(set(cfg.labels)) != len(cfg.labels):
-        p.append(f"labels: names must be unique, got {cfg.labels}")
-    if not 8 <= cfg.max_length <= 4096:
-        p.append(f"max_length: {cfg.max_length} is outside 8..4096")
-    if not 0.0 < cfg.val_fraction < 0.5:
-        p.append(f"val_fraction: {cfg.val_fraction} must be in (0, 0.5)")
-    for key in ("batch_size", "eval_batch_size", "grad_accum", "golden_per_class"):
-        if getattr(cfg, key) < 1:
-            p.append(f"{key}: must be >= 1, got {getattr(cfg, key)}")
-    for key in ("train_subset", "test_subset", "val_subset", "max_steps"):
-        v = getattr(cfg, key)
-        if v is not None and v < 1:
-            p.append(f"{key}: must be >= 1 or null, got {v}")
-    if cfg.max_steps is None and cfg.epochs <= 0:
-        p.append(f"epochs: must be > 0 (or set max_steps), got {cfg.epochs}")
-    if cfg.lr is not None and not 0 < cfg.lr < 1:
-        p.append(f"lr: {cfg.lr} must be in (0, 1)")
-    if not 0 <= cfg.weight_decay < 1:
-        p.append(f"weight_decay: {cfg.weight_decay} must be in [0, 1)")
-    if not 0 <= cfg.warmup_ratio < 1:
-        p.append(f"warmup_ratio: {cfg.warmup_ratio} must be in [0, 1)")
-    for key in ("eval_every", "checkpoint_every"):
-        if getattr(cfg, key) < 0:
-            p.append(f"{key}: must be >= 0 (0 = off), got {getattr(cfg, key)}")
-    if cfg.precision == "fp16":
-        import torch
-
-        if not torch.cuda.is_available():
-            p.append("precision: fp16 autocast needs a CUDA GPU; use bf16 (or fp32) on CPU")
-    if cfg.method == "lora":
-        if cfg.lora.r < 1:
-            p.append(f"lora.r: must be >= 1, got {cfg.lora.r}")
-        if cfg.lora.alpha < 1:
-            p.append(f"lora.alpha: must be >= 1, got {cfg.lora.alpha}")
-        if not 0 <= cfg.lora.dropout < 1:
-            p.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
-        if not cfg.lora.targets:
-            p.append("lora.targets: list at least one module name, e.g. [query, value]")
-    # Local paths must exist; anything else is treated as a Hub id (checked when loading).
-    if _looks_local(cfg.data) and not Path(cfg.data).exists():
-        p.append(f"data: {cfg.data} does not exist; give a Hub id (fancyzhx/ag_news) or an existing dir/file")
-    for key in ("base_model", "tokenizer"):
-        v = getattr(cfg, key)
-        if key == "base_model" and cfg.init == "random":
+def _without(data: dict[str, Any], loc: tuple[Any, ...]) -> None:
+    """Remove the value at `loc` (as deep as it is a mapping) so the rest can still be checked."""
+    node = data
+    for i, item in enumerate(loc):
+        if not isinstance(node, dict) or item not in node:
+            return
+        child = node[item]
+        if i + 1 < len(loc) and isinstance(child, dict) and isinstance(loc[i + 1], str) and loc[i + 1] in child:
+            node = child
             continue
-        if v and _looks_local(v) and not Path(v).exists():
-            p.append(f"{key}: {v} does not exist; give a local path or a Hub id")
-    if cfg.init == "random" and not cfg.tokenizer:
-        p.append("tokenizer: init: random needs a tokenizer path (e.g. ../shared/models/all-MiniLM-L6-v2)")
-    return p
+        del node[item]
+        return
 
 
-def _looks_local(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.endswith((".parquet", ".csv", ".jsonl", ".json")) or Path(s).exists()
+def validate_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a TrainConfig from plain data; raises ConfigError listing every problem.
+
+    pydantic skips the cross-field checks when a field is invalid, so on field errors the checks are
+    run once more on the data without the invalid values: one round trip reports everything."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        problems = _problems(e)
+        if not any(x["type"] == _CHECKS for x in e.errors()):
+            rest = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+            for x in e.errors():
+                _without(rest, x["loc"])
+            try:
+                TrainConfig.model_validate(rest)
+            except ValidationError as e2:
+                problems += [p for x in e2.errors() if x["type"] == _CHECKS for p in x["ctx"]["problems"]]
+        raise ConfigError(problems, source) from None
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read YAML (or defaults when `path` is None), apply `--set` overrides, expand ${ENV},
     build and validate. Raises ConfigError listing every problem."""
-    problems: list[str] = []
     data: dict[str, Any] = {}
     source = str(path) if path else "config"
     if path is not None:
@@ -341,15 +488,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             raise ConfigError([f"not valid YAML: {e}"], source) from e
         if not isinstance(data, dict):
             raise ConfigError(["the top level must be a mapping of keys to values"], source)
-    over, over_problems = parse_overrides(overrides)
-    problems += over_problems
+    over, problems = parse_overrides(overrides)
     data = expand_env(_merge(data, over))
-    cfg = _build(TrainConfig, data, "", problems)
-    if not cfg.name and path is not None:
-        cfg.name = Path(path).stem
-    if cfg.init == "random" and cfg.arch_preset is None and cfg.base_model in ARCH_PRESETS:
-        cfg.arch_preset = cfg.base_model  # `base_model: roberta-large` + `init: random` means that preset
-    problems += validate(cfg)
+    if not data.get("name") and path is not None:
+        data["name"] = path.stem
+    try:
+        cfg = validate_dict(data, source)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems, source) from None
     if problems:
         raise ConfigError(problems, source)
     return cfg

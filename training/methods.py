@@ -1,17 +1,22 @@
 """Fine-tuning methods as data: which parameters train, the default lr, how the variant is saved.
 
 The training loop calls `method.prepare(model, cfg)` and never branches on the method name.
+`training.config` validates `method` against `METHODS`, so this module imports the config only for
+type hints (no import circle) and torch only where a model is prepared (the config stays light).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from models.heads import head_modules
-from training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from training.config import TrainConfig
 
 
 @dataclass(frozen=True)
