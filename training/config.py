@@ -310,6 +310,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- pydantic errors -> problems that say what to do ------------------------------------------
+# Hand-written on purpose: pydantic's own lines ("Input should be greater than or equal to 1
+# [type=greater_than_equal, input_value=0, input_type=int]") name neither the dotted key a user
+# types with --set nor a close match for a misspelt key, and report a union field once per member.
 
 _EXPECTED = {
     "int_parsing": "an integer",
@@ -398,6 +401,8 @@ def _out_of_range(path: str, info: Any, got: Any) -> str:
         got = float(got)  # show the value as the number it was read as
     if lo and hi:
         return f"{path}: {got!r} must be in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if not (lo or hi):
+        return f"{path}: {got!r} is out of range"
     sign, bound = lo or hi  # type: ignore[misc]
     op = {"(": ">", "[": ">=", ")": "<", "]": "<="}[sign]
     return f"{path}: must be {op} {bound}, got {got!r}"
