@@ -82,6 +82,52 @@ def load_raw(cfg: TrainConfig) -> dict[str, pd.DataFrame]:
     return _load_hub(cfg.data)
 
 
+class MissingSplit(DataError):
+    """The source has no such split (callers may fall back to another)."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold text and label, and the label names: what `clean` needs from a config."""
+
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] = ("World", "Sports", "Business", "Sci/Tech")
+
+
+def read_split(
+    data: str | Path,
+    split: str = "test",
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    labels: Sequence[str] = Columns.labels,
+) -> pd.DataFrame:
+    """One split as a validated (text, label) frame, picked and read exactly as training does.
+
+    The one AG News reader: evaluation and the benchmarks call this, so every consumer reads
+    the same file (a directory's first `<split>*` file by name; a single file is the split
+    asked for; otherwise a Hub dataset id).
+    """
+    src = Path(data)
+    if src.is_dir():
+        files = _split_files(src)
+        if split not in files:
+            raise MissingSplit([f"{src} has no {split}*.parquet/.csv/.jsonl file; put the {split} split there"])
+        raw = read_table(files[split])
+    elif src.is_file():
+        raw = read_table(src)
+    else:
+        splits = _load_hub(str(data))
+        if split not in splits:
+            raise MissingSplit([f"Hub dataset '{data}' has no '{split}' split; it has {sorted(splits)}"])
+        raw = splits[split]
+    df, problems = clean(raw, Columns(text_column, label_column, tuple(labels)), split)  # type: ignore[arg-type]
+    if problems:
+        raise DataError(problems)
+    return df
+
+
 def _load_hub(dataset_id: str) -> dict[str, pd.DataFrame]:
     try:
         import datasets
@@ -231,10 +277,49 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, g
     return batches
 
 
-def collate(data: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest member."""
+def shard(batch: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """(row indices, how many are real) of this process's part of a global batch.
+
+    Every `world`-th row from `rank`: a length-grouped batch is sorted by length, so striding gives
+    every process rows of about the same length (equal padding, equal step time). A process whose
+    part of a small last batch is empty gets the batch's first row as a filler (0 real rows): its
+    DDP peers still wait for its gradient all-reduce. A pure function of its arguments, so a resumed
+    run replays the same rows on the same process.
+    """
+    mine = batch[rank::world]
+    return (mine, len(mine)) if len(mine) else (batch[:1], 0)
+
+
+def collate(
+    data: Encoded,
+    idx: Sequence[int],
+    pad_id: int,
+    *,
+    real: int | None = None,
+    rows: int = 0,
+    length_multiple: int = 1,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest member, rounded up to `length_multiple` tokens (never past
+    `max_length`, which the position embeddings were sized for).
+
+    Rows after the first `real` (default: all are real) and filler rows added to make the batch
+    `rows` tall are copies of real text with label -100, which the loss ignores: a compiled step
+    then sees a few shapes instead of one per batch.
+    """
+    idx = list(idx)
+    real = len(idx) if real is None else real
+    idx += [idx[0]] * (rows - len(idx))
     ids, mask = pad_rows([data.input_ids[i] for i in idx], pad_id)
-    labels = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
+    width = ids.shape[1]
+    target = -(-width // length_multiple) * length_multiple
+    if max_length is not None:
+        target = min(target, max(width, max_length))
+    if target > width:
+        extra = target - width
+        ids = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
+        mask = torch.nn.functional.pad(mask, (0, extra), value=0)
+    labels = torch.tensor([data.labels[i] for i in idx[:real]] + [-100] * (len(idx) - real), dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -5,6 +5,7 @@ Method differences live in training.methods (which parameters train, default lr,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,15 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models import Store
+from models.hardware import resolve_precision
 from models.loading import fingerprint, load_tokenizer, save_base_snapshot
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
 from models.store import dir_bytes
 from models.writing import write_variant
 from training.config import TrainConfig, arch_config
-from training.data import Encoded, collate, encode, epoch_batches, eval_batches, golden_texts, load_splits
+from training.data import Encoded, collate, encode, epoch_batches, eval_batches, golden_texts, load_splits, shard
 from training.methods import METHODS, trainable_counts
 from training.metrics import classification_metrics
 
@@ -66,18 +69,31 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: Encoded, batch_size: int, pad_id: int, autocast: Any) -> np.ndarray:
-    """fp32 logits for every row of `data`, in row order (batches are length-sorted)."""
+def predict(
+    model: nn.Module, data: Encoded, batch_size: int, pad_id: int, autocast: Any, rank: int = 0, world: int = 1
+) -> np.ndarray:
+    """fp32 logits for every row of `data`, in row order (batches are length-sorted).
+
+    With several processes each computes every `world`-th batch and the logits are gathered, so
+    every process ends with the same full array (and makes the same "best" decision).
+    """
+    from accelerate.utils import gather_object
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    logits = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
-    for idx in eval_batches(data, batch_size):
+    parts = []
+    for idx in list(eval_batches(data, batch_size))[rank::world]:
         batch = collate(data, idx, pad_id)
         with autocast():
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        logits[idx] = out.logits.float().cpu().numpy()
+        parts.append((idx, out.logits.float().cpu().numpy()))
     model.train(was_training)
+    if world > 1:
+        parts = gather_object(parts)
+    logits = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
+    for idx, part in parts:
+        logits[idx] = part
     return logits
 
 
@@ -132,10 +148,43 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     from safetensors.torch import load_file
 
     if not (ckpt_dir / CKPT_STATE).exists():
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; run without --resume (set checkpoint_every to make one)")
+        # A kill between save_checkpoint's two renames leaves only the previous checkpoint, as .old:
+        # resuming from it replays the same steps (the data order is a pure function of the step).
+        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+        if not (old / CKPT_STATE).exists():
+            raise FileNotFoundError(
+                f"no checkpoint in {ckpt_dir}; run without --resume (set checkpoint_every to make one)"
+            )
+        ckpt_dir = old
     best = load_file(str(ckpt_dir / CKPT_BEST)) if (ckpt_dir / CKPT_BEST).exists() else None
     state = torch.load(ckpt_dir / CKPT_STATE, weights_only=False)  # our own file (see save_checkpoint)
     return load_file(str(ckpt_dir / CKPT_TRAINABLE)), best, state
+
+
+def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]:
+    """Whether to torch.compile the training step, and why."""
+    if isinstance(requested, bool):
+        return requested, f"compile={str(requested).lower()} requested explicitly"
+    if device_type == "cuda":
+        return True, "auto: on CUDA a compiled step fuses kernels and launches far fewer of them"
+    return False, (
+        "auto: on CPU, compiling costs minutes per padded length and gains little (measured, see resolve_compile)"
+    )
+
+
+def bucket_tokens(max_length: int) -> int:
+    """Pad widths to multiples of this when compiling: at most ~8 shapes, so at most ~8 compilations."""
+    return 16 * max(1, math.ceil(max_length / 8 / 16))
+
+
+class _NoWriter:
+    """TensorBoard writer of the processes that are not the main one: they write nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(
@@ -151,7 +200,11 @@ def train(
 
     Returns the results dict. A failed run still writes its JSON (status failed, error) and
     then re-raises. `stop_after_steps` stops early without writing a variant (to test resume).
+    Under `accelerate launch` every process calls this; only the main one writes files.
     """
+    from accelerate import PartialState
+
+    is_main = PartialState().is_main_process
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -180,24 +233,44 @@ def train(
         raise
     finally:
         results["run_info"]["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if is_main:
+            results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _train(
     cfg: TrainConfig, store: Store, runs_dir: Path, resume: bool, overwrite: bool, stop_after_steps: int | None
 ) -> dict[str, Any]:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     method = METHODS[cfg.method]
-    accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision])
+    # The schedule is stepped once per optimizer step, whatever the process count (accelerate's
+    # default steps it num_processes times, assuming a dataloader it sharded itself).
+    accelerator = Accelerator(step_scheduler_with_optimizer=False)
     device = accelerator.device
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     set_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+    # ---- precision and compilation, chosen from the hardware (recorded in the results) ----
+    # Autocast is ours, not accelerate's `mixed_precision`: that one is fixed once per process
+    # (AcceleratorState), and one process may train several configs (tests, benchmarks).
+    precision = resolve_precision(cfg.precision, device.type)
+    amp_dtype = AMP_DTYPES[precision.precision]
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")  # fp16 only: bf16 needs none
+    compiled, compile_reason = resolve_compile(getattr(cfg, "compile", "auto"), device.type)
+    log_every = getattr(cfg, "log_every", 10)
 
     # ---- data: load, validate, split, tokenise once ----
     tokenizer = load_tokenizer(cfg.tokenizer_path)
@@ -207,127 +280,197 @@ def _train(
     golden_source = splits.test if splits.test is not None else splits.val
     golden = golden_texts(golden_source, cfg.golden_per_class, len(cfg.labels))
     pad_id = tokenizer.pad_token_id
+    lengths = train_data.lengths  # host-side: token counts never come from the device
+    # A compiled step sees fixed-height batches padded to a few widths; eager pads to the longest text.
+    shape = {"rows": cfg.batch_size, "length_multiple": bucket_tokens(cfg.max_length)} if compiled else {}
 
     # ---- model: build, fingerprint the base before any wrap, apply the method ----
     model = build_model(cfg, tokenizer)
     base_name = cfg.base_model if cfg.init == "pretrained" else (cfg.arch_preset or cfg.base_model)
     base_fp = fingerprint(model)
-    if method.kind == "lora":  # adapters reference a base stored once in the store
+    if method.kind == "lora" and is_main:  # adapters reference a base stored once in the store
         save_base_snapshot(store, model, tokenizer, base_name, cfg.init)
     model = method.prepare(model, cfg).to(device)
     model.train()
     counts = trainable_counts(model)
+    if rank:  # same initial weights everywhere (seeded above); dropout masks of their own per process
+        torch.manual_seed(cfg.seed + rank)
 
-    # ---- optimisation: AdamW, warmup + linear decay ----
-    batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    # ---- optimisation: AdamW, warmup + linear decay; each step takes one global batch per micro-step ----
+    global_batch = cfg.batch_size * world  # rows per micro-step over all processes
+    batches_per_epoch = math.ceil(len(train_data) / global_batch)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     # fused AdamW: one kernel per step instead of a Python loop over tensors (~2.7x faster on this CPU)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=lr, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    unwrapped = model  # weights are read and written here; `model` may become a DDP wrapper
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def forward_loss(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Summed, not averaged: the step divides by its global row count (known on the host), so
+        # N processes x b rows train exactly as 1 process x N*b rows, and filler rows (-100) add 0.
+        with autocast():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
+
+    if compiled:
+        # One graph per padded width (bucket_tokens keeps them few); never fall back to eager for lack of room.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        forward_loss = torch.compile(forward_loss, dynamic=False)
 
     # ---- state that a checkpoint carries ----
     step = 0  # optimizer steps done
-    micro = 0  # micro-batches consumed: the data position (epoch = micro // batches_per_epoch)
-    samples_seen = tokens_seen = 0
+    micro = 0  # global batches consumed: the data position (epoch = micro // batches_per_epoch)
+    samples_seen = tokens_seen = 0  # over all processes
     train_time_s = 0.0
     best: dict[str, torch.Tensor] | None = None
     best_f1, best_step = -1.0, 0
-    curve: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []  # validation
+    loss_curve: list[dict[str, Any]] = []  # training loss, mean per row over each log interval
+    interval_loss = torch.zeros((), device=device)  # summed on the device, read every log_every steps
+    interval_rows = 0
     ckpt_dir = runs_dir / f"{cfg.name}.ckpt"
     if resume:
         weights, best, st = load_checkpoint(ckpt_dir)
-        load_trainable(model, weights)
+        if st["num_processes"] != world:
+            raise ValueError(
+                f"checkpoint in {ckpt_dir} was written by {st['num_processes']} process(es), this run has {world}; "
+                f"resume with accelerate launch --num_processes {st['num_processes']} (the data order depends on it)"
+            )
+        load_trainable(unwrapped, weights)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
         step, micro, samples_seen, tokens_seen = st["step"], st["micro"], st["samples_seen"], st["tokens_seen"]
         train_time_s, best_f1, best_step, curve = st["train_time_s"], st["best_f1"], st["best_step"], st["curve"]
-        set_rng_state(st["rng"])
+        loss_curve, interval_rows = st["loss_curve"], st["interval_rows"]
+        interval_loss.fill_(st["interval_loss"] if is_main else 0.0)  # a global sum, held once
+        set_rng_state(st["rng"][rank])
 
     def evaluate_val() -> None:
         nonlocal best, best_f1, best_step
-        logits = predict(model, val_data, cfg.eval_batch_size, pad_id, accelerator.autocast)
+        logits = predict(unwrapped, val_data, cfg.eval_batch_size, pad_id, autocast, rank, world)
         m = classification_metrics(val_data.labels, logits.argmax(-1), cfg.labels)
         curve.append({"step": step, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
         writer.add_scalar("val/macro_f1", m["macro_f1"], step)
         writer.add_scalar("val/accuracy", m["accuracy"], step)
         if m["macro_f1"] > best_f1:
-            best, best_f1, best_step = trainable_state(model), m["macro_f1"], step
+            best, best_f1, best_step = trainable_state(unwrapped), m["macro_f1"], step
         # tqdm is off when stderr is not a terminal (logs); one line per evaluation keeps logs readable.
         bar.write(
             f"step {step}/{total_steps}: val accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} "
             f"(best {best_f1:.4f} at step {best_step}), train {train_time_s:.0f}s"
         )
 
-    writer = SummaryWriter(log_dir=str(runs_dir / "tensorboard" / cfg.name))
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=None)
+    writer = SummaryWriter(log_dir=str(runs_dir / "tensorboard" / cfg.name)) if is_main else _NoWriter()
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=None if is_main else True)
     epoch_cache: dict[int, list[np.ndarray]] = {}
-    lengths = train_data.lengths
+    t_resume = time.perf_counter()
     while step < total_steps:
-        t0 = time.perf_counter()
+        # ---- one optimizer step: no device value is read back to the host in here ----
+        step_batches = []
         for _ in range(cfg.grad_accum):
             epoch, i = divmod(micro, batches_per_epoch)
             if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_grouping)}
-            batch = {k: v.to(device) for k, v in collate(train_data, epoch_cache[epoch][i], pad_id).items()}
-            with accelerator.autocast():
-                loss = model(**batch).loss / cfg.grad_accum
-            accelerator.backward(loss)
+                epoch_cache = {epoch: epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.length_grouping)}
+            step_batches.append(epoch_cache[epoch][i])
             micro += 1
-            samples_seen += len(batch["labels"])
-            tokens_seen += int(batch["attention_mask"].sum())
+        step_rows = sum(len(b) for b in step_batches)  # global rows in this step
+        for k, rows in enumerate(step_batches):
+            idx, real = shard(rows, rank, world)
+            batch = collate(train_data, idx, pad_id, real=real, max_length=cfg.max_length, **shape)
+            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+            # gradients are all-reduced once per step, on its last micro-batch
+            with accelerator.no_sync(model) if k < len(step_batches) - 1 else contextlib.nullcontext():
+                loss_sum = forward_loss(**batch)
+                # DDP averages gradients over processes: x world makes it the mean over the step's rows
+                accelerator.backward(scaler.scale(loss_sum * (world / step_rows)))
+            interval_loss += loss_sum.detach()
+            samples_seen += len(rows)
+            tokens_seen += int(lengths[rows].sum())
+        interval_rows += step_rows
+        scaler.unscale_(optimizer)
         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_time_s += time.perf_counter() - t0
-        loss_value = loss.item() * cfg.grad_accum
-        writer.add_scalar("train/loss", loss_value, step)
-        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+
+        # ---- boundaries: logging, evaluation, checkpoint; the only places that wait for the device ----
+        log_now = step % log_every == 0 or step == total_steps
+        eval_now = cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps
+        ckpt_now = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps
+        stop_now = stop_after_steps is not None and step >= stop_after_steps
+        if not (log_now or eval_now or ckpt_now or stop_now):
+            continue
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # so the clock includes the queued work
+        train_time_s += time.perf_counter() - t_resume
+        if log_now:
+            loss_value = accelerator.reduce(interval_loss, "sum").item() / interval_rows
+            loss_curve.append({"step": step, "loss": loss_value})
+            writer.add_scalar("train/loss", loss_value, step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            interval_loss.zero_()
+            interval_rows = 0
+        if eval_now:
             evaluate_val()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-            save_checkpoint(
-                ckpt_dir,
-                model,
-                best,
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
-                    "step": step,
-                    "micro": micro,
-                    "samples_seen": samples_seen,
-                    "tokens_seen": tokens_seen,
-                    "train_time_s": train_time_s,
-                    "best_f1": best_f1,
-                    "best_step": best_step,
-                    "curve": curve,
-                },
-            )
-        if stop_after_steps is not None and step >= stop_after_steps:
+        if ckpt_now:
+            rngs = gather_object([rng_state()])  # every process's own RNG, so resume replays its dropout
+            pending_loss = accelerator.reduce(interval_loss, "sum").item()
+            if is_main:
+                save_checkpoint(
+                    ckpt_dir,
+                    unwrapped,
+                    best,
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": rngs,
+                        "num_processes": world,
+                        "step": step,
+                        "micro": micro,
+                        "samples_seen": samples_seen,
+                        "tokens_seen": tokens_seen,
+                        "train_time_s": train_time_s,
+                        "best_f1": best_f1,
+                        "best_step": best_step,
+                        "curve": curve,
+                        "loss_curve": loss_curve,
+                        "interval_loss": pending_loss,
+                        "interval_rows": interval_rows,
+                    },
+                )
+        if stop_now:
             bar.close()
             writer.close()
             return {"stopped_at_step": step}
+        t_resume = time.perf_counter()
     bar.close()
     evaluate_val()  # the final weights compete for "best" too
 
     # ---- best checkpoint -> test split, once ----
-    load_trainable(model, best)
+    load_trainable(unwrapped, best)
     info: dict[str, Any] = {
         "method": cfg.method,
         "steps": step,
         "epochs_done": micro / batches_per_epoch,
         "lr": lr,
+        "precision": precision.as_dict(),
+        "compile": {"enabled": compiled, "reason": compile_reason},
+        "num_processes": world,
+        "global_batch_size": global_batch * cfg.grad_accum,  # rows per optimizer step
         "train_rows": len(train_data),
         "val_rows": len(val_data),
         "best_step": best_step,
         "best_val_macro_f1": best_f1,
         "validation_curve": curve,
+        "train_loss_curve": loss_curve,
         "train_time_s": train_time_s,
         "samples_per_s": samples_seen / train_time_s,
         "tokens_per_s": tokens_seen / train_time_s,
@@ -338,7 +481,7 @@ def _train(
     if cfg.eval_test and splits.test is not None:
         test_data = encode(splits.test, tokenizer, cfg.max_length)
         t0 = time.perf_counter()
-        logits = predict(model, test_data, cfg.eval_batch_size, pad_id, accelerator.autocast)
+        logits = predict(unwrapped, test_data, cfg.eval_batch_size, pad_id, autocast, rank, world)
         info["test_eval_time_s"] = time.perf_counter() - t0
         test = classification_metrics(test_data.labels, logits.argmax(-1), cfg.labels)
         info["test"] = test
@@ -346,11 +489,13 @@ def _train(
     info["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     info["peak_memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
     writer.close()
+    if not is_main:
+        return info
 
     # ---- write the variant (fp32 weights; temp dir + rename inside the store) ----
     metrics = {k: v for k, v in info.items() if k.startswith("test_") and isinstance(v, float)}
     metrics.update({"best_val_macro_f1": best_f1, "train_time_s": train_time_s})
-    model = model.to("cpu")
+    model = unwrapped.to("cpu")
     manifest = write_variant(
         store,
         name=cfg.name,
