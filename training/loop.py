@@ -204,7 +204,7 @@ def train(
     """
     from accelerate import PartialState
 
-    is_main = PartialState().is_main_process
+    is_main = PartialState(cpu=_cpu_only()).is_main_process
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -237,6 +237,15 @@ def train(
             results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
+def _cpu_only() -> bool:
+    """Train on CPU processes. Passed to accelerate explicitly: only when told `cpu` does it join
+    the processes of `accelerate launch --multi_gpu` / torchrun on a GPU-less machine into one gloo
+    group; otherwise each of them would train alone, unsynchronised."""
+    from accelerate.utils import parse_flag_from_env
+
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -252,7 +261,7 @@ def _train(
     method = METHODS[cfg.method]
     # The schedule is stepped once per optimizer step, whatever the process count (accelerate's
     # default steps it num_processes times, assuming a dataloader it sharded itself).
-    accelerator = Accelerator(step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=_cpu_only(), step_scheduler_with_optimizer=False)
     device = accelerator.device
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     set_seed(cfg.seed)
@@ -269,8 +278,7 @@ def _train(
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
     scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")  # fp16 only: bf16 needs none
-    compiled, compile_reason = resolve_compile(getattr(cfg, "compile", "auto"), device.type)
-    log_every = getattr(cfg, "log_every", 10)
+    compiled, compile_reason = resolve_compile(cfg.compile, device.type)
 
     # ---- data: load, validate, split, tokenise once ----
     tokenizer = load_tokenizer(cfg.tokenizer_path)
@@ -358,10 +366,11 @@ def _train(
         if m["macro_f1"] > best_f1:
             best, best_f1, best_step = trainable_state(unwrapped), m["macro_f1"], step
         # tqdm is off when stderr is not a terminal (logs); one line per evaluation keeps logs readable.
-        bar.write(
-            f"step {step}/{total_steps}: val accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} "
-            f"(best {best_f1:.4f} at step {best_step}), train {train_time_s:.0f}s"
-        )
+        if is_main:
+            bar.write(
+                f"step {step}/{total_steps}: val accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} "
+                f"(best {best_f1:.4f} at step {best_step}), train {train_time_s:.0f}s"
+            )
 
     writer = SummaryWriter(log_dir=str(runs_dir / "tensorboard" / cfg.name)) if is_main else _NoWriter()
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=None if is_main else True)
@@ -400,7 +409,7 @@ def _train(
         bar.update(1)
 
         # ---- boundaries: logging, evaluation, checkpoint; the only places that wait for the device ----
-        log_now = step % log_every == 0 or step == total_steps
+        log_now = step % cfg.log_every == 0 or step == total_steps
         eval_now = cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps
         ckpt_now = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps
         stop_now = stop_after_steps is not None and step >= stop_after_steps

@@ -1,0 +1,148 @@
+"""The training loop at hardware speed: no device reads inside a step, precision from the hardware, few shapes."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny import AGNEWS, tokenizer
+
+import models.hardware
+import training.loop as loop
+from models import Store
+from training.config import load_config
+from training.data import collate, encode, epoch_batches, shard
+
+# Every way Python code reads a tensor's value back to the host (on a GPU: a sync that stalls the launch queue).
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+# transformers' own read: BERT's SDPA path asks "is the mask all ones?" once per forward in eager mode
+# (skipped when compiled). Not ours to change; everything else must stay off the step.
+LIBRARY_READS = {"_prepare_4d_attention_mask_for_sdpa"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("agnews")
+    pd.read_parquet(AGNEWS / "train_subset_20k.parquet").groupby("label").head(50).to_parquet(d / "train.parquet")
+    pd.read_parquet(AGNEWS / "test.parquet").groupby("label").head(10).to_parquet(d / "test.parquet")
+    return d
+
+
+def _cfg(data_dir, *overrides: str):
+    return load_config("configs/tiny-bert-full.yaml", [f"data={data_dir}", "eval_test=false", *overrides])
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_step_reads_nothing_back_outside_the_log_interval(tmp_path, data_dir, monkeypatch, grad_accum):
+    events: list[tuple[str, str]] = []  # ("batch", "") when the loop takes a micro-batch, ("read", caller)
+    real_shard = loop.shard
+
+    def marking_shard(*args, **kwargs):
+        events.append(("batch", ""))
+        return real_shard(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "shard", marking_shard)
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            events.append(("read", sys._getframe(1).f_code.co_name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    cfg = _cfg(data_dir, "max_steps=8", "log_every=4", "eval_every=0", f"grad_accum={grad_accum}", "compile=false")
+    info = loop.train(cfg, store=Store(tmp_path / "store"), runs_dir=tmp_path / "runs")["train_info"]
+    monkeypatch.undo()
+
+    # reads between the start of step s and the start of step s + 1 belong to step s
+    starts = [i for i, (kind, _) in enumerate(events) if kind == "batch"][::grad_accum]
+    assert len(starts) == 8
+    per_step = [
+        [caller for kind, caller in events[a:b] if kind == "read" and caller not in LIBRARY_READS]
+        for a, b in zip(starts, starts[1:], strict=False)
+    ]
+    for step, reads in enumerate(per_step, start=1):
+        if step % 4:
+            assert reads == [], f"step {step} read device values back: {reads}"
+    assert per_step[3], "the log step (4) reads the loss back: the counter must see it"
+    library = [c for kind, c in events[starts[0] : starts[1]] if kind == "read" and c in LIBRARY_READS]
+    assert len(library) <= grad_accum  # at most transformers' one check per forward
+    assert [p["step"] for p in info["train_loss_curve"]] == [4, 8]
+    assert all(np.isfinite(p["loss"]) and 0.5 < p["loss"] < 3 for p in info["train_loss_curve"])
+
+
+def _autocast_dtypes(monkeypatch) -> list[torch.dtype]:
+    """Dtype of the classifier's output in every training forward (bf16 under bf16 autocast)."""
+    seen: list[torch.dtype] = []
+    real_build = loop.build_model
+
+    def build(cfg, tok):
+        model = real_build(cfg, tok)
+        model.classifier.register_forward_hook(lambda m, i, out: seen.append(out.dtype) if m.training else None)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build)
+    return seen
+
+
+def test_auto_precision_is_fp32_on_a_cpu_without_native_bf16(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    seen = _autocast_dtypes(monkeypatch)
+    res = loop.train(_cfg(data_dir, "precision=auto", "max_steps=2"), store=Store(tmp_path / "s"), runs_dir=tmp_path)
+    choice = res["train_info"]["precision"]
+    assert (choice["precision"], choice["requested"]) == ("fp32", "auto") and "lacks" in choice["reason"]
+    assert seen == [torch.float32, torch.float32]
+
+
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    seen = _autocast_dtypes(monkeypatch)
+    res = loop.train(_cfg(data_dir, "precision=auto", "max_steps=2"), store=Store(tmp_path / "s"), runs_dir=tmp_path)
+    choice = res["train_info"]["precision"]
+    assert (choice["precision"], choice["requested"]) == ("bf16", "auto") and "avx512_bf16" in choice["reason"]
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    info = res["train_info"]
+    assert (info["num_processes"], info["global_batch_size"]) == (1, 8)
+    assert info["compile"] == {"enabled": False, "reason": loop.resolve_compile("auto", "cpu")[1]}
+
+
+def test_compiled_shapes_are_a_few_buckets_not_one_per_batch(data_dir):
+    """What keeps a compiled step from recompiling per batch: fixed rows, widths in multiples of a bucket."""
+    cfg = _cfg(data_dir)
+    texts = pd.read_parquet(AGNEWS / "train_subset_20k.parquet").head(2000)
+    data = encode(texts, tokenizer(), 128)
+    multiple = loop.bucket_tokens(128)
+    assert multiple == 16
+    shapes, eager_widths = set(), set()
+    for batch in epoch_batches(data.lengths, 2 * cfg.batch_size, seed=0, epoch=0, grouped=True):
+        for rank in (0, 1):
+            idx, real = shard(batch, rank, 2)
+            b = collate(data, idx, 0, real=real, rows=cfg.batch_size, length_multiple=multiple, max_length=128)
+            shapes.add(tuple(b["input_ids"].shape))
+            assert int((b["labels"] != -100).sum()) == real == len(batch[rank::2])
+            assert torch.equal(b["attention_mask"].sum(1)[:real], torch.as_tensor(data.lengths[idx[:real]]))
+            eager_widths.add(collate(data, idx, 0)["input_ids"].shape[1])
+    assert {rows for rows, _ in shapes} == {cfg.batch_size}
+    assert {width % multiple for _, width in shapes} <= {0} and max(w for _, w in shapes) <= 128
+    assert len(shapes) <= 8 < len(eager_widths)
+
+
+def test_a_small_last_batch_leaves_no_process_without_a_batch(data_dir):
+    data = encode(pd.DataFrame({"text": ["one two", "three"], "label": [1, 2]}), tokenizer(), 16)
+    batch = np.array([1])
+    assert shard(batch, 0, 2)[1] == 1
+    idx, real = shard(batch, 1, 2)  # nothing left for process 1: a filler row the loss ignores
+    b = collate(data, idx, 0, real=real)
+    assert real == 0 and b["labels"].tolist() == [-100] and b["input_ids"].shape[0] == 1
+    loss = torch.nn.functional.cross_entropy(torch.randn(1, 4), b["labels"], reduction="sum")
+    assert loss.item() == 0.0
+
+
+def test_resolve_compile():
+    assert loop.resolve_compile(True, "cpu")[0] is True
+    assert loop.resolve_compile(False, "cuda")[0] is False
+    assert loop.resolve_compile("auto", "cuda")[0] is True
+    assert loop.resolve_compile("auto", "cpu")[0] is False
