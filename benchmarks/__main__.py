@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="reports/REPORT.md with tables and PNG plots from result documents")
     rp.add_argument("--results", required=True, nargs="+", help="results dir(s) or JSON files")
     rp.add_argument("--out", default="reports/REPORT.md")
+    rp.add_argument("--readme", default=None, help="also rewrite this README's results block from the report")
 
     dm = sub.add_parser("demo", help="train, export, serve, benchmark and report end to end (QUICK=1 for <= 5 min)")
     dm.add_argument("--run-dir", default=None, help="default demo-run/full, or demo-run/quick with QUICK=1")
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "report":
         from benchmarks.report import write_report
 
-        path = write_report([Path(p) for p in args.results], Path(args.out))
+        path = write_report(
+            [Path(p) for p in args.results], Path(args.out), Path(args.readme) if args.readme else None
+        )
         print(f"[report] wrote {path}")
         return 0
     if args.cmd == "demo":

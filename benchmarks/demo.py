@@ -5,16 +5,17 @@ RUN_DIR/logs/<step>.log and is timed. Variants already in RUN_DIR/store are not 
 exported again, so an interrupted demo resumes; `--from-step NAME` starts at a later step.
 
 Phase A serves the trained variants at fp32 (accuracy over HTTP; torch fp32 vs ONNX).
-Phase B serves everything at bf16 (the service's fast path on this CPU) next to the naive
-baseline: service vs baseline, one adapter vs 32 adapters vs merged, hot-swap under load.
-Then memory (one fresh process per variant, one service process for the adapter sweep) and
-the report. Environment: AGNEWS_DATA, BASE_MODEL (default ../shared/...), QUICK=1, and
-DEMO_MAX_STEPS (training steps per model; default 300, QUICK 20; the configs' own budget is 300).
+Phase B serves everything at `--precision auto` (bf16 only on a CPU with native bf16, fp32
+elsewhere) next to the naive baseline: service vs baseline, one adapter vs 32 adapters vs
+merged, hot-swap under load. Then memory (one fresh process per variant, one service process
+for the adapter sweep) and the report. Environment: AGNEWS_DATA, BASE_MODEL (default
+../shared/...), QUICK=1, and DEMO_MAX_STEPS (training steps per model; default: the plan's).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -25,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import copy_adapter, free_port, running_server, write_results
+from benchmarks.common import copy_adapter, free_port, running_server
+from benchmarks.experiment import result_doc, write_doc
+from benchmarks.paths import REPO, offline_env
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 FULL, R8, R16 = "minilm-full", "minilm-lora-r8", "minilm-lora-r16"
 MERGED = f"{R8}-merged"
 EXPORTS = [
@@ -79,13 +80,7 @@ class Demo:
         for d in (self.store, self.results, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         self.quick, self.plan, self.report = quick, Plan.make(quick), report
-        self.env = {
-            "AGNEWS_DATA": os.environ.get("AGNEWS_DATA", str(SHARED / "data" / "ag_news")),
-            "BASE_MODEL": os.environ.get("BASE_MODEL", str(SHARED / "models" / "all-MiniLM-L6-v2")),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        self.env = offline_env()
         os.environ.update(self.env)
         self.steps: list[dict] = []
 
@@ -220,8 +215,8 @@ class Demo:
             )
 
     def phase_b(self) -> None:
-        """bf16 service + naive baseline: side-by-side load, adapter mixing, hot-swap."""
-        port, server = self.service("service-bf16", "bf16", "all")
+        """Service at --precision auto + naive baseline: side-by-side load, adapter mixing, hot-swap."""
+        port, server = self.service("service-auto", "auto", "all")
         url = f"http://127.0.0.1:{port}"
         bport = free_port()
         bcmd = [
@@ -363,7 +358,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ("export", demo.export),
         ("copies", demo.copies),
         ("serve-fp32", demo.phase_a),
-        ("serve-bf16", demo.phase_b),
+        ("serve-auto", demo.phase_b),
         ("memory", demo.memory),
         ("summary", lambda: None),
         ("report", demo.write_report),
@@ -381,12 +376,13 @@ def run_demo(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if name == "summary":
             total = time.perf_counter() - t_all
-            write_results(
-                demo.results / "demo.json",
+            doc = result_doc(
                 "demo",
+                {"quick": quick, "from_step": args.from_step, "plan": dataclasses.asdict(demo.plan)},
                 {"quick": quick, "steps": demo.steps, "total_s": total, "run_dir": str(demo.run)},
-                [*(["QUICK=1"] if quick else []), "python", "-m", "benchmarks", *sys.argv[1:]],
+                command=[*(["QUICK=1"] if quick else []), "python", "-m", "benchmarks", *sys.argv[1:]],
             )
+            write_doc(doc, demo.results / "demo.json")
             continue
         print(f"[demo] step {name}", flush=True)
         fn()

@@ -113,9 +113,11 @@ def ours(cfg: Any, tmp: Path) -> tuple[Any, dict[str, Any]]:
     info = result["train_info"]
     model, _ = load_full(store.path(cfg.name))
     keep = ("train_time_s", "samples_per_s", "tokens_seen", "peak_memory_bytes", "precision", "compile")
-    return model, {k: info[k] for k in keep if k in info} | {
-        "precision_choice": result.get("run_info", {}).get("precision") or info.get("precision")
-    }
+    return model, {k: info[k] for k in keep if k in info}
+
+
+def _precision(p: Any) -> str:
+    return p["precision"] if isinstance(p, dict) else str(p)
 
 
 def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> str:
@@ -136,7 +138,7 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                 [
                     [
                         "training",
-                        str(t.get("precision_choice") or t.get("precision")),
+                        _precision(t.get("precision")),
                         t["samples_per_s"],
                         t["train_time_s"],
                         f"{t['test_accuracy']:.4f}",

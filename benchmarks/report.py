@@ -320,11 +320,17 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
     return "\n".join(parts), figs
 
 
+def _metric(v: dict[str, Any], key: str) -> float:
+    """A training.metrics key (`macro_f1`); results written before the rename spell it `f1_macro`."""
+    avg, name = key.split("_", 1)
+    return v[key] if key in v else v[f"{name}_{avg}"]
+
+
 def accuracy_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
     parts, figs = ["## Accuracy (AG News test split)"], []
     plt = _plt()
     for n, (f, doc) in enumerate(docs):
-        s = doc["settings"]
+        s = {**doc["settings"], **{k: doc[k] for k in ("n", "via") if k in doc}}  # payload fields since the contract
         parts.append(
             f"\n{s['n']} test items{' (seeded random subset)' if s.get('limit') else ''}, evaluated via {s['via']}.\n"
         )
@@ -335,10 +341,7 @@ def accuracy_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out
                 v["kind"],
                 f"{v['accuracy']:.4f}",
                 f"[{v['accuracy_ci95'][0]:.4f}, {v['accuracy_ci95'][1]:.4f}]",
-                f"{v['f1_macro']:.4f}",
-                f"{v['f1_weighted']:.4f}",
-                f"{v['precision_macro']:.4f}",
-                f"{v['recall_macro']:.4f}",
+                *(f"{_metric(v, k):.4f}" for k in ("macro_f1", "weighted_f1", "macro_precision", "macro_recall")),
             ]
             for name, v in vs.items()
         ]
@@ -571,6 +574,18 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                 "met" if ok else "missed",
             ]
         )
+    elif t32 and any(r["target"] == "onnx-int8" for r in runs):  # ran, but no request succeeded: say why, no ratio
+        errors = [r.get("errors_by_status") for r in runs if r["target"] == "onnx-int8"]
+        why = [f"`{n}`: {reason}" for _, d in groups["accuracy"] for n, reason in (d.get("failed") or {}).items()]
+        rows.append(
+            [
+                "ONNX int8 vs PyTorch fp32 (CPU)",
+                "≥ 4× throughput, ≥ 99% argmax agreement",
+                f"not measured: no onnx-int8 request succeeded (errors {errors[-1] or '–'})"
+                + (f"; {'; '.join(why)}" if why else ""),
+                "not measured",
+            ]
+        )
     if not rows:
         return ""
     return "## Targets\n\n" + _table(["target", "goal", "measured", "status"], rows)
@@ -612,8 +627,24 @@ def renderers() -> dict[str, Renderer]:
     return out
 
 
-def write_report(results: list[Path], out: Path) -> Path:
-    """Render REPORT.md (and figures/ beside it) from every result document under `results`."""
+README_BEGIN, README_END = "<!-- results:begin (written by `benchmarks report --readme`) -->", "<!-- results:end -->"
+
+
+def update_readme(readme: Path, report: Path, summary: str) -> None:
+    """Replace README's results block with the report's summary, so README figures are the report's."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no results block; add the lines {README_BEGIN!r} and {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    rel = os.path.relpath(report, readme.parent)
+    block = f"{README_BEGIN}\n{summary}\n\nFull tables, plots and every results file: [`{rel}`]({rel}).\n{README_END}"
+    readme.write_text(head + block + tail)
+
+
+def write_report(results: list[Path], out: Path, readme: Path | None = None) -> Path:
+    """Render REPORT.md (and figures/ beside it) from every result document under `results`;
+    with `readme`, also rewrite README's results block from the report's summary."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.parent / "figures"
@@ -643,8 +674,10 @@ def write_report(results: list[Path], out: Path) -> Path:
     else:
         sections.append(f"Machine: {machines[0]}.")
     t = targets_section({k: groups.get(k, []) for k in ("load", "memory", "hotswap", "accuracy")})
+    summary = [s_ for s_ in sections[2:] if s_]
     if t:
         sections.append(t)
+        summary.append(t)
     for kind in sorted(groups, key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER), k)):
         sections.append(render[kind](groups[kind], fig_dir, out.parent))
     problems = [(f, d) for f, d in docs if d["status"] != "ok"]
@@ -665,4 +698,6 @@ def write_report(results: list[Path], out: Path) -> Path:
             + table(["file", "why"], [[f"`{os.path.relpath(f, out.parent)}`", why] for f, why in skipped])
         )
     out.write_text("\n\n".join(sections) + "\n")
+    if readme is not None:
+        update_readme(Path(readme), out, "\n\n".join(summary))
     return out

@@ -1,0 +1,135 @@
+"""The experiment contract: result documents, exit codes, flags from settings, the report's renderers.
+
+Fixtures under tests/fixtures/results/ are real result documents from earlier runs (converted to
+the contract's shape), one per result kind; a kind without a fixture fails `test_every_kind_has_a_renderer_and_fixture`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from benchmarks import experiment as ex
+from benchmarks.report import collect, renderers, write_report
+
+FIXTURES = Path(__file__).parent / "fixtures" / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Toy(ex.Settings):
+    n: int = Field(3, gt=0, description="how many")
+    names: list[str] = Field(["a"], description="names")
+    fast: bool = Field(False, description="go fast")
+
+
+def _toy_experiment(fail: bool = False, partial: bool = False) -> ex.Experiment:
+    def fn(s: _Toy) -> dict:
+        if fail:
+            raise RuntimeError("the server answered 404 for every request")
+        return {"n": s.n, "names": s.names, **({"failed": {"onnx-int8": "refused: golden mismatch"}} if partial else {})}
+
+    return ex.Experiment("toy", _Toy, fn, "toy")
+
+
+def test_runner_writes_the_contract_and_exit_codes(tmp_path: Path) -> None:
+    code, doc = ex.run_experiment(_toy_experiment(), _Toy(n=5), out=tmp_path / "ok.json", command=["x"])
+    assert code == 0
+    on_disk = json.loads((tmp_path / "ok.json").read_text())
+    assert set(on_disk) == set(ex.RESULT_KEYS)
+    assert on_disk["status"] == "ok" and on_disk["error"] is None
+    assert on_disk["settings"] == {"n": 5, "names": ["a"], "fast": False}
+    assert on_disk["payload"] == {"n": 5, "names": ["a"]}
+    hw = on_disk["meta"]["hardware"]
+    assert {"cpu", "cpu_count", "cpu_flags", "native_bf16"} <= set(hw)
+    assert set(hw["cpu_flags"]) >= {"avx512_bf16", "amx_bf16", "avx512_vnni"}
+    assert "torch" in on_disk["meta"]["versions"] and "sha" in on_disk["meta"]["git"]
+
+    code, doc = ex.run_experiment(_toy_experiment(fail=True), _Toy(), out=tmp_path / "failed.json", command=["x"])
+    assert code == 1 and doc["status"] == "failed" and "404" in doc["error"] and doc["payload"] is None
+    assert json.loads((tmp_path / "failed.json").read_text())["status"] == "failed"  # written also on failure
+
+    code, doc = ex.run_experiment(_toy_experiment(partial=True), _Toy(), out=None, command=["x"])
+    assert code == 1 and doc["status"] == "partial" and "onnx-int8: refused" in doc["error"]
+
+
+def test_flags_are_generated_from_settings_and_every_problem_is_listed() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    ex.add_flags(p, _Toy)
+    s = ex.settings_from_args(_Toy, p.parse_args(["--n", "7", "--names", "x, y", "--fast"]))
+    assert (s.n, s.names, s.fast) == (7, ["x", "y"], True)
+    assert ex.settings_from_args(_Toy, p.parse_args([])) == _Toy()
+    with pytest.raises(ex.ValidationError) as e:
+        ex.settings_from_args(_Toy, p.parse_args(["--n", "-1", "--names", ""]))
+    msg = ex.format_validation_error("toy", e.value)
+    assert "--n" in msg and "greater than 0" in msg
+    help_text = p.format_help()
+    assert "how many (default: 3)" in help_text
+
+
+def test_cli_bad_settings_exit_2_listing_all_problems(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "lora-mix", "--batch", "0", "--repeats", "x", "--out", str(tmp_path / "r.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "2 problem(s)" in r.stderr and "--batch" in r.stderr and "--repeats" in r.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_every_kind_has_a_renderer_and_fixture() -> None:
+    kinds = set(ex.load_all()) | {"demo"}
+    fixture_kinds = {json.loads(f.read_text())["kind"] for f in FIXTURES.glob("*.json")}
+    assert kinds <= set(renderers()), f"kinds without a renderer: {kinds - set(renderers())}"
+    assert kinds <= fixture_kinds, f"kinds without a fixture result: {kinds - fixture_kinds}"
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("*.json")))
+def test_each_renderer_renders_its_fixture(fixture: str, tmp_path: Path) -> None:
+    docs, skipped = collect([FIXTURES / fixture])
+    assert not skipped and len(docs) == 1
+    f, doc = docs[0]
+    text = renderers()[doc["kind"]](docs, tmp_path, tmp_path)
+    assert text.startswith("## ")
+    assert "Source: `" in text and doc["meta"]["hardware"]["cpu"] in text  # cites file, command and machine
+    assert "|---" in text  # at least one table
+
+
+def test_report_lists_unrenderable_and_failed_files_and_marks_machines(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    shutil.copytree(FIXTURES, res)
+    (res / "not-a-result.json").write_text(json.dumps({"runs": []}))
+    (res / "broken.json").write_text("{")
+    other = json.loads((FIXTURES / "memory.json").read_text())
+    other["kind"] = "no-such-kind"
+    (res / "unknown-kind.json").write_text(json.dumps(other))
+    failed = json.loads((FIXTURES / "hotswap.json").read_text())
+    failed.update(status="failed", error="RuntimeError: DELETE /v1/adapters/x answered 401", payload=None)
+    failed["meta"]["hardware"] = {**failed["meta"]["hardware"], "cpu": "Other CPU", "native_bf16": False}
+    (res / "failed-hotswap.json").write_text(json.dumps(failed))
+
+    out = write_report([res], tmp_path / "REPORT.md")
+    text = out.read_text()
+    for name, why in [
+        ("not-a-result.json", "missing kind"),
+        ("broken.json", "not readable JSON"),
+        ("unknown-kind.json", "no renderer for kind 'no-such-kind'"),
+    ]:
+        line = next(x for x in text.splitlines() if name in x)
+        assert why in line
+    failed_line = next(x for x in text.splitlines() if "failed-hotswap.json" in x)
+    assert "failed" in failed_line and "answered 401" in failed_line
+    assert "more than one machine" in text and "Other CPU" in text
+    for kind in {json.loads(f.read_text())["kind"] for f in FIXTURES.glob("*.json")}:
+        assert renderers()[kind] is not None
+    assert text.count("## ") >= len(list(FIXTURES.glob("*.json")))
