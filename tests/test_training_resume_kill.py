@@ -1,0 +1,68 @@
+"""Resume after a real kill: SIGKILL a training process once it has checkpointed, resume, compare with a straight run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+from tiny import AGNEWS
+
+from models import Store
+from training.__main__ import main
+from training.config import load_config
+from training.loop import load_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Dropout on (model and LoRA), shuffled length-grouped batches over several epochs, a loss read every
+# 7 steps and a checkpoint every 5: resume must replay RNG, data position and a half-summed loss interval.
+# The child is killed at its first checkpoint, ~195 steps before it could finish on its own.
+STEPS = 200
+OVERRIDES = ["max_steps=200", "batch_size=4", "checkpoint_every=5", "eval_every=50", "log_every=7", "eval_test=false"]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.read_parquet(AGNEWS / "train_subset_20k.parquet").groupby("label").head(25).to_parquet(data / "train.parquet")
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    args = ["train", "configs/tiny-bert-lora.yaml", "--set", f"data={data}", *OVERRIDES]
+    args += ["--name", "killed", "--store", str(store), "--runs-dir", str(runs)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    child = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    checkpoint = runs / "killed.ckpt" / "state.pt"
+    deadline = time.monotonic() + 300  # a bound on a hang, not a timing assertion
+    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, f"training ended before it was killed: {err.decode()[-2000:]}"
+    assert Store(store).names() == []  # it died mid-run: no variant
+    _, _, killed_state = load_checkpoint(runs / "killed.ckpt")  # what --resume will read
+    assert 5 <= killed_state["step"] < STEPS and killed_state["step"] % 5 == 0
+
+    assert main([*args, "--resume"]) == 0
+    cfg = load_config("configs/tiny-bert-lora.yaml", [f"data={data}", *OVERRIDES, "name=straight"])
+    assert cfg.lora.dropout > 0
+    train(cfg, store=Store(store), runs_dir=runs)
+
+    a, b = (load_file(str(store / n / "adapter_model.safetensors")) for n in ("straight", "killed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    ra, rb = (json.loads((runs / f"{n}.json").read_text()) for n in ("straight", "killed"))
+    assert rb["run_info"]["resumed"] is True and rb["run_info"]["status"] == "ok"
+    ta, tb = ra["train_info"], rb["train_info"]
+    assert tb["train_loss_curve"] == ta["train_loss_curve"]
+    assert [p["step"] for p in tb["train_loss_curve"]] == [*range(7, STEPS, 7), STEPS]
+    assert tb["validation_curve"] == ta["validation_curve"] and len(tb["validation_curve"]) == 4
+    for key in ("samples_seen", "tokens_seen", "steps", "best_step", "best_val_macro_f1", "epochs_done"):
+        assert tb[key] == ta[key], key
+    assert not list(runs.glob("killed.ckpt*"))
