@@ -8,37 +8,28 @@ their source). Variants with random initial weights are skipped: their accuracy 
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
-from benchmarks.common import load_split, write_results
+from benchmarks.common import load_split
+from benchmarks.experiment import Settings, experiment
+from benchmarks.paths import agnews_data
 from benchmarks.stats import bootstrap_ci, mcnemar
+from training.metrics import classification_metrics
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str], seed: int = 0) -> dict[str, Any]:
-    """Accuracy (+95% bootstrap CI), macro/weighted F1/precision/recall, per-class scores, confusion matrix."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    yt, yp = np.asarray(y_true), np.asarray(y_pred)
-    idx = list(range(len(labels)))
-    correct = yt == yp
-    lo, hi = bootstrap_ci(correct, seed=seed)
-    out: dict[str, Any] = {"n": int(len(yt)), "accuracy": float(correct.mean()), "accuracy_ci95": [lo, hi]}
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(yt, yp, labels=idx, average=avg, zero_division=0)
-        out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
-    p, r, f, s = precision_recall_fscore_support(yt, yp, labels=idx, average=None, zero_division=0)
-    out["per_class"] = {
-        labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-        for i in idx
-    }
-    out["confusion_matrix"] = confusion_matrix(yt, yp, labels=idx).tolist()
+def accuracy_metrics(y_true: list[int], y_pred: list[int], labels: list[str], seed: int = 0) -> dict[str, Any]:
+    """training.metrics.classification_metrics (the one metrics function) plus a 95% bootstrap CI on accuracy."""
+    out = classification_metrics(y_true, y_pred, labels)
+    lo, hi = bootstrap_ci(np.asarray(y_true) == np.asarray(y_pred), seed=seed)
+    out["accuracy_ci95"] = [lo, hi]
     return out
 
 
@@ -73,78 +64,125 @@ def http_predictor(
     return predict
 
 
-def inprocess_predictor(store: Any, batch_size: int) -> Callable[[str, list[str]], list[int]]:
-    """A function (variant, texts) -> class indices loading each variant through models.loading (fp32, CPU)."""
-    from models.loading import attach_adapter, compute_logits, load_base, load_full, load_tokenizer, onnx_session
+def service_refusals(url: str, names: list[str], api_key: str | None) -> dict[str, str]:
+    """Variants among `names` the service at `url` has not loaded, with the reason it gives (GET /v1/models).
 
-    bases: dict[str, Any] = {}  # base fingerprint -> [peft model, tokenizer]
+    A refused variant answers 404 to every request; its accuracy must be reported as refused,
+    with the reason, not attempted (and never as a figure).
+    """
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=30)
+        r.raise_for_status()
+        listed = {m["name"]: m for m in r.json().get("data", [])}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return {}  # an older or different server: requests will tell
+    out = {}
+    for name in names:
+        info = listed.get(name)
+        if info is None:
+            out[name] = "not known to the service"
+        elif not info.get("loaded"):
+            out[name] = "refused by the service: " + (info.get("error") or "not loaded (no reason given)")
+    return out
+
+
+def inprocess_predictor(store: Any, batch_size: int) -> Callable[[str, list[str]], list[int]]:
+    """A function (variant, texts) -> class indices loading each variant through models.load_variant (fp32, CPU).
+
+    LoRA variants on the same base share one loaded base, as in the service.
+    """
+    from models.variant import load_variant
+
+    bases: dict[str, Any] = {}  # base fingerprint -> the last LoadedVariant on it (holds the PeftModel)
 
     def predict(name: str, texts: list[str]) -> list[int]:
-        m = store.verify(name)
-        path = store.path(name)
-        adapter = None
+        m = store.manifest(name)
         if m.kind == "lora":
-            if m.base_fingerprint not in bases:
-                model, tok, _ = load_base(store, m)
-                bases[m.base_fingerprint] = [model, tok]
-            adapter = name.replace(".", "_")  # peft adapter names may not contain '.'
-            bases[m.base_fingerprint][0] = attach_adapter(bases[m.base_fingerprint][0], path, adapter)
-            model, tok = bases[m.base_fingerprint]
-        elif m.kind in ("full", "merged"):
-            model, tok = load_full(path)
+            # peft adapter names may not contain '.'
+            v = load_variant(store, name, onto=bases.get(m.base_fingerprint), adapter_name=name.replace(".", "_"))
+            bases[m.base_fingerprint] = v
         else:
-            model, tok = onnx_session(path), load_tokenizer(path)
-        logits = compute_logits(model, tok, texts, m.max_length, adapter_name=adapter, batch_size=batch_size)
-        return logits.argmax(-1).tolist()
+            v = load_variant(store, name)
+        return v.predict(texts, batch_size=batch_size)
 
     return predict
 
 
-def run_accuracy(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """`python -m benchmarks accuracy`: evaluate, compare, write the results JSON."""
+class AccuracySettings(Settings):
+    store: str = Field(description="model store directory (variants to evaluate)")
+    data: str = Field(default_factory=agnews_data, description="AG News dir/file or Hub id (its test split is used)")
+    url: str | None = Field(None, description=f"service URL (default {DEFAULT_URL}); ignored with --in-process")
+    in_process: bool = Field(False, description="load variants through models.load_variant instead of over HTTP")
+    variants: list[str] | None = Field(None, description="variants to evaluate (default: every variant in the store)")
+    limit: int | None = Field(None, gt=0, description="evaluate a seeded random subset of N test rows")
+    batch_size: int = Field(32, gt=0, description="texts per request / forward")
+    api_key: str | None = Field(
+        default_factory=lambda: os.environ.get("SERVICE_API_KEY"), description="API key (env SERVICE_API_KEY)"
+    )
+
+
+@experiment(
+    "accuracy",
+    AccuracySettings,
+    help="accuracy, F1, bootstrap CI, McNemar and agreement of every variant (over HTTP or in-process)",
+)
+def run(s: AccuracySettings) -> dict[str, Any]:
+    """Evaluate every variant; refused or failed variants go to `failed` with the reason, never into the figures.
+
+    `skipped` lists variants deliberately not evaluated (random initial weights).
+    """
     from models import Store
 
-    store = Store(args.store)
-    texts, y = load_split(args.data)
-    if args.limit and args.limit < len(texts):
+    store = Store(s.store)
+    if not store.root.is_dir():
+        raise FileNotFoundError(f"--store {store.root} is not a directory; train or copy a store there first")
+    texts, y = load_split(s.data)
+    if s.limit and s.limit < len(texts):
         # a seeded random subset, the same for every variant (the file is in original order)
-        keep = np.sort(np.random.default_rng(0).choice(len(texts), size=args.limit, replace=False))
+        keep = np.sort(np.random.default_rng(0).choice(len(texts), size=s.limit, replace=False))
         texts, y = [texts[i] for i in keep], [y[i] for i in keep]
     infos = {i.name: i for i in store.list()}
-    names = args.variants or list(infos)
-    evaluated, skipped, preds = {}, {}, {}
+    names = s.variants or list(infos)
+    evaluated: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    preds: dict[str, list[int]] = {}
     todo = []
     for name in names:
         info = infos.get(name)
         if info is None or info.manifest is None:
-            skipped[name] = f"not a readable variant in {store.root}" + (f": {info.error}" if info else "")
+            failed[name] = f"not a readable variant in {store.root}" + (f": {info.error}" if info else "")
         elif info.manifest.init == "random":
             skipped[name] = "init=random: accuracy of random weights is not reported"
         else:
             todo.append(name)
     labels_of = {n: infos[n].manifest.labels for n in todo}
-    if args.in_process:
-        predict, where = inprocess_predictor(store, args.batch_size), "in-process (models.loading, fp32, CPU)"
+    if s.in_process:
+        predict, where = inprocess_predictor(store, s.batch_size), "in-process (models.load_variant, fp32, CPU)"
     else:
-        url = args.url or DEFAULT_URL
-        predict, where = http_predictor(url, labels_of, args.batch_size, args.api_key), f"HTTP {url}/v1/classify"
+        url = s.url or DEFAULT_URL
+        predict, where = http_predictor(url, labels_of, s.batch_size, s.api_key), f"HTTP {url}/v1/classify"
+        failed.update(service_refusals(url, todo, s.api_key))
+        todo = [n for n in todo if n not in failed]
     for name in todo:
         t0 = time.perf_counter()
         try:
             p = predict(name, texts)
         except Exception as e:  # one broken variant must not hide the others' results
-            skipped[name] = f"evaluation failed: {e}"
-            print(f"[accuracy] {name}: FAILED ({e})", flush=True)
+            failed[name] = f"evaluation failed: {type(e).__name__}: {e}"
             continue
         elapsed_s = time.perf_counter() - t0
-        res = classification_metrics(y, p, labels_of[name])
+        res = accuracy_metrics(y, p, labels_of[name])
         m = infos[name].manifest
         res.update(kind=m.kind, source=m.source, eval_time_s=elapsed_s, items_per_s=len(texts) / elapsed_s)
         evaluated[name], preds[name] = res, p
         lo, hi = res["accuracy_ci95"]
         print(
             f"[accuracy] {name:>32} ({m.kind}): acc {res['accuracy']:.4f} [{lo:.4f}, {hi:.4f}], "
-            f"macro-F1 {res['f1_macro']:.4f} ({elapsed_s:.1f}s)",
+            f"macro-F1 {res['macro_f1']:.4f} ({elapsed_s:.1f}s)",
             flush=True,
         )
     tests = []
@@ -160,12 +198,14 @@ def run_accuracy(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             print(f"[accuracy] McNemar {ref} vs {other}: b={t['b']} c={t['c']} p={t['p_exact']:.3g}", flush=True)
     for name, reason in skipped.items():
         print(f"[accuracy] skipped {name}: {reason}", flush=True)
-    settings = {"store": str(store.root), "data": str(args.data), "limit": args.limit, "n": len(texts), "via": where}
-    payload = {
-        "settings": settings,
+    for name, reason in failed.items():
+        print(f"[accuracy] NOT EVALUATED {name}: {reason}", flush=True)
+    return {
+        "n": len(texts),
+        "via": where,
         "variants": evaluated,
         "skipped": skipped,
+        "failed": failed,
         "mcnemar": tests,
         "agreement": agreement_matrix(preds) if preds else None,
     }
-    return write_results(args.out, "accuracy", payload, argv)

@@ -35,18 +35,15 @@ def load_pipeline(model: str, store: str | None = None) -> tuple[Any, str, Any]:
     path = Path(model)
     if store is not None and not path.exists():
         from models import Store
-        from models.loading import attach_adapter, load_base, load_full
+        from models.variant import load_variant
         from models.writing import label_config
 
         st = Store(store)
-        m = st.verify(model)
-        if m.kind == "lora":
-            base, tok, _ = load_base(st, m)
-            net = attach_adapter(base, st.path(model), "default").merge_and_unload()
-        elif m.kind in ("full", "merged"):
-            net, tok = load_full(st.path(model))
-        else:
+        m = st.manifest(model)
+        if m.kind not in ("full", "merged", "lora"):
             raise SystemExit(f"baseline serves torch variants (full, merged, lora), not {m.kind} '{model}'")
+        v = load_variant(st, model)
+        net, tok = (v.model.merge_and_unload() if m.kind == "lora" else v.model), v.tokenizer
         label_config(net, m.labels)
         name = model
     else:

@@ -20,43 +20,15 @@ DEFAULT_DATA = os.environ.get("AGNEWS_DATA", str(Path(__file__).resolve().parent
 
 
 def load_split(data: str | os.PathLike | None = None, split: str = "test") -> tuple[list[str], list[int]]:
-    """(texts, labels) of an AG News split from a local dir/file (parquet, csv, jsonl) or a Hub id.
+    """(texts, labels) of an AG News split: a thin call into training's reader (training.data.read_split),
+    so benchmarks and training evaluation read the same file the same way.
 
-    A directory is searched for `<split>.parquet`, `<split>.csv`, `<split>.jsonl`. A header-less
-    CSV in the original AG News layout (class 1..4, title, description) is accepted too.
+    `data` is a local dir/file (parquet, csv, jsonl) or a Hub id; default: AGNEWS_DATA or ../shared/data/ag_news.
     """
-    import pandas as pd
+    from training.data import read_split
 
-    data = str(data or DEFAULT_DATA)
-    path = Path(data)
-    if path.is_dir():
-        for ext in ("parquet", "csv", "jsonl"):
-            if (path / f"{split}.{ext}").exists():
-                path = path / f"{split}.{ext}"
-                break
-        else:
-            raise FileNotFoundError(
-                f"no {split}.parquet/.csv/.jsonl in {data}; point --data (or AGNEWS_DATA) at an AG News dir"
-            )
-    if path.is_file():
-        if path.suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif path.suffix == ".jsonl":
-            df = pd.read_json(path, lines=True)
-        else:
-            df = pd.read_csv(path)
-            if "text" not in df.columns:  # original layout: no header, class 1..4, title, description
-                df = pd.read_csv(path, header=None, names=["cls", "title", "description"])
-                df = pd.DataFrame({"text": df.title + " " + df.description, "label": df.cls - 1})
-        return df["text"].astype(str).tolist(), df["label"].astype(int).tolist()
-    # Not a local path: a Hub dataset id (only works where the Hub is reachable).
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(data, split=split)
-    except Exception as e:  # datasets raises many types for offline / unknown ids
-        raise FileNotFoundError(f"'{data}' is neither a local path nor a loadable Hub dataset ({e})") from e
-    return list(ds["text"]), [int(x) for x in ds["label"]]
+    df = read_split(str(data or DEFAULT_DATA), split)
+    return df["text"].tolist(), df["label"].astype(int).tolist()
 
 
 def meta() -> dict[str, Any]:
@@ -96,6 +68,7 @@ def copy_adapter(store_root: str | os.PathLike, source: str, new_name: str) -> P
     measure the service with many resident adapters without training each one.
     """
     from models import Store
+    from models.atomic import atomic_dir
     from models.manifest import Manifest
 
     store = Store(store_root)
@@ -103,13 +76,11 @@ def copy_adapter(store_root: str | os.PathLike, source: str, new_name: str) -> P
     dst = store.root / new_name
     if dst.exists():
         return dst
-    tmp = store.root / f".tmp-copy-{new_name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    m = Manifest.load(tmp)
-    m.name = new_name
-    m.save(tmp)
-    os.replace(tmp, dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        m = Manifest.load(tmp)
+        m.name = new_name
+        m.save(tmp)
     return dst
 
 

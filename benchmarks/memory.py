@@ -18,9 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from benchmarks.common import copy_adapter, free_port, running_server, write_results
+from pydantic import Field
+
+from benchmarks.common import copy_adapter, free_port, running_server
+from benchmarks.experiment import Settings, experiment
 
 PROBE_TIMEOUT_S = 600
 
@@ -95,7 +98,8 @@ def probe_variant(store_root: str, name: str, device: str, precision: str) -> di
     import gc
 
     from models import Store, dir_bytes
-    from models.loading import attach_adapter, compute_logits, load_base, load_full, onnx_session
+    from models.loading import load_base
+    from models.variant import load_variant
 
     store = Store(store_root)
     m = store.verify(name)
@@ -110,26 +114,25 @@ def probe_variant(store_root: str, name: str, device: str, precision: str) -> di
         "disk_bytes": dir_bytes(store.path(name)),
     }
     if m.kind == "lora":
-        base, tok, _ = load_base(store, m, dtype=precision, device=device)
+        # the base first, on its own, so the adapter's share can be told apart
+        base, tok, fp = load_base(store, m, dtype=precision, device=device)
         out["base_param_bytes"] = _tensor_bytes(base)
         out["rss_base_delta_bytes"] = _rss() - rss0
-        model = attach_adapter(base, store.path(name), "probe")
-        out["adapter_param_bytes"] = _adapter_tensor_bytes(model, "probe")
-        out["param_bytes"] = _tensor_bytes(model)
-        run = lambda: compute_logits(model, tok, m.golden.texts, m.max_length, adapter_name="probe")  # noqa: E731
-    elif m.kind in ("full", "merged"):
-        model, tok = load_full(store.path(name), dtype=precision, device=device)
-        out["param_bytes"] = _tensor_bytes(model)
-        run = lambda: compute_logits(model, tok, m.golden.texts, m.max_length)  # noqa: E731
+        v = load_variant(
+            store, name, dtype=precision, device=device, onto=base, tokenizer=tok, expected_base_fingerprint=fp,
+            adapter_name="probe", manifest=m,
+        )  # fmt: skip
+        out["adapter_param_bytes"] = _adapter_tensor_bytes(v.model, "probe")
+        out["param_bytes"] = _tensor_bytes(v.model)
     else:
-        from models.loading import load_tokenizer
-
-        sess, tok = onnx_session(store.path(name)), load_tokenizer(store.path(name))
-        # ONNX initializers live in the model file: its size is the weight bytes
-        out["param_bytes"] = sum(
-            p.stat().st_size for p in store.path(name).iterdir() if p.suffix in (".onnx", ".onnx_data", ".data")
-        )
-        run = lambda: compute_logits(sess, tok, m.golden.texts, m.max_length)  # noqa: E731
+        v = load_variant(store, name, dtype=precision, device=device, manifest=m)
+        if v.session is None:
+            out["param_bytes"] = _tensor_bytes(v.model)
+        else:  # ONNX initializers live in the model file: its size is the weight bytes
+            out["param_bytes"] = sum(
+                p.stat().st_size for p in store.path(name).iterdir() if p.suffix in (".onnx", ".onnx_data", ".data")
+            )
+    run = lambda: v.logits(m.golden.texts)  # noqa: E731
     out["rss_load_delta_bytes"] = _rss() - rss0
     run()
     out["rss_after_forward_delta_bytes"] = _rss() - rss0
@@ -146,17 +149,21 @@ def sweep_in_process(
     import gc
 
     from models import Store
-    from models.loading import attach_adapter, load_base
+    from models.loading import load_base
+    from models.variant import load_variant
 
     store = Store(store_root)
     m0 = store.verify(names[0])
     _preimport(m0.architecture, m0.kind)
     gc.collect()
     rss0 = _rss()
-    model, _, _ = load_base(store, m0, dtype=precision, device=device)
+    model, tok, fp = load_base(store, m0, dtype=precision, device=device)
     points = [{"adapters": 0, "rss_bytes": _rss(), "cuda_allocated_bytes": _cuda_allocated(device)}]
     for k, name in enumerate(names[: max(counts)], start=1):
-        model = attach_adapter(model, store.path(name), f"a{k}")
+        model = load_variant(
+            store, name, dtype=precision, device=device, onto=model, tokenizer=tok, expected_base_fingerprint=fp,
+            adapter_name=f"a{k}",
+        ).model  # fmt: skip
         if k in counts:
             gc.collect()
             points.append({"adapters": k, "rss_bytes": _rss(), "cuda_allocated_bytes": _cuda_allocated(device)})
@@ -268,28 +275,40 @@ def adapter_check(points: list[dict[str, Any]], adapter_bytes: int) -> dict[str,
     }
 
 
-def run_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """`python -m benchmarks memory`: per-variant probes, then the adapter-count sweep."""
+class MemorySettings(Settings):
+    store: str = Field(description="model store directory")
+    counts: list[int] = Field([1, 8, 32, 128], description="resident adapter counts of the sweep (empty: no sweep)")
+    adapter: str | None = Field(
+        None, description="LoRA variant to copy for the adapter-count sweep (default: first lora)"
+    )
+    variants: list[str] | None = Field(None, description="variants to probe (default: all)")
+    via: Literal["auto", "service", "in-process"] = Field(
+        "auto", description="adapter sweep through the real service process or models.load_variant in a subprocess"
+    )
+    device: str = Field("cpu", description="torch device of the probes")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="torch precision of the probes")
+
+
+@experiment("memory", MemorySettings, help="resident memory per variant and vs number of loaded adapters")
+def run(args: MemorySettings) -> dict[str, Any]:
+    """Per-variant probes, then the adapter-count sweep; a variant whose probe fails goes to `failed` with why."""
     from models import Store
 
     store = Store(args.store)
+    if not store.root.is_dir():
+        raise FileNotFoundError(f"--store {store.root} is not a directory")
     infos = [i for i in store.list() if i.manifest is not None]
     names = args.variants or [i.name for i in infos]
     variants = []
+    failed: dict[str, str] = {}
+    probe = ["--store", str(store.root), "--device", args.device, "--precision", args.precision]
     for name in names:
-        res = _subprocess_json(
-            [
-                "probe",
-                "--store",
-                str(store.root),
-                "--variant",
-                name,
-                "--device",
-                args.device,
-                "--precision",
-                args.precision,
-            ]
-        )
+        try:
+            res = _subprocess_json(["probe", "--variant", name, *probe])
+        except RuntimeError as e:  # refused or broken: reported with why, no figure
+            failed[name] = str(e)
+            print(f"[memory] {name}: FAILED ({e})", flush=True)
+            continue
         variants.append(res)
         print(
             f"[memory] {name:>32} ({res['kind']}): params {res['param_bytes'] / 2**20:.1f} MiB, "
@@ -301,18 +320,8 @@ def run_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     sweep: dict[str, Any] | None = None
     if loras and args.counts:
         source = args.adapter or loras[0]
-        probe = next((v for v in variants if v["variant"] == source), None) or _subprocess_json(
-            [
-                "probe",
-                "--store",
-                str(store.root),
-                "--variant",
-                source,
-                "--device",
-                args.device,
-                "--precision",
-                args.precision,
-            ]
+        source_probe = next((v for v in variants if v["variant"] == source), None) or _subprocess_json(
+            ["probe", "--variant", source, *probe]
         )
         via = args.via if args.via != "auto" else ("service" if service_available() else "in-process")
         scratch = Path(tempfile.mkdtemp(prefix="mem-sweep-"))
@@ -345,16 +354,16 @@ def run_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         full = next((v for v in variants if v["kind"] == "full"), None)
-        full_bytes = full["param_bytes"] if full else probe["param_bytes"] - probe["adapter_param_bytes"]
+        full_bytes = full["param_bytes"] if full else source_probe["param_bytes"] - source_probe["adapter_param_bytes"]
         sweep.update(
             via=via,
             source_adapter=source,
-            adapter_param_bytes=probe["adapter_param_bytes"],
+            adapter_param_bytes=source_probe["adapter_param_bytes"],
             full_model_param_bytes=full_bytes,
             full_model_bytes_source=full["variant"] if full else "base + head",
             full_models_bytes_computed={str(k): k * full_bytes for k in args.counts},
             note="full_models_bytes_computed = count x one full model's parameter bytes (computed, not measured)",
-            check=adapter_check(sweep["points"], probe["adapter_param_bytes"]),
+            check=adapter_check(sweep["points"], source_probe["adapter_param_bytes"]),
         )
         if via == "in-process":
             sweep["note"] += "; adapters attached through models.loading in one subprocess (not the service process)"
@@ -365,8 +374,7 @@ def run_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             f"{'met' if chk['passed'] else 'MISSED'}",
             flush=True,
         )
-    settings = {"store": str(store.root), "counts": args.counts, "device": args.device, "precision": args.precision}
-    return write_results(args.out, "memory", {"settings": settings, "variants": variants, "adapter_sweep": sweep}, argv)
+    return {"variants": variants, "adapter_sweep": sweep, "failed": failed}
 
 
 def _main() -> None:

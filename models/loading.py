@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +15,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.manifest import Golden, Manifest
+from models.atomic import atomic_dir
+from models.golden import compare_golden
+from models.manifest import Manifest
 from models.store import Store, VariantRefused
+
+__all__ = [  # compare_golden is re-exported for older callers; it lives in models.golden
+    "BASE_INFO",
+    "DTYPES",
+    "ONNX_FILE",
+    "attach_adapter",
+    "compare_golden",
+    "compute_logits",
+    "encoder_of",
+    "fingerprint",
+    "load_base",
+    "load_full",
+    "load_tokenizer",
+    "onnx_logits",
+    "onnx_session",
+    "pad_rows",
+    "save_base_snapshot",
+]
 
 BASE_INFO = "base.json"
 ONNX_FILE = "model.onnx"
@@ -79,20 +96,12 @@ def save_base_snapshot(store: Store, model: nn.Module, tokenizer: Any, base_mode
     target = store.base_path(fp)
     if (target / BASE_INFO).exists():
         return fp
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{fp[:16]}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(target) as tmp:
         encoder_of(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {"base_model": base_model, "fingerprint": fp, "init": init}
         (tmp / BASE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, target)
-    except OSError:
-        if (target / BASE_INFO).exists():  # another writer won the race; theirs is identical
-            return fp
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # A concurrent writer of the same base may have replaced ours: same fingerprint, same bytes.
     return fp
 
 
@@ -184,6 +193,8 @@ def onnx_logits(session: Any, encoded: dict[str, Any]) -> torch.Tensor:
         if k in names:
             arr = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
             feeds[k] = arr.astype(np.int64)
+    if "token_type_ids" in names and "token_type_ids" not in feeds:  # BERT exports take it; RoBERTa tokenizers omit it
+        feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
     return torch.from_numpy(session.run(None, feeds)[0]).float()
 
 
@@ -211,18 +222,3 @@ def compute_logits(
         kwargs = {"adapter_names": [adapter_name] * len(chunk)} if adapter_name else {}
         rows.append(model(**enc, **kwargs).logits.float().cpu())
     return torch.cat(rows)
-
-
-def compare_golden(golden: Golden, logits: torch.Tensor) -> tuple[float, float]:
-    """(max |Δlogit|, argmax agreement in [0, 1]) of `logits` against the golden record."""
-    ref = torch.tensor(golden.logits, dtype=torch.float32)
-    if ref.shape != logits.shape:
-        return float("inf"), 0.0
-    max_abs = (ref - logits.float()).abs().max().item()
-    agreement = (ref.argmax(-1) == logits.argmax(-1)).float().mean().item()
-    return max_abs, agreement
-
-
-def golden_tolerance(dtype: str) -> float:
-    """Max |Δlogit| accepted when re-checking golden logits at serving precision."""
-    return {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}[dtype]

@@ -7,6 +7,7 @@ here and nowhere else; training writes it, the service and benchmarks only read 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Shared base snapshots live in STORE/_bases; no variant may take that name (see models.store).
+BASES_DIR = "_bases"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Kind = Literal["full", "lora", "merged", "onnx", "onnx-int8"]
 KINDS: tuple[str, ...] = ("full", "lora", "merged", "onnx", "onnx-int8")
@@ -22,6 +26,19 @@ Init = Literal["pretrained", "random"]
 
 class ManifestError(ValueError):
     """A manifest that is missing, unreadable or invalid; the message says what to fix."""
+
+
+def check_name(name: str) -> None:
+    """Variant names become directory names and URL path segments: keep them plain.
+
+    Lives here (not in models.store) so that the manifest can validate its own name without
+    importing the store, which imports this module: no import circle.
+    """
+    if not _NAME_RE.match(name or "") or name.startswith(BASES_DIR):
+        raise ValueError(
+            f"invalid variant name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
 
 
 class Golden(BaseModel):
@@ -36,6 +53,10 @@ class Golden(BaseModel):
     logits: list[list[float]]
     # Precision the reference logits were computed in; always fp32 at creation.
     dtype: str = "float32"
+    # True when each text was scored in a batch of its own (dynamic int8 quantisation derives
+    # activation scales from the whole batch, so its logits depend on the batch's other texts).
+    # Manifests written before this field existed scored the set in batches of 32 (see models.golden).
+    one_per_batch: bool = False
 
     @model_validator(mode="after")
     def _shape(self) -> Golden:
@@ -88,8 +109,6 @@ class Manifest(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from models.store import check_name
-
         check_name(v)
         return v
 

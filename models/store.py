@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.manifest import MANIFEST_NAME, Manifest, ManifestError
+from models.atomic import remove_dir, replace_dir, temp_dir_beside
+from models.manifest import BASES_DIR, MANIFEST_NAME, Manifest, ManifestError, check_name
 
-BASES_DIR = "_bases"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Pickle-based formats can execute code on load; the store refuses them outright.
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".data")
@@ -51,15 +48,6 @@ class VariantNotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return self.args[0]
-
-
-def check_name(name: str) -> None:
-    """Variant names become directory names and URL path segments: keep them plain."""
-    if not _NAME_RE.match(name or "") or name.startswith(BASES_DIR):
-        raise ValueError(
-            f"invalid variant name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -180,9 +168,7 @@ class Store:
         check_name(name)
         if (self.root / name).exists() and not overwrite:
             raise FileExistsError(f"variant '{name}' already exists in {self.root}; pass overwrite to replace it")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = temp_dir_beside(self.root / name)
         try:
             yield tmp
         finally:
@@ -200,20 +186,11 @@ class Store:
         Manifest.model_validate(manifest.model_dump())  # re-validate after mutation
         manifest.save(tmp)
         final = self.root / manifest.name
-        if final.exists():
-            trash = self.root / f".tmp-old-{manifest.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
         return final
 
     def delete(self, name: str) -> None:
-        path = self.path(name)
-        trash = self.root / f".tmp-del-{name}-{uuid.uuid4().hex[:8]}"
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_dir(self.path(name))
 
 
 def _check_files(path: Path, m: Manifest) -> list[str]:

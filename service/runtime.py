@@ -21,19 +21,10 @@ from typing import Any
 
 import torch
 
-from models import Golden, Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
-from models.loading import (
-    DTYPES,
-    attach_adapter,
-    compare_golden,
-    compute_logits,
-    load_base,
-    load_full,
-    load_tokenizer,
-    onnx_logits,
-    onnx_session,
-    pad_rows,
-)
+from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
+from models.golden import check_golden, load_tolerance
+from models.loading import DTYPES, attach_adapter, load_base, onnx_logits, pad_rows
+from models.variant import LoadedVariant, load_variant
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
 from service.lora_bank import LoraBank
@@ -75,15 +66,6 @@ class Entry:
         return LORA_GROUP if self.kind == "lora" else self.name
 
 
-def golden_subset(golden: Golden, k: int) -> Golden:
-    """`k` golden rows evenly spread over the set (all of it when k >= its size)."""
-    n = len(golden.texts)
-    if k >= n:
-        return golden
-    idx = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
-    return Golden(texts=[golden.texts[i] for i in idx], logits=[golden.logits[i] for i in idx], dtype=golden.dtype)
-
-
 class Runtime:
     """Owns every model of one device; see the module docstring for the threading rule."""
 
@@ -116,13 +98,8 @@ class Runtime:
         return contextlib.nullcontext()
 
     def tolerance(self, kind: str) -> float:
-        from models.loading import golden_tolerance
-
-        if kind == "onnx":
-            return golden_tolerance("fp32")
-        if kind == "onnx-int8":
-            return 0.05  # quantised kernels differ slightly across CPUs; argmax is also checked
-        return golden_tolerance(self.cfg.precision)
+        """Golden-check tolerance for `kind` at this service's precision (models.golden holds them all)."""
+        return load_tolerance(kind, self.cfg.precision)
 
     # ---- base ------------------------------------------------------------------------------
     def choose_base(self) -> Manifest | None:
@@ -221,13 +198,11 @@ class Runtime:
                 raise VariantRefused(name, ["no LoRA base is loaded; start the server with --base set to its base"])
             adapter = self._attach(name)
             entry = Entry(name, m, self.base_tokenizer, dir_bytes(path), adapter=adapter, tok_lock=self.base_tok_lock)
-        elif m.kind in ("full", "merged"):
-            model, tok = load_full(path, dtype=self.weight_dtype, device=self.cfg.device)
-            entry = Entry(name, m, tok, dir_bytes(path), model=model)
-        else:  # onnx, onnx-int8: always CPU fp32 through onnxruntime
-            entry = Entry(
-                name, m, load_tokenizer(path), dir_bytes(path), model=onnx_session(path, threads=self.cfg.threads)
+        else:  # full, merged, onnx, onnx-int8 through models.load_variant (ONNX: always CPU fp32, onnxruntime)
+            v = load_variant(
+                self.store, name, dtype=self.weight_dtype, device=self.cfg.device, threads=self.cfg.threads, manifest=m
             )
+            entry = Entry(name, m, v.tokenizer, dir_bytes(path), model=v.runner)
         try:
             self._check_golden(entry)
         except Exception:  # refused or broken: never leave a half-loaded adapter attached
@@ -273,21 +248,13 @@ class Runtime:
         entry.model = None
 
     def _check_golden(self, entry: Entry) -> None:
-        m = entry.manifest
-        golden = golden_subset(m.golden, self.cfg.golden_check_texts)
+        """Re-run golden texts through models.golden: subset, int8 one-per-batch scoring and tolerances live there."""
+        model = self.base if entry.kind == "lora" else entry.model
+        view = LoadedVariant.wrap(entry.manifest, self.store.path(entry.name), entry.tokenizer, model, entry.adapter)
         with entry.tok_lock, self.autocast():
-            model = self.base if entry.kind == "lora" else entry.model
-            logits = compute_logits(model, entry.tokenizer, golden.texts, m.max_length, adapter_name=entry.adapter)
-        max_abs, agreement = compare_golden(golden, logits)
-        tol = self.tolerance(entry.kind)
-        if not max_abs <= tol or agreement < 1.0:
-            raise VariantRefused(
-                entry.name,
-                [
-                    f"golden-set logits differ by {max_abs:.4g} (tolerance {tol} at {self.cfg.precision}), "
-                    f"argmax agreement {agreement:.2f}; the weights do not reproduce the manifest — re-export"
-                ],
-            )
+            result = check_golden(view, subset=self.cfg.golden_check_texts, precision=self.cfg.precision)
+        if not result.passed:
+            raise VariantRefused(entry.name, [result.reason or "golden-set check failed"])
 
     # ---- inference (batcher thread only) ---------------------------------------------------
     @torch.inference_mode()

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.accuracy import agreement_matrix, classification_metrics
+from benchmarks.accuracy import accuracy_metrics as classification_metrics
+from benchmarks.accuracy import agreement_matrix
 from benchmarks.common import write_results
 from benchmarks.loadgen import Sample, Workload, parse_targets, ratios, summarize
 from benchmarks.report import write_report
@@ -119,8 +120,8 @@ def test_classification_metrics_on_fixed_predictions():
     assert m["per_class"]["Sports"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["Sports"][
         "f1"
     ] == pytest.approx(0.8)
-    assert m["f1_macro"] == pytest.approx((2 / 3 + 0.8) / 2)
-    assert m["recall_macro"] == 0.75 and m["confusion_matrix"][0] == [1, 1, 0, 0]
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert m["macro_recall"] == 0.75 and m["confusion_matrix"][0] == [1, 1, 0, 0]
     lo, hi = m["accuracy_ci95"]
     assert lo <= 0.75 <= hi
     ag = agreement_matrix({"a": [0, 1, 2, 3], "b": [0, 1, 2, 0]})

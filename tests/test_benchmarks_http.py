@@ -4,7 +4,6 @@ HTTP vs in-process, and memory probes in real subprocesses."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -22,12 +21,13 @@ from service_helpers import running
 from tiny import GOLDEN_TEXTS, make_store, tiny_classifier
 
 from benchmarks.__main__ import main as bench_main
-from benchmarks.accuracy import run_accuracy
+from benchmarks.accuracy import AccuracySettings
 from benchmarks.baseline_server import create_app, load_pipeline
 from benchmarks.common import free_port
+from benchmarks.experiment import REGISTRY, run_experiment
 from benchmarks.hotswap import hotswap
 from benchmarks.loadgen import Workload, closed_loop, open_loop, summarize
-from benchmarks.memory import run_memory
+from benchmarks.memory import MemorySettings
 from benchmarks.stats import poisson_arrivals
 from models.manifest import Manifest
 
@@ -188,25 +188,18 @@ def test_hotswap_under_load_replace_and_reload(store: Path):
     assert set(rep["background_load"]["per_model_requests"]) == {"lora-0", "lora-1"}
 
 
-def _acc_args(store: Path, out: Path, **kw) -> argparse.Namespace:
-    base = dict(
-        store=str(store),
-        data=None,
-        url=None,
-        in_process=False,
-        variants=None,
-        limit=48,
-        batch_size=16,
-        api_key=None,
-        out=str(out),
-    )
-    return argparse.Namespace(**{**base, **kw})
+def _acc(store: Path, out: Path, **kw) -> dict:
+    """Run the accuracy experiment through the runner (the result file is written too); return its payload."""
+    settings = AccuracySettings(store=str(store), limit=48, batch_size=16, api_key=None, **kw)
+    code, doc = run_experiment(REGISTRY["accuracy"], settings, out=out, command=["cmd"])
+    assert code == 0 and doc["status"] == "ok", doc["error"]
+    return doc["payload"]
 
 
 def test_accuracy_over_http_equals_in_process(flagged_store: Path, store: Path, tmp_path: Path):
     with running(flagged_store) as svc:
-        http = run_accuracy(_acc_args(flagged_store, tmp_path / "http.json", url=svc.url), ["cmd"])
-    local = run_accuracy(_acc_args(flagged_store, tmp_path / "local.json", in_process=True), ["cmd"])
+        http = _acc(flagged_store, tmp_path / "http.json", url=svc.url)
+    local = _acc(flagged_store, tmp_path / "local.json", in_process=True)
     names = ["full", "lora-0", "lora-1", "lora-2"]
     assert list(http["variants"]) == names == list(local["variants"])
     for n in names:
@@ -218,13 +211,13 @@ def test_accuracy_over_http_equals_in_process(flagged_store: Path, store: Path, 
     ag = np.array(http["agreement"]["matrix"])
     assert np.allclose(np.diag(ag), 1.0) and np.allclose(ag, ag.T)
     # random-init variants are never evaluated
-    skipped = run_accuracy(_acc_args(store, tmp_path / "rand.json", in_process=True), ["cmd"])
+    skipped = _acc(store, tmp_path / "rand.json", in_process=True)
     assert skipped["variants"] == {} and set(skipped["skipped"]) == set(names)
     assert all("init=random" in r for r in skipped["skipped"].values())
 
 
 def test_memory_probes_and_adapter_sweep(store: Path, tmp_path: Path):
-    args = argparse.Namespace(
+    settings = MemorySettings(
         store=str(store),
         counts=[1, 4, 12],
         adapter="lora-0",
@@ -232,9 +225,10 @@ def test_memory_probes_and_adapter_sweep(store: Path, tmp_path: Path):
         via="service",
         device="cpu",
         precision="fp32",
-        out=str(tmp_path / "mem.json"),
     )
-    doc = run_memory(args, ["cmd"])
+    code, result = run_experiment(REGISTRY["memory"], settings, out=tmp_path / "mem.json", command=["cmd"])
+    assert code == 0 and result["status"] == "ok", result["error"]
+    doc = result["payload"]
     full, lora = doc["variants"]
     model = tiny_classifier("bert")
     full_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(
@@ -252,4 +246,4 @@ def test_memory_probes_and_adapter_sweep(store: Path, tmp_path: Path):
     assert all(b >= a - 2 * 2**20 for a, b in zip(rss, rss[1:], strict=False)), rss  # monotone up to allocator noise
     assert 100 * 2**20 < rss[0] < 4 * 2**30
     assert sw["full_models_bytes_computed"] == {str(k): k * full_bytes for k in (1, 4, 12)}
-    assert json.loads(Path(args.out).read_text())["kind"] == "memory"
+    assert json.loads((tmp_path / "mem.json").read_text())["kind"] == "memory"

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models import Store
-from models.loading import attach_adapter, compute_logits, load_base, load_full, load_tokenizer, onnx_session
-from training.config import TrainConfig
-from training.data import DataError, clean, load_raw
+from models.variant import load_variant
+from training.data import MissingSplit, read_split
 from training.metrics import classification_metrics
-
-
-def load_variant(store: Store, name: str) -> tuple[Any, Any, Any]:
-    """(model or ONNX session, tokenizer, manifest) for any kind, through models.loading."""
-    manifest = store.verify(name)
-    path = store.path(name)
-    if manifest.kind in ("full", "merged"):
-        model, tok = load_full(path)
-    elif manifest.kind == "lora":
-        base, tok, _ = load_base(store, manifest)
-        model = attach_adapter(base, path, "default")
-    else:
-        model, tok = onnx_session(path), load_tokenizer(path)
-    return model, tok, manifest
 
 
 def training_config(provenance: dict[str, Any]) -> dict[str, Any]:
@@ -40,34 +22,30 @@ def training_config(provenance: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_variant(store: Store, name: str, data: str | None = None, limit: int | None = None) -> dict[str, Any]:
     """Metrics of variant `name` on the test split of `data` (default: the data it was trained on)."""
-    model, tok, manifest = load_variant(store, name)
-    cfg_dict = training_config(manifest.provenance)
-    cfg = TrainConfig(
-        data=data or cfg_dict.get("data", "fancyzhx/ag_news"),
-        text_column=cfg_dict.get("text_column", "text"),
-        label_column=cfg_dict.get("label_column", "label"),
-        labels=list(manifest.labels),
+    variant = load_variant(store, name)
+    manifest = variant.manifest
+    cfg = training_config(manifest.provenance)
+    source = data or cfg.get("data", "fancyzhx/ag_news")
+    columns = dict(
+        text_column=cfg.get("text_column", "text"),
+        label_column=cfg.get("label_column", "label"),
+        labels=manifest.labels,
     )
-    raw = load_raw(cfg)
-    split = "test" if "test" in raw else "train"
-    df, problems = clean(raw[split], cfg, split)
-    if problems:
-        raise DataError(problems)
+    try:
+        df, split = read_split(source, "test", **columns), "test"
+    except MissingSplit:  # a source without a test split: report on train, and say so in the result
+        df, split = read_split(source, "train", **columns), "train"
     if limit:
         df = df.head(limit)
     texts = df["text"].tolist()
-    # Sort by length so each batch pads little; restore order afterwards.
-    order = np.argsort([-len(t) for t in texts], kind="stable")
     t0 = time.perf_counter()
-    logits = compute_logits(model, tok, [texts[i] for i in order], manifest.max_length).numpy()
+    preds = variant.predict(texts)
     elapsed_s = time.perf_counter() - t0
-    preds = np.empty(len(texts), dtype=np.int64)
-    preds[order] = logits.argmax(-1)
     out = classification_metrics(df["label"].tolist(), preds, manifest.labels)
     return {
         "variant": name,
         "kind": manifest.kind,
-        "data": str(Path(cfg.data)),
+        "data": str(source),
         "split": split,
         "eval_time_s": elapsed_s,
         "samples_per_s": len(texts) / elapsed_s,

@@ -2,7 +2,8 @@
 
 Every export is checked on its source's golden set before it is registered: fp32 exports
 must agree on every argmax and stay within a max |Δlogit| tolerance, or they are refused
-(nothing is written). int8 records its agreement in `manifest.parity` without a tolerance.
+(nothing is written). int8 records its agreement in `manifest.parity` without a tolerance, and
+its own golden logits scored one text per batch (see models.golden) so loads can reproduce them.
 """
 
 from __future__ import annotations
@@ -13,24 +14,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models import Manifest, Parity, Store
-from models.loading import (
-    ONNX_FILE,
-    attach_adapter,
-    compare_golden,
-    compute_logits,
-    load_base,
-    load_tokenizer,
-    onnx_session,
-)
-from models.manifest import Golden
+from models.golden import EXPORT_TOLERANCE, export_parity, make_golden
+from models.loading import ONNX_FILE, load_tokenizer, onnx_session
 from models.provenance import git_info, package_versions
+from models.variant import LoadedVariant, load_variant
 from models.writing import write_variant
 
 FORMATS = ("merged", "onnx", "onnx-int8")
-# Max |Δlogit| against the source on the golden set. Merging reorders float sums (~1e-6);
-# ONNX Runtime fuses attention/GELU kernels (~1e-5 observed); both far below these bounds.
-TOLERANCE = {"merged": 1e-3, "onnx": 5e-3}
+# Parity tolerances per format live in models.golden (EXPORT_TOLERANCE) with the load-time ones.
+TOLERANCE = EXPORT_TOLERANCE
 # What each format can be made from.
 SOURCES = {"merged": ("lora",), "onnx": ("full", "merged"), "onnx-int8": ("full", "merged", "onnx")}
 
@@ -47,16 +42,15 @@ def default_name(source: str, source_kind: str, fmt: str) -> str:
 
 def check_parity(source: Manifest, logits: Any, fmt: str, tolerance: float | None) -> Parity:
     """Compare an export's golden logits with the source's; raise ExportRefused when out of tolerance."""
-    max_abs, agreement = compare_golden(source.golden, logits)
-    passed = tolerance is None or (agreement == 1.0 and max_abs <= tolerance)
+    max_abs, agreement, tol, passed = export_parity(source, logits, fmt, tolerance)
     if not passed:
         raise ExportRefused(
             f"{fmt} export of '{source.name}' failed parity on {len(source.golden.texts)} golden texts: "
-            f"max |Δlogit| {max_abs:.3g} (tolerance {tolerance:g}), argmax agreement {agreement:.1%}; "
+            f"max |Δlogit| {max_abs:.3g} (tolerance {tol:g}), argmax agreement {agreement:.1%}; "
             "not registered — check the source variant and the exporter versions"
         )
     return Parity(
-        source=source.name, max_abs_logit_diff=max_abs, argmax_agreement=agreement, tolerance=tolerance, passed=passed
+        source=source.name, max_abs_logit_diff=max_abs, argmax_agreement=agreement, tolerance=tol, passed=passed
     )
 
 
@@ -81,10 +75,9 @@ def export(
     name = name or default_name(source, src.kind, fmt)
     if name in store.names() and not overwrite:
         raise FileExistsError(f"variant '{name}' already exists; pass --name NEW or delete it first")
-    tol = tolerance if tolerance is not None else TOLERANCE.get(fmt)
     if fmt == "merged":
-        return _merged(store, src, name, tol, overwrite)
-    return _onnx(store, src, name, fmt, tol, overwrite)
+        return _merged(store, src, name, tolerance, overwrite)
+    return _onnx(store, src, name, fmt, tolerance, overwrite)
 
 
 def _provenance(src: Manifest, tool: str) -> dict[str, Any]:
@@ -98,10 +91,13 @@ def _provenance(src: Manifest, tool: str) -> dict[str, Any]:
 
 
 def _merged(store: Store, src: Manifest, name: str, tol: float | None, overwrite: bool) -> Manifest:
-    base, tokenizer, _ = load_base(store, src)
-    model = attach_adapter(base, store.path(src.name), "default").merge_and_unload()
-    logits = compute_logits(model, tokenizer, src.golden.texts, src.max_length)
-    parity = check_parity(src, logits, "merged", tol)
+    lora = load_variant(store, src.name, manifest=src)
+    model = lora.model.merge_and_unload()
+    tokenizer = lora.tokenizer
+    merged = LoadedVariant(
+        name, src.model_copy(update={"kind": "merged"}), store.path(src.name), tokenizer, model=model
+    )
+    parity = check_parity(src, merged.logits(src.golden.texts), "merged", tol)
     return write_variant(
         store,
         name=name,
@@ -144,9 +140,11 @@ def _onnx(store: Store, src: Manifest, name: str, fmt: str, tol: float | None, o
                 for p in Path(fp32_dir).iterdir():
                     if p.is_file() and p.suffix in (".json", ".txt") and p.name != "manifest.json":
                         shutil.copy2(p, tmp / p.name)
-            tokenizer = load_tokenizer(tmp)
-            logits = compute_logits(onnx_session(tmp), tokenizer, src.golden.texts, src.max_length)
-            parity = check_parity(src, logits, fmt, tol if fmt == "onnx" else None)
+            # The export as it will be loaded: int8 golden texts are scored one per batch (models.golden).
+            draft = src.model_copy(update={"name": name, "kind": fmt, "source": src.name})
+            onnx = LoadedVariant(name, draft, tmp, load_tokenizer(tmp), session=onnx_session(tmp))
+            golden = make_golden(onnx, src.golden.texts)
+            parity = check_parity(src, torch.tensor(golden.logits), fmt, tol)
             manifest = Manifest(
                 name=name,
                 kind=fmt,
@@ -156,7 +154,7 @@ def _onnx(store: Store, src: Manifest, name: str, fmt: str, tol: float | None, o
                 init=src.init,
                 labels=src.labels,
                 max_length=src.max_length,
-                golden=Golden(texts=src.golden.texts, logits=logits.tolist()),
+                golden=golden,
                 source=src.name,
                 parity=parity,
                 provenance=_provenance(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import Store
+from models.atomic import atomic_dir
 from models.hardware import resolve_precision
 from models.loading import fingerprint, load_tokenizer, save_base_snapshot
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
@@ -129,19 +129,12 @@ def save_checkpoint(
     """Trainable weights (safetensors) + optimizer/scheduler/RNG/data position, replaced atomically."""
     from safetensors.torch import save_file
 
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / CKPT_TRAINABLE))
-    if best is not None:
-        save_file(best, str(tmp / CKPT_BEST))
-    # Optimizer/RNG states are nested Python objects; this is our own run directory, not the store.
-    torch.save(state, tmp / CKPT_STATE)
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    if ckpt_dir.exists():
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(ckpt_dir) as tmp:  # the store's atomic directory writer (models.atomic)
+        save_file(trainable_state(model), str(tmp / CKPT_TRAINABLE))
+        if best is not None:
+            save_file(best, str(tmp / CKPT_BEST))
+        # Optimizer/RNG states are nested Python objects; this is our own run directory, not the store.
+        torch.save(state, tmp / CKPT_STATE)
 
 
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
