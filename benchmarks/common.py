@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,29 +27,6 @@ def load_split(data: str | os.PathLike | None = None, split: str = "test") -> tu
 
     df = read_split(str(data or DEFAULT_DATA), split)
     return df["text"].tolist(), df["label"].astype(int).tolist()
-
-
-def meta() -> dict[str, Any]:
-    """Machine, package versions and git state, recorded in every results JSON."""
-    from models.provenance import git_info, hardware, package_versions
-
-    return {"hardware": hardware(), "versions": package_versions(), "git": git_info(), "time_utc": utc_now()}
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def write_results(
-    path: str | os.PathLike | None, kind: str, payload: dict[str, Any], argv: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Wrap `payload` with {"kind", "command", "meta"} and write it as JSON (when `path` is given)."""
-    doc = {"kind": kind, "command": list(argv if argv is not None else sys.argv), "meta": meta(), **payload}
-    if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-    return doc
 
 
 def free_port() -> int:

@@ -11,10 +11,16 @@ import pytest
 
 from benchmarks.accuracy import accuracy_metrics as classification_metrics
 from benchmarks.accuracy import agreement_matrix
-from benchmarks.common import write_results
+from benchmarks.experiment import result_doc, write_doc
 from benchmarks.loadgen import Sample, Workload, parse_targets, ratios, summarize
 from benchmarks.report import write_report
 from benchmarks.stats import adapter_weights, bootstrap_ci, latency_summary, mcnemar, poisson_arrivals
+
+
+def write_results(path: Path, kind: str, payload: dict, argv: list[str]) -> None:
+    """A result document in the contract's shape (settings apart from the payload)."""
+    payload = dict(payload)
+    write_doc(result_doc(kind, payload.pop("settings", {}), payload, command=argv), path)
 
 
 def test_latency_percentiles_on_known_values():
@@ -243,7 +249,7 @@ def test_report_renders_tables_figures_and_targets(tmp_path: Path):
         "put_latency": latency_summary([10.0, 20.0, 30.0]),
         "swap_rows": [{"servable_ms": x} for x in (20.0, 30.0, 40.0)],
         "background_load": {"requests": 50},
-        "target": {"passed": True},
+        "target": {"passed": True, "p50_ms_max": 50.0},
     }
     write_results(res / "hs.json", "hotswap", {"settings": {}, "runs": [hs]}, argv)
     steps = [{"step": "train", "wall_s": 100.0}, {"step": "report", "wall_s": 1.5}]
@@ -260,8 +266,9 @@ def test_report_renders_tables_figures_and_targets(tmp_path: Path):
     assert "| service | m | c=32 | 123.4 |" in text
     assert "7.96×; service p99 300.0 ms vs baseline p50 2000.0 ms | met" in text  # 123.4 / 15.5
     assert "0.90× one adapter, 0.82× merged | missed" in text
-    assert "hot-swap (replace) under load | p50 ≤ 100 ms, 0 failed | p50 30.0 ms" in text
+    assert "hot-swap (replace) under load | p50 ≤ 50 ms, 0 failed | p50 30.0 ms" in text
     assert "python -m benchmarks load --fake" in text and "Source: `../results/load.json`" in text
     assert "`rand` (init=random)" in text
     assert "QUICK=1 form: 4.0 min" in text and "| train | 100.0 |" in text
     assert text.count("Source:") == 6
+    assert "## Files not rendered" in text and "not-a-result.json" in text
