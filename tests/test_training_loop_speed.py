@@ -146,3 +146,17 @@ def test_resolve_compile():
     assert loop.resolve_compile(False, "cuda")[0] is False
     assert loop.resolve_compile("auto", "cuda")[0] is True
     assert loop.resolve_compile("auto", "cpu")[0] is False
+
+
+def test_step_overhead_benchmark_compares_the_same_work():
+    """Not a timing test: both loops train the same model on the same batches to the same loss."""
+    from benchmarks.step_overhead import StepOverheadSettings, run
+
+    payload = run(StepOverheadSettings(steps=12, batch_size=4, max_length=32, repeats=1))
+    minimal, ours = payload["runs"]["minimal"][0], payload["runs"]["training"][0]
+    assert minimal["steps"] == ours["steps"] == payload["steps"] == 12
+    assert minimal["precision"] == ours["precision"] == payload["precision"] == "fp32"
+    assert ours["last_interval_loss"] == pytest.approx(minimal["last_interval_loss"], rel=1e-4)
+    assert payload["minimal_ms_per_step"] == pytest.approx(1000 * minimal["time_s"] / 12)
+    assert payload["ratio"] == pytest.approx(payload["training_ms_per_step"] / payload["minimal_ms_per_step"])
+    assert payload["meets_target"] == (payload["ratio"] <= 1.2)

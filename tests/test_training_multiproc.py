@@ -72,6 +72,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and json.loads(reports[0])["variant"] == "tiny-bert-full"  # the main process only
 
     one = tmp_path / "one"
     cfg = load_config("configs/tiny-bert-full.yaml", [f"data={data_dir}", f"batch_size={2 * per_process}", *COMMON])

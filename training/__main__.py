@@ -81,18 +81,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(args.config, overrides)
             results = train(cfg, store=store, runs_dir=Path(args.runs_dir), resume=args.resume)
             ti = results["train_info"]
-            print(
-                json.dumps(
-                    {
-                        "variant": ti.get("variant"),
-                        "test_accuracy": ti.get("test_accuracy"),
-                        "test_macro_f1": ti.get("test_macro_f1"),
-                        "train_time_s": round(ti["train_time_s"], 2),
-                        "samples_per_s": round(ti["samples_per_s"], 2),
-                        "results": str(Path(args.runs_dir) / f"{cfg.name}.json"),
-                    }
+            if "variant" in ti:  # under accelerate launch only the main process writes and reports
+                print(
+                    json.dumps(
+                        {
+                            "variant": ti.get("variant"),
+                            "test_accuracy": ti.get("test_accuracy"),
+                            "test_macro_f1": ti.get("test_macro_f1"),
+                            "train_time_s": round(ti["train_time_s"], 2),
+                            "samples_per_s": round(ti["samples_per_s"], 2),
+                            "results": str(Path(args.runs_dir) / f"{cfg.name}.json"),
+                        }
+                    )
                 )
-            )
         elif args.command == "export":
             from training.export import export
 
