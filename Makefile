@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 setup: $(BIN)/python
-	scripts/install.sh $(BIN)/python dev
+	scripts/install.sh $(BIN)/python dev,ray
 
 test: $(BIN)/python
 	@[ -x $(BIN)/pytest ] || $(MAKE) setup

@@ -1,0 +1,463 @@
+"""The service on Ray Serve: the engine in every replica, Ray's model multiplexing routes adapters.
+
+    pip install '.[ray]'
+    serve run configs/ray/ray-serve.yaml            # or: serve deploy ... on a running cluster
+
+Two deployments (see configs/ray/ray-serve.yaml for replica counts and autoscaling):
+
+  Frontend  the same FastAPI routes as the single-machine service (service/routes/: own JSON
+            /v1/classify, HF text-classification /models/{name}, KServe V2) behind Ray Serve's
+            FastAPI ingress. Its `app.state.engine` is `RayEngineClient`: the interface the routes
+            already call (entry / infer / refresh / call), answered by Engine replicas instead of
+            the ZeroMQ engine process. It reads labels from the store's manifests and never loads
+            a model.
+  Engine    N replicas, each running this project's engine in-process (`LocalEngine`: Runtime +
+            Batcher: one base, an LRU set of LoRA adapters, mixed-adapter token-budget batches,
+            full/merged/ONNX variants). Requests carry the variant name as Ray's multiplexed model
+            id, so Ray routes a variant's traffic to replicas that already hold it; a replica
+            loads a variant on its first request (`@serve.multiplexed`) and Ray evicts the least
+            recently used one beyond `max_adapters_per_replica`.
+
+Why two deployments: Ray's HTTP proxy routes before the body is read, but this API names the
+variant in the JSON body (or path); the front-end parses it and calls the engine handle with
+`multiplexed_model_id`. Ray's own limit — one model per batch in `@serve.batch` — does not
+apply: each replica's batcher mixes every adapter it holds in one forward.
+
+Admin load/unload (PUT/DELETE /v1/adapters/{name}) cannot reach every replica through a Ray
+handle (a call goes to one replica), so it is refused with 405 saying how variants get loaded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models import ManifestError, Store, VariantNotFound
+from service.app import LimitsAndMetrics
+from service.batcher import Batcher, Job
+from service.client import Result
+from service.config import ServiceConfig
+from service.errors import ModelNotFound, Refused, ServiceError, Timeout, Unavailable, install_error_handlers
+from service.metrics import EngineMetrics, FrontendMetrics
+from service.protocol import error_fields, error_from
+from service.routes import admin, inference, kserve
+from service.runtime import Runtime
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+log = logging.getLogger("service.ray")
+STARTUP_TIMEOUT_S = 600.0  # a large base on a cold disk takes minutes; Ray waits for replica __init__
+REPLICA_RETRIES = 3  # a replica that died mid-request: the request is retried on another one
+INLINE_TOKENIZE_CHARS = 2_000
+
+
+class RayAppArgs(BaseModel):
+    """Arguments of the application (`args:` in the serve config, or `build_app(dict)`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Path = Field(description="model store directory, the same path on every node (shared disk or image)")
+    max_adapters_per_replica: int = Field(
+        8, gt=0, description="variants Ray keeps per engine replica (@serve.multiplexed cap) = the engine's LRU cap"
+    )
+    preload: str = Field("", description="comma-separated variants every replica loads at start (default: none)")
+    engine_replicas: int = Field(1, gt=0, description="engine replicas (the config's deployments: section overrides)")
+    engine_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
+    engine_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (set service.device: cuda too)")
+    max_ongoing_requests: int = Field(64, gt=0, description="requests in flight per engine replica (batch company)")
+    service: dict[str, Any] = Field(
+        default_factory=dict,
+        description="any other ServiceConfig field for every replica (precision, threads, max_batch_tokens, ...)",
+    )
+
+    def service_config(self) -> ServiceConfig:
+        """The engine/front-end configuration every replica runs (validated here, at build time)."""
+        clash = {"store", "max_adapters", "variants"} & set(self.service)
+        if clash:
+            raise ValueError(f"set {sorted(clash)} with store / max_adapters_per_replica / preload, not under service:")
+        return ServiceConfig(
+            store=self.store, max_adapters=self.max_adapters_per_replica, variants=self.preload, **self.service
+        )
+
+
+class NotOnRay(ServiceError):
+    """An operation of the single-machine service that has no meaning across Ray replicas."""
+
+    status, type = 405, "not_supported"
+
+
+# ---- the engine, in-process --------------------------------------------------------------------
+class LocalEngine:
+    """This project's engine in the calling process: Runtime + Batcher, answered on an asyncio loop.
+
+    The same pieces the ZeroMQ engine process runs (service/engine.py), without the sockets: the
+    batcher thread owns the models; admin commands and jobs go through its queue.
+    """
+
+    def __init__(self, cfg: ServiceConfig):
+        self.cfg = cfg
+        self.metrics = EngineMetrics(cfg.device)
+        self.runtime = Runtime(Store(cfg.store), cfg, on_evict=self.metrics.evictions.inc)
+        self.metrics.precision.info(self.runtime.precision_choice.as_dict())
+        self.batcher = Batcher(self.runtime, self.metrics)
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> LocalEngine:
+        """Start the batcher and wait for its startup loads (raises if startup failed)."""
+        self.batcher.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.batcher.ready.wait(0.05):
+            if self.batcher.startup_error or time.monotonic() > deadline:
+                raise RuntimeError(f"engine startup failed: {self.batcher.startup_error or 'timed out'}")
+        return self
+
+    def stop(self) -> None:
+        self.batcher.stop(self.cfg.request_timeout_s)
+
+    async def command(self, op: str, name: str) -> dict[str, Any]:
+        """load (or replace) / unload `name` through the batcher; ServiceError on refusal."""
+        return await asyncio.wrap_future(self.batcher.command(op, name))
+
+    async def infer(self, name: str, texts: list[str], timeout_s: float) -> dict[str, Any]:
+        """fp32 logits (rows x labels) of `texts` under variant `name`, plus the batcher's timing."""
+        entry = self.runtime.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model '{name}' is not loaded on this replica; it loads on a request naming it")
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            rows = entry.encode(texts)
+        else:  # long inputs off the event loop (the Rust tokenizer releases the GIL)
+            rows = await run_in_threadpool(entry.encode, texts)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(job: Job, error: Exception | None) -> None:  # batcher thread
+            loop.call_soon_threadsafe(_settle, fut, job, error)
+
+        job = Job(name, texts, rows, entry.tok_key, done, deadline_s=time.time() + timeout_s)
+        self.batcher.submit(job)
+        try:
+            job, error = await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled = True  # its rows are skipped
+            raise Timeout(f"no result within {timeout_s:g}s; retry later or raise request_timeout_s") from None
+        if error is not None:
+            raise error
+        logits = np.stack(job.logits).astype(np.float32, copy=False)
+        return {
+            "logits": logits.tobytes(),
+            "labels": logits.shape[1],
+            "queue_ms": job.queue_ms,
+            "compute_ms": job.compute_ms,
+            "tokens": job.tokens,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The shape the admin routes read (as the ZeroMQ engine's `state` reply)."""
+        entries = dict(self.runtime.entries)
+        return {
+            "ready": self.batcher.ready.is_set(),
+            "startup_error": self.batcher.startup_error,
+            "precision": self.runtime.precision_choice.as_dict(),
+            "refused": dict(self.runtime.refused),
+            "entries": {
+                name: {
+                    "kind": e.kind,
+                    "labels": e.manifest.labels,
+                    "tok": e.tok_key,
+                    "resident": e.resident,
+                    "bytes": e.bytes,
+                    "last_used": e.last_used,
+                    "request_count": e.request_count,
+                }
+                for name, e in entries.items()
+            },
+        }
+
+
+def _settle(fut: asyncio.Future, job: Job, error: Exception | None) -> None:
+    if not fut.done():
+        fut.set_result((job, error))
+
+
+# ---- the engine deployment ---------------------------------------------------------------------
+class _Held:
+    """What Ray's multiplex cache holds for one variant; Ray calls __del__ when it evicts it
+    (from an executor thread), and the replica then unloads the variant from its engine."""
+
+    def __init__(self, replica: EngineReplica, name: str):
+        self.replica, self.name, self.released = replica, name, False
+
+    def __del__(self) -> None:
+        if not self.released:
+            self.released = True
+            self.replica.loop.call_soon_threadsafe(self.replica.evicted, self.name)
+
+
+class EngineReplica:
+    """One engine replica. `get_model` is wrapped by @serve.multiplexed in `engine_deployment`."""
+
+    def __init__(self, cfg_json: str):
+        self.cfg = ServiceConfig.model_validate_json(cfg_json)
+        self.engine = LocalEngine(self.cfg).start()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the replica's event loop, set on the first load
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        self.held: set[str] = set()  # variants Ray's cache holds here (what Ray routes by)
+        self.inflight: Counter[str] = Counter()
+        self.unloading: dict[str, asyncio.Task] = {}
+        self.loads: Counter[str] = Counter()  # engine loads per variant on this replica
+        self.requests = self.hits = 0
+
+    async def _load(self, name: str) -> _Held:
+        self.loop = asyncio.get_running_loop()
+        pending = self.unloading.get(name)
+        if pending is not None:  # Ray evicted it and wants it back: let the unload finish first
+            await asyncio.shield(pending)
+        if name not in self.engine.runtime.entries:
+            await self.engine.command("load", name)
+            self.loads[name] += 1
+        self.held.add(name)
+        return _Held(self, name)
+
+    def evicted(self, name: str) -> None:
+        """Ray dropped `name` from this replica's cache: unload it once no request here still needs it."""
+        self.held.discard(name)
+        self._maybe_unload(name)
+
+    def _maybe_unload(self, name: str) -> None:
+        if name in self.held or self.inflight[name] or name in self.unloading:
+            return
+        if name in self.engine.runtime.entries:
+            self.unloading[name] = asyncio.ensure_future(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
+        try:
+            await self.engine.command("unload", name)
+        except ServiceError as e:
+            log.warning("unloading evicted %s: %s", name, e.message)
+        finally:
+            self.unloading.pop(name, None)
+
+    async def infer(self, texts: list[str], timeout_s: float) -> dict[str, Any]:
+        """Classify `texts` with the request's multiplexed variant; errors come back as fields."""
+        name = serve.get_multiplexed_model_id()
+        hit = name in self.held and name in self.engine.runtime.entries
+        self.requests += 1
+        self.hits += hit
+        self.inflight[name] += 1
+        try:
+            await self.get_model(name)
+            reply = await self.engine.infer(name, texts, timeout_s)
+        except ServiceError as e:
+            return {"error": error_fields(e)}
+        finally:
+            self.inflight[name] -= 1
+            if not self.inflight[name]:
+                self._maybe_unload(name)
+        reply["replica"] = {"id": self.replica_id, "hit": hit, "loads": sum(self.loads.values())}
+        return reply
+
+    async def state(self) -> dict[str, Any]:
+        return {
+            **self.engine.state(),
+            "replica": self.replica_id,
+            "held": sorted(self.held),
+            "loads": dict(self.loads),
+            "requests": self.requests,
+            "hits": self.hits,
+        }
+
+    async def metrics(self) -> str:
+        return self.engine.metrics.render().decode()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
+def engine_deployment(args: RayAppArgs) -> Any:
+    """The Engine deployment class with the multiplex cap of `args` (fixed when the method is decorated)."""
+
+    class Engine(EngineReplica):
+        @serve.multiplexed(max_num_models_per_replica=args.max_adapters_per_replica)
+        async def get_model(self, name: str) -> _Held:
+            return await self._load(name)
+
+    Engine.__name__ = Engine.__qualname__ = "Engine"
+    return serve.deployment(
+        Engine,
+        name="Engine",
+        num_replicas=args.engine_replicas,
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
+    )
+
+
+# ---- the front-end -----------------------------------------------------------------------------
+_REPLICA_INFO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("replica_info", default=None)
+
+
+class RayEngineClient:
+    """What the routes call as `request.app.state.engine` (the methods of service.client.EngineClient),
+    answered by Engine replicas through a Ray handle with the variant as multiplexed model id."""
+
+    connected = True  # Ray's proxy only routes here while the application runs
+
+    def __init__(self, handle: DeploymentHandle, store: Store):
+        self.handle, self.store = handle, store
+        self._entries: dict[str, dict[str, Any]] = {}
+
+    async def entry(self, name: str) -> dict[str, Any]:
+        """Labels and kind from the store's manifest; any variant in the store is servable by name."""
+        if name not in self._entries:
+            try:
+                m = await run_in_threadpool(self.store.manifest, name)
+            except ManifestError as e:
+                raise Refused(f"variant '{name}' has an unreadable manifest: {e}; rewrite it in the store") from None
+            except (VariantNotFound, ValueError):  # not there, or not a valid variant name
+                known = ", ".join(self.store.names()) or "none"
+                raise ModelNotFound(
+                    f"model '{name}' is not in the store; in the store: {known} — on Ray Serve every variant of "
+                    "the store loads on its first request (write it into the store first)"
+                ) from None
+            self._entries[name] = {"kind": m.kind, "labels": m.labels}
+        return self._entries[name]
+
+    async def _remote(self, method: str, *args: Any, model: str | None = None, timeout_s: float) -> Any:
+        handle = self.handle.options(multiplexed_model_id=model) if model else self.handle
+        for attempt in range(REPLICA_RETRIES + 1):
+            response = getattr(handle, method).remote(*args)
+            try:
+                return await asyncio.wait_for(_awaited(response), timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise Timeout(f"no result within {timeout_s:g}s; retry later or raise request_timeout_s") from None
+            except (RayActorError, ActorUnavailableError) as e:  # the replica died: Ray routes the retry elsewhere
+                if attempt == REPLICA_RETRIES:
+                    raise Unavailable(
+                        f"engine replicas are restarting ({type(e).__name__}); retry in a moment",
+                        headers={"Retry-After": "1"},
+                    ) from None
+                log.warning("engine replica lost (%s); retrying the request", type(e).__name__)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def infer(self, name: str, entry: dict[str, Any], texts: list[str], timeout_s: float) -> Result:
+        reply = await self._remote("infer", texts, timeout_s, model=name, timeout_s=timeout_s + 5)
+        if "error" in reply:
+            raise error_from(reply["error"])
+        info = _REPLICA_INFO.get()
+        if info is not None:  # shown as response headers (ReplicaHeaders)
+            info.update(reply["replica"])
+        logits = np.frombuffer(reply["logits"], dtype=np.float32).reshape(len(texts), reply["labels"])
+        return Result(logits, reply["queue_ms"], reply["compute_ms"], reply["tokens"])
+
+    async def refresh(self) -> dict[str, Any]:
+        """One engine replica's state (a handle call reaches one replica; /v1/models says which)."""
+        return await self._remote("state", timeout_s=30)
+
+    async def call(self, op: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
+        if op in ("load", "unload"):
+            raise NotOnRay(
+                f"{'PUT' if op == 'load' else 'DELETE'} /v1/adapters is not available on Ray Serve: a call reaches "
+                "one replica, not all. Every variant in the store is servable by name and loads on the replica Ray "
+                "routes its first request to (multiplexed model id); replicas evict the least recently used beyond "
+                "max_adapters_per_replica. To replace a variant, write it into the store under a new name, or "
+                "redeploy (`serve deploy`) for replicas to start from the store's current versions.",
+                headers={"Allow": "GET"},
+            )
+        if op == "metrics":
+            return {"text": await self._remote("metrics", timeout_s=timeout_s)}
+        if op == "state":
+            return await self.refresh()
+        raise ServiceError(f"unknown engine op {op!r}")
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+class ReplicaHeaders:
+    """Adds `x-engine-replica` / `x-adapter-hit` / `x-replica-loads` to inference responses: which engine
+    replica answered, whether it already held the variant, and how many loads it has done (for the
+    routing tests and the ray-routing benchmark). A mutable holder in a context variable, so the
+    client can fill it from inside the route whatever task the route runs in."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        info: dict[str, Any] = {}
+        _REPLICA_INFO.set(info)
+
+        async def send_with_headers(msg: Message) -> None:
+            if msg["type"] == "http.response.start" and info:
+                msg["headers"] = [
+                    *msg.get("headers", []),
+                    (b"x-engine-replica", str(info["id"]).encode()),
+                    (b"x-adapter-hit", b"1" if info["hit"] else b"0"),
+                    (b"x-replica-loads", str(info["loads"]).encode()),
+                ]
+            await send(msg)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def frontend_app(cfg: ServiceConfig, engine: RayEngineClient) -> FastAPI:
+    """The single-machine service's routes and error contract over `engine` (service/app.py's wiring)."""
+    metrics = FrontendMetrics()
+    app = FastAPI(
+        title="AG News classifier service (Ray Serve)",
+        version="0.1.0",
+        description="One shared base with per-request LoRA adapters per engine replica; Ray routes by variant.",
+    )
+    app.state.config, app.state.engine, app.state.metrics = cfg, engine, metrics
+    app.state.supervisor, app.state.store = None, engine.store
+    install_error_handlers(app)
+    app.include_router(inference.router)
+    app.include_router(kserve.router)
+    app.include_router(admin.admin)
+    app.include_router(admin.router)
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
+    app.add_middleware(ReplicaHeaders)
+    return app
+
+
+@serve.deployment(name="Frontend", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Frontend:
+    """HTTP ingress: parses and validates, then calls an Engine replica that holds the variant."""
+
+    def __init__(self, engine: DeploymentHandle, cfg_json: str):
+        self.cfg = ServiceConfig.model_validate_json(cfg_json)
+        self.client = RayEngineClient(engine, Store(self.cfg.store))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return frontend_app(self.cfg, self.client)
+
+
+def build_app(args: dict[str, Any] | RayAppArgs) -> Any:
+    """Application builder for `serve run` / `serve deploy` (import_path: service.ray_app:build_app)."""
+    a = args if isinstance(args, RayAppArgs) else RayAppArgs.model_validate(args)
+    cfg = a.service_config()
+    if not Store(cfg.store).root.is_dir():
+        raise ValueError(f"store {cfg.store} is not a directory; every node needs the store at this path")
+    engine = engine_deployment(a).bind(cfg.model_dump_json())
+    return Frontend.bind(engine, cfg.model_dump_json())

@@ -1,0 +1,233 @@
+"""The service on Ray Serve (service/ray_app.py): a local Ray instance, 2 engine replicas, a tiny store.
+
+One Ray instance and one application for the whole module (Ray start-up is the slow part), compared
+with the single-process service on the same store: same answers, same 4xx contract; an adapter's
+repeated requests stick to the replicas that hold it; a killed replica does not lose requests.
+Skipped when Ray is not installed (`pip install '.[ray]'`; `make setup` and CI install it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from service_helpers import free_port, running, write_merged, write_onnx
+from test_service_limits import BAD
+from tiny import GOLDEN_TEXTS, LABELS, make_store
+
+try:
+    import ray
+    from ray import serve
+except ImportError:  # the optional extra is not installed
+    ray = serve = None
+needs_ray = pytest.mark.skipif(
+    ray is None, reason="Ray is an optional extra: pip install '.[ray]' (make setup installs it)"
+)
+
+ADAPTERS = ["lora-0", "lora-1", "lora-2", "lora-3"]
+OTHERS = ["full", "lora-0-merged", "full-onnx"]
+LIMITS = dict(api_key="k3y", max_inputs=8, max_input_chars=200, max_body_bytes=20_000)
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    s = make_store(tmp_path_factory.mktemp("ray") / "store", arch="bert", n_adapters=4)
+    write_merged(s, "lora-0-merged", source="lora-0", seed=100)
+    write_onnx(s, "full-onnx", source="full")
+    return s
+
+
+@pytest.fixture(scope="module")
+def plain(store):
+    """The single-process service on the same store: the reference answers and error contract."""
+    with running(store.root, **LIMITS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def cluster(store):
+    """Ray with 2 CPUs, 2 engine replicas (0.5 CPU each, 1 torch thread) and one front-end."""
+    from service.ray_app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app(
+            {
+                "store": str(store.root),
+                "engine_replicas": 2,
+                "engine_cpus": 0.5,
+                "max_adapters_per_replica": 8,
+                "service": {"precision": "fp32", "threads": 1, "max_wait_ms": 20, **LIMITS},
+            }
+        )
+        serve.run(app, name="agnews", route_prefix="/", blocking=False)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": "Bearer k3y"})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get("/readyz").status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the Ray Serve application did not become ready in 180 s")
+        yield client
+        client.close()
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _probs(resp: httpx.Response) -> list[list[float]]:
+    assert resp.status_code == 200, resp.text
+    return [
+        [next(x["score"] for x in pred if x["label"] == lab) for lab in LABELS] for pred in resp.json()["predictions"]
+    ]
+
+
+def _classify(client: httpx.Client, model: str, inputs) -> httpx.Response:
+    return client.post("/v1/classify", json={"model": model, "inputs": inputs})
+
+
+@needs_ray
+def test_answers_equal_the_single_process_service(cluster, plain):
+    """4 adapters (concurrently, so replicas mix them in batches) and the full/merged/ONNX variants."""
+    names = ADAPTERS + OTHERS
+    jobs = [(n, t) for n in names for t in GOLDEN_TEXTS]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda j: _probs(_classify(cluster, j[0], [j[1]]))[0], jobs))
+    for (n, t), p in zip(jobs, got, strict=True):
+        np.testing.assert_allclose(p, plain.probs(n, [t])[0], atol=TOL, err_msg=f"{n}: {t!r}")
+    # whole-request batches, the HF and KServe routes too
+    for n in ADAPTERS:
+        np.testing.assert_allclose(_probs(_classify(cluster, n, GOLDEN_TEXTS)), plain.probs(n, GOLDEN_TEXTS), atol=TOL)
+        body = {"inputs": GOLDEN_TEXTS[:2], "parameters": {"top_k": 2}}
+        a, b = cluster.post(f"/models/{n}", json=body), plain.client.post(f"/models/{n}", json=body)
+        assert a.status_code == b.status_code == 200
+        assert [[x["label"] for x in row] for row in a.json()] == [[x["label"] for x in row] for row in b.json()]
+        np.testing.assert_allclose(
+            [[x["score"] for x in row] for row in a.json()], [[x["score"] for x in row] for row in b.json()], atol=TOL
+        )
+        v2 = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": GOLDEN_TEXTS[:2]}]}
+        a, b = cluster.post(f"/v2/models/{n}/infer", json=v2), plain.client.post(f"/v2/models/{n}/infer", json=v2)
+        assert a.status_code == b.status_code == 200
+        assert a.json()["outputs"][0] == b.json()["outputs"][0]  # labels
+        np.testing.assert_allclose(a.json()["outputs"][1]["data"], b.json()["outputs"][1]["data"], atol=TOL)
+
+
+@needs_ray
+def test_an_adapters_requests_stick_to_replicas_that_hold_it(cluster):
+    """Each adapter is loaded at most once per replica, and once Ray's routing table knows who holds
+    it (pushed by the replica after its load), every request goes to a replica that already has it."""
+    seen: list[tuple[str, str, bool]] = []
+
+    def round_(repeats: int) -> None:
+        for _ in range(repeats):
+            for n in ADAPTERS:
+                r = _classify(cluster, n, GOLDEN_TEXTS[0])
+                assert r.status_code == 200, r.text
+                seen.append((n, r.headers["x-engine-replica"], r.headers["x-adapter-hit"] == "1"))
+
+    round_(5)
+    loads = Counter((n, rep) for n, rep, hit in seen if not hit)  # a miss = a load on that replica
+    assert max(loads.values(), default=0) <= 1, f"an adapter was loaded twice on one replica: {loads}"
+    time.sleep(2)  # replicas push their model ids to the controller, which updates the routers
+    seen.clear()
+    round_(5)
+    assert all(hit for _, _, hit in seen), f"misses after warm-up: {[s for s in seen if not s[2]]}"
+    replicas = {rep for _, rep, _ in seen}
+    for n in ADAPTERS:  # with no misses, every request went to a replica that held it before
+        holders = {rep for m, rep, _ in seen if m == n}
+        assert holders <= replicas and len(holders) <= 2
+
+
+BAD_ON_RAY = {  # admin rows: on Ray, load/unload is refused with 405 (a valid name) — see service/ray_app.py
+    ("PUT", "/v1/adapters/missing"): (405, "not_supported"),
+    ("DELETE", "/v1/adapters/missing"): (405, "not_supported"),
+}
+
+
+@needs_ray
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "etype", "words"),
+    BAD,
+    ids=[f"{b[0]} {b[1]} {b[3]}-{i}" for i, b in enumerate(BAD)],
+)
+def test_bad_input_gets_the_same_4xx_as_the_plain_service(cluster, plain, method, path, body, status, etype, words):
+    kwargs = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
+    r = cluster.request(method, path, **({} if body is None else kwargs))
+    expected = BAD_ON_RAY.get((method, path))
+    if expected is None:
+        ref = plain.admin.request(method, path, **({} if body is None else kwargs))
+        expected = (ref.status_code, ref.json()["error"]["type"])
+    assert (r.status_code, r.json()["error"]["type"]) == expected, r.text
+    assert set(r.json()["error"]) == {"type", "message"}
+    if r.status_code == 405 and "adapters" in path:
+        assert "Ray Serve" in r.json()["error"]["message"] and "first request" in r.json()["error"]["message"]
+
+
+@needs_ray
+def test_one_replica_killed_requests_still_answered(cluster):
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Engine#" in a["name"]]
+    assert len(names) == 2, names
+    victim_id = names[0].rsplit("#", 1)[1]  # SERVE_REPLICA::<app>#Engine#<replica id> (our x-engine-replica)
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    answered = []
+    for _ in range(3):
+        for n in ADAPTERS:
+            r = _classify(cluster, n, GOLDEN_TEXTS[1])
+            answered.append((r.status_code, r.headers.get("x-engine-replica")))
+    assert [status for status, _ in answered] == [200] * len(answered), answered
+    assert victim_id not in {rep for _, rep in answered}
+
+
+@needs_ray
+def test_the_shipped_serve_config_validates():
+    """configs/ray/ray-serve.yaml: Ray's own schema, our application args, and both deployments named."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.ray_app import RayAppArgs
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ray" / "ray-serve.yaml"
+    assert path.read_text().startswith("# serve run configs/ray/ray-serve.yaml"), "opens with its command"
+    data = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(data)
+    (app,) = data["applications"]
+    assert app["import_path"] == "service.ray_app:build_app"
+    cfg = RayAppArgs.model_validate(app["args"]).service_config()
+    assert cfg.max_adapters == app["args"]["max_adapters_per_replica"] and cfg.precision == "auto"
+    deployments = {d.name: d for d in schema.applications[0].deployments}
+    assert set(deployments) == {"Engine", "Frontend"}
+    scaling = deployments["Engine"].autoscaling_config
+    assert scaling["min_replicas"] <= scaling["initial_replicas"] <= scaling["max_replicas"]
+    assert cfg.threads == deployments["Engine"].ray_actor_options.num_cpus
+    with pytest.raises(ValueError, match="max_adapters_per_replica"):
+        RayAppArgs.model_validate({**app["args"], "service": {"max_adapters": 3}}).service_config()
+
+
+def test_the_single_machine_service_never_imports_ray():
+    """Ray is an optional extra: the service, its engine and every experiment module import without it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, service, service.app, service.engine, service.__main__, benchmarks.experiment;"
+        "benchmarks.experiment.load_all(); assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=120)
