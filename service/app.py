@@ -1,21 +1,29 @@
-"""The FastAPI application: wiring only (routes, error handlers, body limit, metrics, lifespan)."""
+"""The FastAPI front-end: wiring only (routes, error handlers, body limit, metrics, lifespan).
+
+It never touches a model: routes validate, tokenise and exchange messages with the engine
+process through `service.client.EngineClient`.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import Store
-from service.batcher import Batcher
+from service.client import EngineClient
 from service.config import ServiceConfig
 from service.errors import PayloadTooLarge, error_body, install_error_handlers
-from service.metrics import UNKNOWN_VARIANT, Metrics
+from service.metrics import UNKNOWN_VARIANT, FrontendMetrics
 from service.routes import admin, inference, kserve
-from service.runtime import Runtime
+from service.supervisor import EngineSupervisor
+
+CONFIG_ENV = "SERVICE_CONFIG_JSON"  # how `python -m service` hands the config to front-end worker processes
 
 
 def _endpoint(path: str) -> str | None:
@@ -36,7 +44,7 @@ class LimitsAndMetrics:
     streams (Content-Length or not) without buffering it first.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: FrontendMetrics):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,17 +97,23 @@ async def _noop_receive() -> Message:
 
 
 def create_app(cfg: ServiceConfig) -> FastAPI:
-    """Build the app; models load on the batcher thread at startup (watch /readyz)."""
-    metrics = Metrics(cfg.device)
-    runtime = Runtime(Store(cfg.store), cfg, on_evict=metrics.evictions.inc)
-    batcher = Batcher(runtime, metrics)
+    """A front-end for the engine at --engine-address; without one it starts and supervises its own
+    engine process (what tests and a one-process deployment use). Models load in the engine at
+    startup (watch /readyz)."""
+    metrics = FrontendMetrics()
+    supervisor = None if cfg.engine_address else EngineSupervisor(cfg)
+    engine = EngineClient(cfg.engine_address or supervisor.address, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        if supervisor:
+            supervisor.start()
+        await engine.start()
         yield
-        # uvicorn has stopped accepting and waited for in-flight requests; drain what is left.
-        batcher.stop(drain_timeout_s=cfg.request_timeout_s)
+        # uvicorn has stopped accepting and waited for in-flight requests; the engine drains the rest.
+        await engine.close()
+        if supervisor:
+            await run_in_threadpool(supervisor.stop, cfg.request_timeout_s)
 
     app = FastAPI(
         title="AG News classifier service",
@@ -107,7 +121,8 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
         description="One shared base with per-request LoRA adapters, dynamic batching and hot-swap.",
         lifespan=lifespan,
     )
-    app.state.config, app.state.runtime, app.state.batcher, app.state.metrics = cfg, runtime, batcher, metrics
+    app.state.config, app.state.engine, app.state.metrics = cfg, engine, metrics
+    app.state.supervisor, app.state.store = supervisor, Store(cfg.store)
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(kserve.router)
@@ -115,3 +130,8 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
     app.include_router(admin.router)
     app.add_middleware(LimitsAndMetrics, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for front-end worker processes (`python -m service --frontends N`)."""
+    return create_app(ServiceConfig.model_validate_json(os.environ[CONFIG_ENV]))

@@ -1,27 +1,31 @@
-"""One batcher thread per device: owns the runtime, forms token-budget batches, applies swaps.
+"""One batcher thread per device (in the engine process): owns the runtime, forms token-budget batches.
 
-Loop: apply pending admin commands (load / replace / unload) -> wait up to --max-wait-ms for rows
--> take the oldest row's group (all LoRA adapters form one group; each other variant is its own)
--> add rows of that group shortest-first while rows x longest <= --max-batch-tokens -> one forward
--> resolve each request's future. Commands run only between batches, so a batch always sees one
-consistent set of models.
+Loop: apply pending admin commands (commit a prepared load / unload) -> if rows of more than one
+request wait, wait up to --max-wait-ms for company (a lone request runs at once) -> take the oldest
+row's group (all LoRA adapters form one group; each other variant is its own) -> add rows of that
+group shortest-first while rows x longest <= --max-batch-tokens -> one forward -> answer each
+finished request through its `done` callback. Loads are verified and golden-checked on a swap
+worker thread beside this loop (Runtime.prepare); only their commit runs here, between batches,
+so a batch always sees one consistent set of models.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.errors import ModelNotFound, QueueFull, ServiceError, Unavailable
-from service.metrics import Metrics
+from service.metrics import EngineMetrics
 from service.runtime import Entry, Runtime
 
 log = logging.getLogger("service")
@@ -30,16 +34,16 @@ IDLE_POLL_S = 0.1
 
 @dataclass
 class Job:
-    """One HTTP request: its pre-tokenised rows and the future its handler awaits."""
+    """One HTTP request: its pre-tokenised rows and the callback that answers it (from the batcher thread)."""
 
     variant: str
     texts: list[str]
     rows: list[list[int]]
-    tokenizer: Any  # the tokenizer `rows` came from; re-tokenised if a swap changed it
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    tok_key: str | None  # the tokenizer `rows` came from (Entry.tok_key); re-tokenised if a swap changed it
+    done: Callable[[Job, Exception | None], None]
+    deadline_s: float = math.inf  # unix time past which nobody waits for the answer (its rows are dropped)
     enqueued_s: float = field(default_factory=time.perf_counter)
-    logits: list[list[float] | None] = field(default_factory=list)
+    logits: list[np.ndarray | None] = field(default_factory=list)
     remaining: int = 0
     queue_ms: float = 0.0
     compute_ms: float = 0.0
@@ -67,18 +71,23 @@ class Row:
 class Batcher:
     """See the module docstring. `submit` and `command` are called from the event loop."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics):
+    def __init__(self, runtime: Runtime, metrics: EngineMetrics):
         self.runtime = runtime
         self.cfg = runtime.cfg
         self.metrics = metrics
         self._rows: deque[Row] = deque()
-        self._commands: deque[tuple[str, str, concurrent.futures.Future]] = deque()
+        # (op, name or prepared Entry, future, when the command arrived)
+        self._commands: deque[tuple[str, Any, concurrent.futures.Future, float]] = deque()
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
         self.ready = threading.Event()
         self.startup_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        # Verification and golden checks of new variants run here, beside the batches (Runtime.prepare).
+        self._swap_worker = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="swap-verify", initializer=torch.set_num_threads, initargs=(self.cfg.threads,)
+        )
 
     # ---- called from the HTTP side ---------------------------------------------------------
     def start(self) -> None:
@@ -98,12 +107,30 @@ class Batcher:
             self._cond.notify()
 
     def command(self, op: str, name: str) -> concurrent.futures.Future:
-        """Queue a load/unload for the batcher to apply between batches."""
+        """Load/replace or unload `name`. A load is verified on the swap worker while batches go on; only
+        its commit (attach + rename) waits for a gap between batches, like an unload."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._cond:
-            self._commands.append((op, name, fut))
-            self._cond.notify()
+        t0 = time.perf_counter()
+        if op == "load" and self.ready.is_set():
+            self._swap_worker.submit(self._prepare, name, fut, t0)
+        else:  # before startup is done, loads queue behind it on the batcher thread
+            self._enqueue((op, name, fut, t0))
         return fut
+
+    def _enqueue(self, command: tuple[str, Any, concurrent.futures.Future, float]) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float) -> None:
+        """Swap worker thread: verify + golden-check `name`, then hand it to the batcher to commit."""
+        try:
+            entry = self.runtime.prepare(name)
+        except Exception as e:
+            self.metrics.swaps.labels("load", "refused").inc()
+            fut.set_exception(e)
+            return
+        self._enqueue(("commit", entry, fut, t0))
 
     def queue_depth(self) -> int:
         return len(self._rows)
@@ -164,13 +191,13 @@ class Batcher:
     def _apply_commands(self) -> None:
         while self._commands:
             with self._cond:
-                op, name, fut = self._commands.popleft()
-            t0 = time.perf_counter()
+                op, target, fut, t0 = self._commands.popleft()
             try:
-                if op == "load":
+                if op in ("load", "commit"):  # "commit": prepared on the swap worker; "load": all here
+                    name = target.name if op == "commit" else target
                     existed = name in self.runtime.entries
-                    entry = self.runtime.load(name)
-                    load_s = time.perf_counter() - t0
+                    entry = self.runtime.commit(target) if op == "commit" else self.runtime.load(name)
+                    load_s = time.perf_counter() - t0  # from the command's arrival to servable
                     self.metrics.adapter_load.labels(entry.kind, "admin").observe(load_s)
                     result = {
                         "name": name,
@@ -178,13 +205,14 @@ class Batcher:
                         "kind": entry.kind,
                         "load_ms": load_s * 1e3,
                     }
+                    op = "load"
                 else:
-                    self.runtime.unload(name)
-                    result = {"name": name, "status": "unloaded"}
+                    self.runtime.unload(target)
+                    result = {"name": target, "status": "unloaded"}
                 self.metrics.swaps.labels(op, "ok").inc()
                 fut.set_result(result)
             except Exception as e:
-                self.metrics.swaps.labels(op, "refused").inc()
+                self.metrics.swaps.labels("load" if op == "commit" else op, "refused").inc()
                 fut.set_exception(e)
             self._update_gauges()
 
@@ -195,8 +223,11 @@ class Batcher:
             if not self._rows or self._commands:
                 return None
             first_s = self._rows[0].job.enqueued_s
+            # Wait for company only while another request is in flight (rows of one request are
+            # contiguous): a lone request never pays --max-wait-ms, so c=1 latency is compute only.
+            alone = self._rows[0].job is self._rows[-1].job
         # Wait for company until the oldest row has waited max_wait_ms or the budget is full.
-        deadline = first_s + self.cfg.max_wait_ms / 1e3
+        deadline = first_s if alone else first_s + self.cfg.max_wait_ms / 1e3
         while time.perf_counter() < deadline and not self._commands:
             with self._cond:
                 full = (
@@ -213,8 +244,10 @@ class Batcher:
         """Pick rows of the oldest row's group; shortest first within the token budget. Caller holds the lock."""
         entries = self.runtime.entries
         live: deque[Row] = deque()
+        now_s = time.time()
         for row in self._rows:  # drop timed-out rows and rows whose variant was unloaded
-            if row.job.cancelled:
+            if row.job.cancelled or row.job.deadline_s < now_s:
+                row.job.cancelled = True  # the front-end has answered 504 already
                 continue
             if row.job.variant not in entries:
                 self._fail(
@@ -260,7 +293,7 @@ class Batcher:
                 self._fail(job, ServiceError(f"inference failed: {type(e).__name__}: {e}; this is a server bug"))
             return
         compute_s = time.perf_counter() - start_s
-        rows_logits = logits.tolist()
+        rows_logits = logits.numpy()
         width = max(len(i) for i in ids)
         self.metrics.compute.labels(entries[0].group).observe(compute_s)
         self.metrics.batch_size.observe(len(rows))
@@ -281,7 +314,7 @@ class Batcher:
             entry.last_used = now
             if job.remaining == 0:
                 entry.request_count += 1
-                job.loop.call_soon_threadsafe(_resolve, job.future, job)
+                job.done(job, None)
         if self.runtime.evict_over_cap(set()):
             self._update_gauges()
 
@@ -310,24 +343,16 @@ class Batcher:
 
     @staticmethod
     def _ids_for(row: Row, entry: Entry) -> list[int]:
-        if row.job.tokenizer is not entry.tokenizer:  # a replacement brought another tokenizer
-            row.job.rows[row.index] = entry.encode([row.job.texts[row.index]])[0]
+        if row.job.tok_key != entry.tok_key:  # a replacement brought another tokenizer (or a stale front-end)
+            row.job.rows = entry.encode(row.job.texts)
+            row.job.tok_key = entry.tok_key
         return row.job.rows[row.index]
 
     def _fail(self, job: Job, error: Exception) -> None:
-        job.cancelled = True
-        job.loop.call_soon_threadsafe(_reject, job.future, error)
+        if not job.cancelled:
+            job.cancelled = True
+            job.done(job, error)
 
     def _update_gauges(self) -> None:
         self.metrics.loaded_adapters.set(self.runtime.resident_adapters())
         self.metrics.loaded_variants.set(len(self.runtime.entries))
-
-
-def _resolve(fut: asyncio.Future, job: Job) -> None:
-    if not fut.done():
-        fut.set_result(job)
-
-
-def _reject(fut: asyncio.Future, error: Exception) -> None:
-    if not fut.done():
-        fut.set_exception(error)

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "SERVICE_"
+# Measured with wrk against a 2-layer model on a 2-core machine (see service/__main__.py).
+DEFAULT_FRONTENDS = 1
 
 
 class ServiceConfig(BaseModel):
@@ -26,7 +28,11 @@ class ServiceConfig(BaseModel):
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     api_key: str | None = Field(None, description="admin endpoints require 'Authorization: Bearer KEY' when set")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="compute precision of torch variants")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="compute precision of torch variants; auto = bf16 where the hardware has it natively "
+        "(CPU avx512_bf16/AMX, CUDA), else fp32 (fp16 on CUDA without bf16)",
+    )
     device: Literal["cpu", "cuda"] = Field("cpu", description="device of torch variants")
     variants: str = Field("all", description="comma-separated variants to load at start, or 'all' (those that verify)")
     base: str | None = Field(
@@ -61,6 +67,15 @@ class ServiceConfig(BaseModel):
         "32 texts took ~150 ms on MiniLM bf16 here, against ~20 ms for verify + attach",
     )
     log_level: str = Field("info", description="uvicorn log level")
+    frontends: int = Field(
+        DEFAULT_FRONTENDS,
+        ge=1,
+        description="HTTP front-end processes sharing the port; each parses, validates and tokenises, and "
+        "talks to the one engine process over ZeroMQ",
+    )
+    engine_address: str | None = Field(
+        None, description="ZeroMQ address of a running engine (ipc://...); default: start one and supervise it"
+    )
 
     @model_validator(mode="after")
     def _precision_fits_device(self) -> ServiceConfig:

@@ -1,9 +1,17 @@
-"""Prometheus metrics; each app owns its CollectorRegistry so several servers can live in one process."""
+"""Prometheus metrics; each app owns its CollectorRegistry so several servers can live in one process.
+
+Two halves: `FrontendMetrics` (requests as the HTTP processes see them; summed over front-end
+processes through prometheus_client's multiprocess mode when there are several) and
+`EngineMetrics` (batches, queue, adapters, precision: the engine process renders them and each
+front-end appends that text to its own on GET /metrics).
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from models.provenance import current_rss_bytes
 
@@ -13,10 +21,10 @@ BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 UNKNOWN_VARIANT = "_unknown"  # requests naming no loaded variant share one label (bounded cardinality)
 
 
-class Metrics:
-    """All series the service exports; names carry their unit."""
+class FrontendMetrics:
+    """What an HTTP front-end process counts; names carry their unit."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "service_requests",
@@ -31,6 +39,29 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.engine_up = Gauge(
+            "service_engine_up", "1 while the engine process is connected", registry=r, multiprocess_mode="min"
+        )
+        self.engine_disconnects = Counter(
+            "service_engine_disconnects", "Times the engine process went away (crash or restart)", registry=r
+        )
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several front-end processes: sum their files
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """What the engine process measures; names carry their unit."""
+
+    def __init__(self, device: str = "cpu"):
+        self.registry = r = CollectorRegistry()
+        self.precision = Info("service_precision", "Compute precision chosen for torch variants, and why", registry=r)
         self.queue_wait = Histogram(
             "service_queue_wait_seconds",
             "Time a row waited before its batch started",

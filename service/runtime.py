@@ -1,14 +1,16 @@
 """The models: one shared base with LoRA adapters, full/merged torch models, ONNX sessions.
 
-Only the batcher thread calls the mutating methods (`load`, `unload`, `ensure_resident`,
-`forward`), so no model is ever touched by two threads and a swap can never tear a batch.
-HTTP handlers only read `entries` (dict reads are atomic under the GIL; entries are replaced
-whole, never mutated into an inconsistent state).
+Only the batcher thread calls the mutating methods (`load`, `commit`, `unload`,
+`ensure_resident`, `forward`), so the serving models are never touched by two threads and a swap
+can never tear a batch. `prepare` (verify + golden check of a new variant) runs on the swap worker
+thread and touches only new objects and the side model (service/side.py). The engine's socket
+thread only reads `entries` (dict reads are atomic under the GIL; entries are replaced whole).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import threading
@@ -23,11 +25,13 @@ import torch
 
 from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
 from models.golden import check_golden, load_tolerance
+from models.hardware import PrecisionChoice, resolve_precision
 from models.loading import DTYPES, attach_adapter, load_base, onnx_logits, pad_rows
 from models.variant import LoadedVariant, load_variant
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
 from service.lora_bank import LoraBank
+from service.side import SideModel
 
 log = logging.getLogger("service")
 LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
@@ -50,10 +54,24 @@ class Entry:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = 0.0
     request_count: int = 0
+    _tok_key: str | None = None
 
     @property
     def kind(self) -> str:
         return self.manifest.kind
+
+    @property
+    def tok_key(self) -> str:
+        """Content hash of the tokenizer and truncation length: front-ends tokenise with the tokenizer of this key."""
+        if self._tok_key is None:
+            spec = f"{self.tokenizer_json()}\0{self.manifest.max_length}"
+            self._tok_key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+        return self._tok_key
+
+    def tokenizer_json(self) -> str:
+        """The fast tokenizer serialised (tokenizers.Tokenizer.from_str rebuilds it in a front-end)."""
+        with self.tok_lock:
+            return self.tokenizer.backend_tokenizer.to_str()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to the manifest's max_length, unpadded."""
@@ -74,11 +92,15 @@ class Runtime:
         self.on_evict = on_evict or (lambda n: None)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        # --precision auto: bf16 only where the hardware computes it natively (models/hardware.py)
+        self.precision_choice: PrecisionChoice = resolve_precision(cfg.precision, cfg.device)
+        self.precision = self.precision_choice.precision
         # bf16 on CPU: autocast keeps fp32 master weights (golden checks stay exact-ish) while
         # matmuls run in bf16 on avx512_bf16; "weights" casts the weights instead.
-        self.weight_dtype = cfg.precision
-        if cfg.precision == "bf16" and cfg.device == "cpu" and cfg.bf16_mode == "autocast":
+        self.weight_dtype = self.precision
+        if self.precision == "bf16" and cfg.device == "cpu" and cfg.bf16_mode == "autocast":
             self.weight_dtype = "fp32"
+        self.version = 0  # bumped whenever the set of servable variants changes (front-ends cache it)
         self.entries: dict[str, Entry] = {}
         self.refused: dict[str, str] = {}  # name -> last refusal reason (shown in /v1/models)
         self.base: Any = None  # PeftModel once an adapter is attached, else the bare classifier
@@ -90,16 +112,17 @@ class Runtime:
         self._stale_adapters: list[str] = []  # peft cannot delete its last adapter; see _drop_adapter
         self.bank: LoraBank | None = None  # stacked adapter weights for mixed batches (lora_kernel=bank)
         self._bank_stale = True  # set whenever peft's set of adapters changes; rebuilt before the next batch
+        self.side: SideModel | None = None  # where new adapters are verified beside the serving base
 
     # ---- precision -------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.precision == "bf16" and self.weight_dtype == "fp32":
+        if self.precision == "bf16" and self.weight_dtype == "fp32":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def tolerance(self, kind: str) -> float:
         """Golden-check tolerance for `kind` at this service's precision (models.golden holds them all)."""
-        return load_tolerance(kind, self.cfg.precision)
+        return load_tolerance(kind, self.precision)
 
     # ---- base ------------------------------------------------------------------------------
     def choose_base(self) -> Manifest | None:
@@ -122,20 +145,52 @@ class Runtime:
             self.store, m, dtype=self.weight_dtype, device=self.cfg.device
         )
         self.base_manifest = m
+        self.side = SideModel(self.base, dtype=self.weight_dtype, device=self.device)
         log.info("base %s (%s…) loaded in %.2fs", m.base_model, m.base_fingerprint[:12], time.perf_counter() - t0)
 
     # ---- load / unload (batcher thread only) -----------------------------------------------
     def load(self, name: str) -> Entry:
         """Load or replace `name` from the store; the old version keeps serving unless this succeeds."""
+        return self.commit(self._refusals(name, self._build))
+
+    def prepare(self, name: str) -> Entry:
+        """Verify and load `name` without touching any serving model (the swap worker thread calls this).
+
+        Full/merged/ONNX variants are new objects anyway; a LoRA adapter is attached to the side
+        model and golden-checked there; `commit` then attaches it to the serving base.
+        """
+        return self._refusals(
+            name, self._prepare_lora if self.side is not None and self._is_lora(name) else self._build
+        )
+
+    def _prepare_lora(self, name: str) -> Entry:
+        m = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
+        path = self.store.path(name)
+        entry = Entry(name, m, self.base_tokenizer, dir_bytes(path), tok_lock=self.base_tok_lock)
+        side_adapter = self.side.attach(path)
         try:
-            entry = self._build(name)
+            self._check_golden(entry, model=self.side.model, adapter=side_adapter)
+        finally:
+            self.side.drop(side_adapter)
+        return entry
+
+    def _refusals(self, name: str, build: Callable[[str], Entry]) -> Entry:
+        try:
+            return build(name)
         except VariantNotFound as e:
             raise ModelNotFound(f"{e}; write it into the store first") from e
         except VariantRefused as e:
             self.refused[name] = "; ".join(e.reasons)
             raise Refused(f"{e}; the previous version (if any) keeps serving") from e
+
+    def commit(self, entry: Entry) -> Entry:
+        """Give a loaded entry its name (batcher thread, between batches): attach a prepared adapter, swap."""
+        name = entry.name
+        if entry.kind == "lora" and entry.adapter is None:
+            entry.adapter = self._attach(name)
         old = self.entries.get(name)
         self.entries[name] = entry  # the swap: one dict assignment between batches
+        self.version += 1
         self.refused.pop(name, None)
         if old is not None:
             entry.request_count = old.request_count
@@ -148,6 +203,7 @@ class Runtime:
         entry = self.entries.pop(name, None)
         if entry is None:
             raise ModelNotFound(f"'{name}' is not loaded; loaded: {', '.join(sorted(self.entries)) or 'none'}")
+        self.version += 1
         self._release(entry)
 
     def ensure_resident(self, name: str, protect: set[str]) -> bool:
@@ -247,12 +303,15 @@ class Runtime:
             self._drop_adapter(entry.adapter)
         entry.model = None
 
-    def _check_golden(self, entry: Entry) -> None:
-        """Re-run golden texts through models.golden: subset, int8 one-per-batch scoring and tolerances live there."""
-        model = self.base if entry.kind == "lora" else entry.model
-        view = LoadedVariant.wrap(entry.manifest, self.store.path(entry.name), entry.tokenizer, model, entry.adapter)
+    def _check_golden(self, entry: Entry, model: Any = None, adapter: str | None = None) -> None:
+        """Re-run golden texts through models.golden: subset, int8 one-per-batch scoring and tolerances live there.
+
+        `model`/`adapter` override where it runs (the side model, for a LoRA adapter being prepared)."""
+        if model is None:
+            model, adapter = (self.base if entry.kind == "lora" else entry.model), entry.adapter
+        view = LoadedVariant.wrap(entry.manifest, self.store.path(entry.name), entry.tokenizer, model, adapter)
         with entry.tok_lock, self.autocast():
-            result = check_golden(view, subset=self.cfg.golden_check_texts, precision=self.cfg.precision)
+            result = check_golden(view, subset=self.cfg.golden_check_texts, precision=self.precision)
         if not result.passed:
             raise VariantRefused(entry.name, [result.reason or "golden-set check failed"])
 

@@ -108,8 +108,15 @@ class ModelInfo(BaseModel):
     error: str | None = Field(None, description="why it is not loaded, when it was refused")
 
 
+class PrecisionInfo(BaseModel):
+    precision: str = Field(description="compute precision of torch variants: fp32, bf16 or fp16")
+    requested: str = Field(description="what --precision asked for (auto or a precision)")
+    reason: str = Field(description="why this precision (auto: what the hardware probe found)")
+
+
 class ModelList(BaseModel):
     data: list[ModelInfo]
+    precision: PrecisionInfo | None = None
 
 
 class AdapterOp(BaseModel):

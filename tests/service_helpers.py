@@ -1,5 +1,6 @@
 """Helpers for the service tests: extra store variants (merged, ONNX, corrupt, foreign base) and a
-real uvicorn server on a free loopback port, run in a thread of the test process."""
+real service on a free loopback port: the uvicorn front-end in a thread of the test process, its
+engine in a process of its own (started and supervised by the app)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ class Server:
 
     def __init__(self, store: Path, **overrides):
         self.port = free_port()
-        self.cfg = ServiceConfig(store=store, port=self.port, threads=1, **overrides)
+        # fp32 unless a test asks otherwise: answers are compared with fp32 golden logits at 1e-4
+        self.cfg = ServiceConfig(store=store, port=self.port, threads=1, **{"precision": "fp32", **overrides})
         self.app = create_app(self.cfg)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -129,6 +131,8 @@ class Server:
             with contextlib.suppress(httpx.HTTPError):
                 if self.client.get("/readyz").status_code == 200:
                     return self
+            if self.app.state.supervisor and self.app.state.supervisor.failed:
+                break
             time.sleep(0.05)
         raise RuntimeError(f"server on {self.url} not ready after {timeout_s}s")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import golden_probs, running, write_merged, write_onnx
-from tiny import GOLDEN_TEXTS, LABELS, make_store
+from tiny import GOLDEN_TEXTS, LABELS, make_store, tokenizer
 
 ADAPTERS = ["lora-0", "lora-1", "lora-2", "lora-3"]
 TOL = 1e-4
@@ -93,7 +93,7 @@ def test_classify_response_shape_usage_and_top_k(bert):
     assert [len(p) for p in body["predictions"]] == [2, 2]
     for pred in body["predictions"]:
         assert pred[0]["score"] >= pred[1]["score"] and pred[0]["label"] in LABELS
-    tok = bert.app.state.runtime.base_tokenizer
+    tok = tokenizer()
     assert body["usage"]["tokens"] == sum(len(tok(t)["input_ids"]) for t in GOLDEN_TEXTS[:2])
     assert body["timing"]["queue_ms"] >= 0 and body["timing"]["compute_ms"] > 0
     single = bert.classify("lora-1", GOLDEN_TEXTS[0]).json()["predictions"]
@@ -195,7 +195,8 @@ def test_bf16_server_matches_fp32_within_tolerance(bert):
     from service_helpers import running
 
     with running(bert.store.root, precision="bf16", variants="lora-0,lora-1,full") as fast:
-        assert fast.app.state.runtime.weight_dtype == "bf16"
+        chosen = fast.admin.get("/v1/models").json()["precision"]
+        assert chosen == {"precision": "bf16", "requested": "bf16", "reason": "bf16 requested explicitly"}
         for name in ["lora-0", "lora-1", "full"]:
             np.testing.assert_allclose(fast.probs(name, GOLDEN_TEXTS), golden_probs(bert.store, name), atol=0.03)
         models = {m["name"]: m for m in fast.admin.get("/v1/models").json()["data"]}

@@ -1,15 +1,17 @@
-"""Admin (behind the API key), health and metrics."""
+"""Admin (behind the API key), health and metrics. Admin operations run in the engine, so every
+front-end process sees one state."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 
 from fastapi import APIRouter, Depends, Request, Response
 
 from models import check_name
 from service.auth import require_admin
-from service.errors import BadRequest, Unavailable
-from service.schemas import AdapterOp, Health, ModelInfo, ModelList
+from service.client import ADMIN_TIMEOUT_S, STATE_TIMEOUT_S, EngineClient, engine_down
+from service.errors import BadRequest, ServiceError, Unavailable
+from service.schemas import AdapterOp, Health, ModelInfo, ModelList, PrecisionInfo
 
 router = APIRouter()
 admin = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -17,29 +19,30 @@ admin = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_ad
 
 @admin.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    """Every variant in the store and every loaded one, with its state."""
-    rt = request.app.state.runtime
-    entries = dict(rt.entries)  # a snapshot: the batcher may swap entries meanwhile
-    infos = {i.name: i for i in rt.store.list()}
+    """Every variant in the store and every loaded one, with its state, and the precision chosen."""
+    state = await request.app.state.engine.refresh()
+    entries = state["entries"]
+    infos = {i.name: i for i in request.app.state.store.list()}
     out = []
     for name in sorted(set(infos) | set(entries)):
         e = entries.get(name)
-        m = e.manifest if e else infos[name].manifest
+        info = infos.get(name)
+        m = info.manifest if info else None
         out.append(
             ModelInfo(
                 name=name,
-                kind=m.kind if m else None,
+                kind=e["kind"] if e else (m.kind if m else None),
                 base=f"{m.base_model}@{m.base_fingerprint[:12]}" if m else None,
-                labels=m.labels if m else [],
+                labels=e["labels"] if e else (m.labels if m else []),
                 loaded=e is not None,
-                resident=bool(e and e.resident),
-                bytes=e.bytes if e else None,
-                last_used=(e.last_used or None) if e else None,
-                request_count=e.request_count if e else 0,
-                error=None if e else (rt.refused.get(name) or infos[name].error),
+                resident=bool(e and e["resident"]),
+                bytes=e["bytes"] if e else None,
+                last_used=(e["last_used"] or None) if e else None,
+                request_count=e["request_count"] if e else 0,
+                error=None if e else (state["refused"].get(name) or (info.error if info else None)),
             )
         )
-    return ModelList(data=out)
+    return ModelList(data=out, precision=PrecisionInfo(**state["precision"]))
 
 
 async def _command(request: Request, op: str, name: str) -> dict:
@@ -47,8 +50,10 @@ async def _command(request: Request, op: str, name: str) -> dict:
         check_name(name)
     except ValueError as e:
         raise BadRequest(f"{e}") from None
-    fut = request.app.state.batcher.command(op, name)
-    return await asyncio.wrap_future(fut)
+    engine: EngineClient = request.app.state.engine
+    reply = await engine.call(op, ADMIN_TIMEOUT_S, name=name)
+    await engine.refresh()  # this front-end serves the new state from its next request on
+    return {k: reply[k] for k in AdapterOp.model_fields if k in reply}
 
 
 @admin.put("/adapters/{name}", response_model=AdapterOp)
@@ -65,23 +70,37 @@ async def unload_adapter(name: str, request: Request) -> AdapterOp:
 
 @router.get("/metrics", tags=["ops"])
 async def metrics(request: Request) -> Response:
+    """This front-end's request metrics (all front-ends' when several) followed by the engine's."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    text = request.app.state.metrics.render()
+    # engine down or busy: the front-end's own series still say so (service_engine_up)
+    with contextlib.suppress(ServiceError):
+        text += (await request.app.state.engine.call("metrics", STATE_TIMEOUT_S))["text"].encode()
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"])
 async def healthz() -> Health:
-    """The process is up (models may still be loading)."""
+    """The front-end process is up (the engine may still be loading, or restarting)."""
     return Health(status="ok")
+
+
+async def engine_ready(request: Request) -> dict:
+    """The engine's state once it serves; 503 with the reason otherwise."""
+    engine: EngineClient = request.app.state.engine
+    if not engine.connected:
+        raise engine_down()
+    state = await engine.refresh()
+    if state["startup_error"]:
+        raise Unavailable(f"startup failed: {state['startup_error']}; fix the store and restart")
+    if not state["ready"]:
+        raise Unavailable("still loading models; retry shortly", headers={"Retry-After": "1"})
+    return state
 
 
 @router.get("/readyz", response_model=Health, tags=["ops"])
 async def readyz(request: Request) -> Health:
-    """Ready once the startup loads are done and the batcher is running."""
-    batcher = request.app.state.batcher
-    if batcher.startup_error:
-        raise Unavailable(f"startup failed: {batcher.startup_error}; fix the store and restart")
-    if not batcher.ready.is_set():
-        raise Unavailable("still loading models; retry shortly")
-    return Health(status="ready", loaded=sorted(request.app.state.runtime.entries))
+    """Ready once the engine process runs and its startup loads are done."""
+    state = await engine_ready(request)
+    return Health(status="ready", loaded=sorted(state["entries"]))

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import math
+from typing import Any
 
-from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
+import numpy as np
+from fastapi import APIRouter, Request, Response
 
-from service.batcher import Batcher, Job
-from service.errors import BadRequest, ModelNotFound, PayloadTooLarge, Timeout
-from service.runtime import Entry
+from service.client import EngineClient, Result
+from service.errors import BadRequest, PayloadTooLarge
+from service.routes import fast_json
 from service.schemas import ClassifyRequest, ClassifyResponse, HFRequest, LabelScore
 
 router = APIRouter(tags=["inference"])
 
 
-def resolve(request: Request, name: str) -> Entry:
-    """The loaded variant called `name`, or a 404 that lists what is loaded and how to load more."""
-    entry = request.app.state.runtime.entries.get(name)
-    if entry is None:
-        loaded = ", ".join(sorted(request.app.state.runtime.entries)) or "none"
-        raise ModelNotFound(f"model '{name}' is not loaded; loaded: {loaded}; load it with PUT /v1/adapters/{name}")
+async def resolve(request: Request, name: str) -> dict[str, Any]:
+    """The loaded variant called `name` (labels, kind, tokenizer key), or a 404 that says how to load it."""
+    engine: EngineClient = request.app.state.engine
+    entry = await engine.entry(name)
     request.state.variant = name
     return entry
 
@@ -39,62 +36,53 @@ def check_inputs(request: Request, inputs: str | list[str]) -> list[str]:
     return texts
 
 
-async def run_job(request: Request, entry: Entry, texts: list[str]) -> Job:
-    """Tokenise, enqueue, await the batcher; 504 past --request-timeout-s."""
-    # Tokenising here (in the threadpool) keeps the batcher thread busy with forwards only and
-    # gives the queue exact token counts for the budget; the fast tokenizer releases the GIL.
-    enc = await run_in_threadpool(entry.encode, texts)
-    loop = asyncio.get_running_loop()
-    job = Job(entry.name, texts, enc, entry.tokenizer, loop, loop.create_future())
-    batcher: Batcher = request.app.state.batcher
-    batcher.submit(job)
-    timeout_s = request.app.state.config.request_timeout_s
-    try:
-        return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-    except asyncio.TimeoutError:
-        job.cancelled = True
-        raise Timeout(
-            f"no result within {timeout_s:g}s (queue depth {batcher.queue_depth()}); retry later or raise --request-timeout-s"
-        ) from None
+async def run_job(request: Request, name: str, entry: dict[str, Any], texts: list[str]) -> Result:
+    """Tokenise here, send token ids to the engine, await its logits; 504 past --request-timeout-s."""
+    engine: EngineClient = request.app.state.engine
+    return await engine.infer(name, entry, texts, request.app.state.config.request_timeout_s)
 
 
-def scores(logits: list[float], fn: str = "softmax") -> list[float]:
-    """Class scores from one row of logits (softmax unless the HF client asks otherwise)."""
+def scores(logits: np.ndarray, fn: str = "softmax") -> np.ndarray:
+    """Class scores (float64) for rows of logits (softmax unless the HF client asks otherwise)."""
+    x = logits.astype(np.float64)
     if fn == "sigmoid":
-        return [1 / (1 + math.exp(-x)) for x in logits]
+        return 1 / (1 + np.exp(-x))
     if fn == "none":
-        return list(logits)
-    top = max(logits)
-    exps = [math.exp(x - top) for x in logits]
-    total = sum(exps)
-    return [e / total for e in exps]
+        return x
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def top_labels(labels: list[str], probs: list[float], top_k: int | None) -> list[LabelScore]:
-    order = sorted(range(len(probs)), key=lambda i: -probs[i])[: top_k or len(probs)]
-    return [LabelScore(label=labels[i], score=probs[i]) for i in order]
+def top_labels(labels: list[str], probs: np.ndarray, top_k: int | None) -> list[list[dict[str, Any]]]:
+    """Per row, {label, score} best first (top_k of them)."""
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, : top_k or probs.shape[-1]]
+    values = probs.tolist()
+    return [
+        [{"label": labels[i], "score": row[i]} for i in idx] for row, idx in zip(values, order.tolist(), strict=True)
+    ]
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
-async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+async def classify(body: ClassifyRequest, request: Request) -> Response:
     """Classify one or more texts with the named variant."""
-    entry = resolve(request, body.model)
+    entry = await resolve(request, body.model)
     texts = check_inputs(request, body.inputs)
-    job = await run_job(request, entry, texts)
-    labels = entry.manifest.labels
-    return ClassifyResponse(
-        model=entry.name,
-        predictions=[top_labels(labels, scores(row), body.top_k) for row in job.logits],
-        usage={"tokens": job.tokens},
-        timing={"queue_ms": round(job.queue_ms, 3), "compute_ms": round(job.compute_ms, 3)},
+    res = await run_job(request, body.model, entry, texts)
+    return fast_json(
+        {
+            "model": body.model,
+            "predictions": top_labels(entry["labels"], scores(res.logits), body.top_k),
+            "usage": {"tokens": res.tokens},
+            "timing": {"queue_ms": round(res.queue_ms, 3), "compute_ms": round(res.compute_ms, 3)},
+        }
     )
 
 
 @router.post("/models/{name}", response_model=list[list[LabelScore]])
-async def hf_text_classification(name: str, body: HFRequest, request: Request) -> list[list[LabelScore]]:
+async def hf_text_classification(name: str, body: HFRequest, request: Request) -> Response:
     """Hugging Face Inference API text-classification shape: one list of {label, score} per input."""
-    entry = resolve(request, name)
+    entry = await resolve(request, name)
     texts = check_inputs(request, body.inputs)
-    job = await run_job(request, entry, texts)
+    res = await run_job(request, name, entry, texts)
     fn = body.parameters.function_to_apply or "softmax"
-    return [top_labels(entry.manifest.labels, scores(row, fn), body.parameters.top_k) for row in job.logits]
+    return fast_json(top_labels(entry["labels"], scores(res.logits, fn), body.parameters.top_k))

@@ -13,7 +13,8 @@ import struct
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from service.errors import BadRequest, Unavailable
+from service.errors import BadRequest
+from service.routes.admin import engine_ready
 from service.routes.inference import check_inputs, resolve, run_job, scores
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2Tensor, V2TensorMeta
 
@@ -33,28 +34,27 @@ async def live() -> Response:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
-    if not request.app.state.batcher.ready.is_set():
-        raise Unavailable("still loading models; retry shortly")
+    await engine_ready(request)
     return Response(status_code=200)
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata)
 async def model_metadata(name: str, request: Request) -> V2ModelMetadata:
-    entry = resolve(request, name)
+    entry = await resolve(request, name)
     return V2ModelMetadata(
         name=name,
-        platform=f"agnews_{entry.kind}",
+        platform=f"agnews_{entry['kind']}",
         inputs=[V2TensorMeta(name="text", datatype="BYTES", shape=[-1])],
         outputs=[
             V2TensorMeta(name="label", datatype="BYTES", shape=[-1]),
-            V2TensorMeta(name="probabilities", datatype="FP32", shape=[-1, len(entry.manifest.labels)]),
+            V2TensorMeta(name="probabilities", datatype="FP32", shape=[-1, len(entry["labels"])]),
         ],
     )
 
 
 @router.get("/models/{name}/ready")
 async def model_ready(name: str, request: Request) -> Response:
-    resolve(request, name)
+    await resolve(request, name)
     return Response(status_code=200)
 
 
@@ -104,18 +104,16 @@ def _flatten(data: list) -> list:
 @router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True)
 async def infer(name: str, request: Request) -> V2InferResponse:
     """Texts in a BYTES input -> `label` (BYTES) and `probabilities` (FP32, [n, labels]) outputs."""
-    entry = resolve(request, name)
+    entry = await resolve(request, name)
     req, texts = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
     texts = check_inputs(request, texts)
-    job = await run_job(request, entry, texts)
-    labels = entry.manifest.labels
-    probs = [scores(row) for row in job.logits]
-    best = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
+    res = await run_job(request, name, entry, texts)
+    labels = entry["labels"]
+    probs = scores(res.logits)
+    best = [labels[i] for i in probs.argmax(axis=-1).tolist()]
     outputs = [
         V2Tensor(name="label", datatype="BYTES", shape=[len(texts)], data=best),
-        V2Tensor(
-            name="probabilities", datatype="FP32", shape=[len(texts), len(labels)], data=[x for p in probs for x in p]
-        ),
+        V2Tensor(name="probabilities", datatype="FP32", shape=[len(texts), len(labels)], data=probs.ravel().tolist()),
     ]
     if req.outputs:  # only what was asked for; always as JSON data (clients accept it for binary requests too)
         wanted = {o.name for o in req.outputs}

@@ -1,0 +1,189 @@
+"""The front-end's side of the engine: one asyncio DEALER socket, a dict of request id -> future.
+
+A reader task resolves futures as replies arrive, so no handler ever blocks on the engine and the
+engine never waits on a front-end (vLLM's AsyncMPClient has this shape). A socket monitor sees the
+engine's connection drop the moment its process dies: every pending request then fails with 503 +
+Retry-After and new ones are refused until the supervisor's restarted engine reconnects.
+
+The front-end tokenises with the engine's own tokenizers (fetched once per content hash) and keeps
+a cached copy of the engine's state (variants, labels, tokenizer keys); every reply carries the
+engine's state version, and a stale cache is refreshed in the background (or at once on a miss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from starlette.concurrency import run_in_threadpool
+from tokenizers import Tokenizer
+from zmq.utils.monitor import parse_monitor_message
+
+from service.errors import ModelNotFound, Timeout, Unavailable
+from service.metrics import FrontendMetrics
+from service.protocol import error_from, pack, unpack
+
+log = logging.getLogger("service.client")
+ADMIN_TIMEOUT_S = 600.0  # loading a large variant can take minutes; the engine always answers
+STATE_TIMEOUT_S = 5.0
+INLINE_TOKENIZE_CHARS = 2_000  # shorter inputs are tokenised on the event loop (a thread hop costs more)
+
+
+def engine_down() -> Unavailable:
+    return Unavailable(
+        "the engine process is not running (it is being restarted); retry in a moment", headers={"Retry-After": "1"}
+    )
+
+
+@dataclass
+class Result:
+    """An answered inference request: fp32 logits (rows x labels) and the engine's timing."""
+
+    logits: np.ndarray
+    queue_ms: float
+    compute_ms: float
+    tokens: int
+
+
+class EngineClient:
+    def __init__(self, address: str, metrics: FrontendMetrics):
+        self.address, self.metrics = address, metrics
+        self.connected = False
+        self.state: dict[str, Any] = {}
+        self._version: tuple[str, int] | None = None  # (engine id, state version) of `state`
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._refresh: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)  # find a restarted engine quickly
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.sock.connect(self.address)
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch(monitor))]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_pending(engine_down())
+        self.ctx.destroy(linger=0)  # closes the monitor socket too (term() would wait for it)
+
+    # ---- background tasks ----------------------------------------------------------------------
+    async def _read(self) -> None:
+        while True:
+            msg = unpack(await self.sock.recv())
+            fut = self._pending.pop(msg.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            if self._version is not None and (msg.get("e"), msg.get("v")) != self._version:
+                self._schedule_refresh()
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED and self.connected:
+                log.error("lost the engine process; failing %d pending requests with 503", len(self._pending))
+                self.connected = False
+                self.metrics.engine_up.set(0)
+                self.metrics.engine_disconnects.inc()
+                self._version = None
+                self._fail_pending(engine_down())
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                self.metrics.engine_up.set(1)
+                self._schedule_refresh()
+
+    def _fail_pending(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    def _schedule_refresh(self) -> None:
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self.refresh())
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def call(self, op: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
+        """Send one request and await its reply; engine errors are raised as the same HTTP error."""
+        if not self.connected:
+            raise engine_down()
+        req_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        await self.sock.send(pack({"id": req_id, "op": op, **fields}))
+        try:
+            reply = await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            self._pending.pop(req_id, None)
+            raise Timeout(f"no result within {timeout_s:g}s; retry later or raise --request-timeout-s") from None
+        if "error" in reply:
+            raise error_from(reply["error"])
+        return reply
+
+    async def refresh(self) -> dict[str, Any]:
+        """Fetch the engine's state, and the tokenizers of variants new to this front-end."""
+        reply = await self.call("state", STATE_TIMEOUT_S)
+        for key in {e["tok"] for e in reply["entries"].values()} - self._tokenizers.keys():
+            await self._fetch_tokenizer(key, STATE_TIMEOUT_S)
+        self.state, self._version = reply, (reply["e"], reply["v"])
+        return reply
+
+    async def _fetch_tokenizer(self, key: str, timeout_s: float) -> Tokenizer:
+        reply = await self.call("tokenizer", timeout_s, key=key)
+        tok = Tokenizer.from_str(reply["json"])
+        tok.enable_truncation(reply["max_length"])
+        tok.no_padding()
+        self._tokenizers[key] = tok
+        return tok
+
+    async def entry(self, name: str) -> dict[str, Any]:
+        """The servable variant `name` (from the cached state; refreshed once on a miss), else 404."""
+        entries = self.state.get("entries", {})
+        if name not in entries and self.connected:
+            entries = (await self.refresh())["entries"]
+        if name not in entries:
+            if not self.connected:
+                raise engine_down()
+            if not self.state.get("ready"):  # a (re)started engine still loading its variants
+                raise Unavailable("the engine is still loading models; retry shortly", headers={"Retry-After": "1"})
+            loaded = ", ".join(sorted(entries)) or "none"
+            raise ModelNotFound(f"model '{name}' is not loaded; loaded: {loaded}; load it with PUT /v1/adapters/{name}")
+        return entries[name]
+
+    async def tokenize(self, tok_key: str, texts: list[str], timeout_s: float) -> list[list[int]]:
+        tok = self._tokenizers.get(tok_key) or await self._fetch_tokenizer(tok_key, timeout_s)
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            encs = tok.encode_batch(texts)
+        else:  # long inputs: off the event loop (the Rust tokenizer releases the GIL)
+            encs = await run_in_threadpool(tok.encode_batch, texts)
+        return [e.ids for e in encs]
+
+    async def infer(self, name: str, entry: dict[str, Any], texts: list[str], timeout_s: float) -> Result:
+        rows = await self.tokenize(entry["tok"], texts, timeout_s)
+        reply = await self.call(
+            "infer",
+            timeout_s,
+            variant=name,
+            rows=rows,
+            texts=texts,
+            tok=entry["tok"],
+            deadline_s=time.time() + timeout_s,
+        )
+        logits = np.frombuffer(reply["logits"], dtype=np.float32).reshape(len(texts), reply["labels"])
+        return Result(logits, reply["queue_ms"], reply["compute_ms"], reply["tokens"])

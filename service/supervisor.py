@@ -1,0 +1,114 @@
+"""The engine's supervisor: start the engine process, restart it when it dies, stop it with a drain.
+
+Lives in the process that starts the service (`python -m service`, or `create_app` in tests).
+A crash is logged and the engine restarted after a short back-off; front-ends notice the lost
+connection at once (a ZeroMQ socket monitor) and answer 503 + Retry-After until it is back. If it
+keeps dying (MAX_CRASHES within CRASH_WINDOW_S) the supervisor gives up and calls `on_give_up`,
+so the service exits non-zero for its own supervisor (systemd, Kubernetes) instead of looping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service.config import ServiceConfig
+
+log = logging.getLogger("service.supervisor")
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 60.0
+BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class EngineSupervisor:
+    def __init__(self, cfg: ServiceConfig, on_give_up: Callable[[], None] | None = None):
+        self.cfg = cfg
+        self._dir = Path(tempfile.mkdtemp(prefix="agnews-engine-"))
+        self.address = f"ipc://{self._dir}/engine.sock"
+        self.on_give_up = on_give_up or (lambda: None)
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.failed = False
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, name="engine-supervisor", daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> EngineSupervisor:
+        self._spawn()
+        self._watcher.start()
+        return self
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the engine's gauges are live values, one process
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.engine",
+            "--address",
+            self.address,
+            "--config",
+            self.cfg.model_dump_json(),
+        ]
+        with self._lock:
+            if not self._stopping.is_set():
+                self.proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
+
+    def _watch(self) -> None:
+        crashes: list[float] = []
+        while not self._stopping.is_set():
+            proc = self.proc
+            rc = proc.wait() if proc else 0
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
+            log.error(
+                "engine process %s exited with status %s (crash %d within %.0fs)",
+                proc.pid,
+                rc,
+                len(crashes),
+                CRASH_WINDOW_S,
+            )
+            if len(crashes) >= MAX_CRASHES:
+                log.error("the engine keeps dying; giving up so the service exits non-zero")
+                self.failed = True
+                self.on_give_up()
+                return
+            time.sleep(BACKOFF_S[min(len(crashes), len(BACKOFF_S)) - 1])
+            self.restarts += 1
+            self._spawn()
+
+    def stop(self, drain_timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the engine (it drains its queue), wait, kill if it does not exit; returns its status."""
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        rc = None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=drain_timeout_s + 5)
+            except subprocess.TimeoutExpired:
+                log.error("engine %s did not stop within %.0fs; killing it", proc.pid, drain_timeout_s + 5)
+                proc.kill()
+                rc = proc.wait()
+        elif proc is not None:
+            rc = proc.returncode
+        shutil.rmtree(self._dir, ignore_errors=True)
+        return rc

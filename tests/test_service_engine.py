@@ -1,0 +1,241 @@
+"""The engine process apart from HTTP: crash -> 503 + Retry-After -> restart; several front-ends
+over one engine with hot-swaps under load; --precision auto from the hardware probe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from service_helpers import free_port, golden_probs, running, write_lora
+from tiny import GOLDEN_TEXTS, LABELS, make_store
+
+TOL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metric(url: str, name: str, **labels) -> float:
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError(name)
+
+
+def test_engine_killed_gives_503_then_recovers(tmp_path):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=False)
+    with running(store.root) as srv, ThreadPoolExecutor(1) as pool:
+        before = srv.probs("lora-1", GOLDEN_TEXTS)
+        pid = srv.app.state.supervisor.pid
+        # a request in flight when the engine dies: stop the engine, send, then kill it
+        os.kill(pid, signal.SIGSTOP)
+        in_flight = pool.submit(srv.classify, "lora-1", "caught in the crash")
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        r = in_flight.result(timeout=10)
+        assert time.monotonic() - t0 < 5  # failed at once, not at the request timeout
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["type"] == "unavailable" and "engine process" in r.json()["error"]["message"]
+        # while the supervisor restarts it: 503 for inference and readiness, never a hang or a 500
+        codes = set()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            r = srv.classify("lora-1", GOLDEN_TEXTS)
+            codes.add(r.status_code)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+            time.sleep(0.05)
+        assert 503 in codes and r.status_code == 200
+        np.testing.assert_allclose(srv.probs("lora-1", GOLDEN_TEXTS), before, atol=TOL)
+        assert srv.client.get("/readyz").status_code == 200
+        assert srv.app.state.supervisor.pid != pid and srv.app.state.supervisor.restarts == 1
+        assert _metric(srv.url, "service_engine_disconnects_total") == 1
+        assert _metric(srv.url, "service_engine_up") == 1
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids, from /proc (Linux)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def test_engine_that_keeps_crashing_makes_the_service_exit_nonzero(tmp_path):
+    """Kill every engine the supervisor starts: after MAX_CRASHES it gives up and the service exits 1."""
+    from service.supervisor import MAX_CRASHES
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    proc = _serve(store.root, free_port(), frontends=1)
+    killed: set[int] = set()
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid in _children(proc.pid):
+                if pid not in killed and b"service.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+            time.sleep(0.05)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert rc == 1 and len(killed) == MAX_CRASHES, log[-3000:]
+    assert "giving up" in log
+
+
+def _serve(store: Path, port: int, frontends: int, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--store",
+            str(store),
+            "--port",
+            str(port),
+            "--frontends",
+            str(frontends),
+            "--precision",
+            "fp32",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "SERVICE_THREADS": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("service not ready")
+
+
+def test_twenty_hot_swaps_across_two_frontends_fail_no_request(tmp_path):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=3, full=False)
+    version_a = golden_probs(store, "lora-0")
+    write_lora(store, "lora-0-b", seed=999)  # version B's answers, to recognise them
+    version_b = golden_probs(store, "lora-0-b")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(store.root, port, frontends=2)
+    try:
+        _wait_ready(url, proc)
+        stop = threading.Event()
+        results: list[tuple[str, int, object]] = []
+
+        def client(name: str) -> None:
+            while not stop.is_set():
+                # a new connection per request: the kernel spreads them over both front-ends
+                r = httpx.post(f"{url}/v1/classify", json={"model": name, "inputs": GOLDEN_TEXTS}, timeout=30)
+                if r.status_code != 200:
+                    results.append((name, r.status_code, r.text))
+                    continue
+                scores = [{x["label"]: x["score"] for x in p} for p in r.json()["predictions"]]
+                results.append((name, 200, [[s[k] for k in LABELS] for s in scores]))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in ("lora-0", "lora-1", "lora-2") for _ in range(2)]
+        for t in threads:
+            t.start()
+        ops, swap_ms = [], []
+        with httpx.Client(base_url=url, timeout=60) as admin:
+            for i in range(20):
+                if i % 2 == 0:  # replace lora-0 with version B, then back to A
+                    write_lora(store, "lora-0", seed=999 if (i // 2) % 2 == 0 else 100)
+                    r = admin.put("/v1/adapters/lora-0")
+                    swap_ms.append(r.json().get("load_ms"))
+                else:
+                    r = admin.put("/v1/adapters/lora-1")  # the same files again
+                ops.append((r.status_code, r.json().get("status")))
+                # every front-end now serves what the engine holds: a fresh connection sees it
+                time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert all(op == (200, "replaced") for op in ops), ops
+        failed = [r for r in results if r[1] != 200]
+        assert not failed, failed[:3]
+        assert len(results) >= 60
+        seen = {"A": 0, "B": 0}
+        for name, _, probs in results:
+            if name == "lora-0":
+                if np.allclose(probs, version_a, atol=TOL):
+                    seen["A"] += 1
+                else:
+                    np.testing.assert_allclose(probs, version_b, atol=TOL)  # never a torn mix
+                    seen["B"] += 1
+            else:
+                np.testing.assert_allclose(probs, golden_probs(store, name), atol=TOL)
+        assert seen["A"] > 0 and seen["B"] > 0
+        print(f"PUT-to-servable p50 {np.median(swap_ms):.1f} ms over {len(swap_ms)} swaps under load")
+        # both front-ends count requests into one /metrics (multiprocess mode)
+        served = _metric(url, "service_requests_total", variant="lora-2", endpoint="classify", status="200")
+        assert served == sum(1 for r in results if r[0] == "lora-2")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, proc.stdout.read()[-3000:]
+
+
+def test_auto_precision_follows_the_cpu_probe(tmp_path, monkeypatch):
+    import models.hardware
+    from service.config import ServiceConfig
+    from service.engine import Engine
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
+    engine = Engine(ServiceConfig(store=store.root), f"ipc://{tmp_path}/unused.sock")
+    assert engine.cfg.precision == "auto"
+    assert engine.runtime.precision == "fp32" and engine.runtime.weight_dtype == "fp32"
+    state = engine.state()["precision"]
+    assert state["precision"] == "fp32" and state["requested"] == "auto" and "avx512_bf16" in state["reason"]
+    info = [
+        s
+        for fam in text_string_to_metric_families(engine.metrics.render().decode())
+        for s in fam.samples
+        if s.name == "service_precision_info"
+    ]
+    assert info and info[0].labels["precision"] == "fp32" and info[0].labels["requested"] == "auto"
+
+    monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx2"}))
+    assert Engine(ServiceConfig(store=store.root), "ipc://unused").runtime.precision == "bf16"
+    engine.ctx.term()
+
+
+def test_frontend_tokenisation_equals_the_hf_tokenizer():
+    """The front-end tokenises with the engine's tokenizer, rebuilt from its JSON: same ids, same truncation."""
+    from tiny import MAX_LENGTH, tokenizer
+    from tokenizers import Tokenizer
+
+    hf = tokenizer()
+    tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    tok.enable_truncation(MAX_LENGTH)
+    tok.no_padding()
+    texts = [*GOLDEN_TEXTS, "word " * 500, "", "naïve café — 東京"]
+    assert [e.ids for e in tok.encode_batch(texts)] == hf(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
