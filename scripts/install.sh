@@ -15,3 +15,15 @@ if [ -n "$extras" ]; then
 else
   "$py" -m pip install -q .
 fi
+# wrk: the load client of `benchmarks load` / `ceiling` (C, so the client is not the bottleneck).
+# A Debian package; installed where apt exists and we may use it, otherwise say what to do.
+if ! command -v wrk >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$sudo" ] || sudo -n true 2>/dev/null; }; then
+    { $sudo apt-get install -y -q wrk >/dev/null 2>&1 || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q wrk >/dev/null; }; } ||
+      echo "install.sh: apt-get install wrk failed; benchmarks load/ceiling need it" >&2
+  else
+    echo "install.sh: wrk not found; install it (apt-get install wrk) for benchmarks load/ceiling" >&2
+  fi
+fi

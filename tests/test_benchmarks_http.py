@@ -20,13 +20,12 @@ import uvicorn
 from service_helpers import running
 from tiny import GOLDEN_TEXTS, make_store, tiny_classifier
 
-from benchmarks.__main__ import main as bench_main
 from benchmarks.accuracy import AccuracySettings
 from benchmarks.baseline_server import create_app, load_pipeline
 from benchmarks.common import free_port
 from benchmarks.experiment import REGISTRY, run_experiment
 from benchmarks.hotswap import hotswap
-from benchmarks.loadgen import Workload, closed_loop, open_loop, summarize
+from benchmarks.loadgen import LoadSettings, Workload, closed_loop, open_loop, summarize
 from benchmarks.memory import MemorySettings
 from benchmarks.stats import poisson_arrivals
 from models.manifest import Manifest
@@ -131,48 +130,79 @@ def test_unreachable_target_counts_connection_errors():
     assert s["ok"] == 0 and s["requests"] > 0 and s["errors_by_status"] == {"ConnectError": s["requests"]}
 
 
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed: apt-get install wrk")
 def test_service_and_baseline_side_by_side_in_one_run(store: Path, baseline, tmp_path: Path):
+    """The `load` experiment through the contract: wrk closed loop on two targets, ratios, the
+    server's timing, and a target whose model does not exist listed as failed (no figure)."""
     base_url, _ = baseline
     out = tmp_path / "load.json"
     with running(store) as svc:
-        rc = bench_main(
-            [
-                "load",
-                "--url",
-                f"service={svc.url},baseline={base_url}",
-                "--models",
-                "full",
-                "--concurrency",
-                "1,4",
-                "--duration",
-                "0.6",
-                "--warmup",
-                "0.1",
-                "--slo-ms",
-                "5000",
-                "--out",
-                str(out),
-            ]
+        settings = LoadSettings(
+            url=f"service={svc.url},baseline={base_url},missing={base_url}#nope",
+            models=["full"],
+            concurrency=[1, 4],
+            duration=1,
+            warmup=0,
+            slo_ms=5000,
         )
+        code, doc = run_experiment(REGISTRY["load"], settings, out=out, command=["load"])
         metrics = svc.client.get("/metrics").text
-    assert rc == 0
-    doc = json.loads(out.read_text())
-    assert doc["kind"] == "load" and doc["command"][-2:] == ["--out", str(out)]
-    assert doc["meta"]["hardware"]["cpu_count"] >= 1 and "torch" in doc["meta"]["versions"]
-    assert [(r["target"], r["concurrency"]) for r in doc["runs"]] == [
-        ("service", 1),
-        ("service", 4),
-        ("baseline", 1),
-        ("baseline", 4),
+    assert code == 1 and doc["status"] == "partial"  # the missing model makes the run partial
+    assert json.loads(out.read_text())["status"] == "partial"
+    runs, failed = doc["payload"]["runs"], doc["payload"]["failed"]
+    assert [(r["target"], r["concurrency"]) for r in runs] == [
+        (t, c) for t in ("service", "baseline", "missing") for c in (1, 4)
     ]
-    assert all(r["errors"] == 0 and r["ok"] > 0 for r in doc["runs"])
-    svc_run = doc["runs"][1]
+    assert set(failed) == {"missing@c=1", "missing@c=4"}
+    assert all("answered 404" in why and "this baseline serves only 'full'" in why for why in failed.values())
+    good = runs[:4]
+    assert all(r["client"] == "wrk" and r["errors"] == 0 and r["ok"] > 0 for r in good)
+    assert all(0 < r["client_cpu_share"] <= 1 for r in good)
+    assert all(r["goodput_rps"] == pytest.approx(r["throughput_rps"]) for r in good)  # all within 5 s
+    svc_run = runs[1]
     assert svc_run["server_timing"]["queue"]["p50_ms"] is not None  # the service reports queue vs compute
-    assert [(x["target"], x["concurrency"]) for x in doc["ratios"]] == [("baseline", 1), ("baseline", 4)]
-    assert doc["ratios"][1]["throughput_ratio"] == pytest.approx(
-        doc["runs"][3]["throughput_rps"] / svc_run["throughput_rps"]
+    assert runs[3]["server_timing"]["queue"]["p50_ms"] is None  # the baseline has no queue
+    assert svc_run["tokens_per_s"] > svc_run["throughput_rps"]  # usage.tokens, read by the Lua script
+    assert [(x["target"], x["concurrency"]) for x in doc["payload"]["ratios"]] == [("baseline", 1), ("baseline", 4)]
+    assert doc["payload"]["ratios"][1]["throughput_ratio"] == pytest.approx(
+        runs[3]["throughput_rps"] / svc_run["throughput_rps"]
     )
-    assert 'service_requests_total{endpoint="classify",status="200",variant="full"}' in metrics
+    served = sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in metrics.splitlines()
+        if line.startswith('service_requests_total{endpoint="classify",status="200",variant="full"}')
+    )
+    assert served >= runs[0]["ok"] + runs[1]["ok"]
+    # the report renders the run with figures for the good levels and the reason for the failed ones
+    from benchmarks.loadgen import render
+    from benchmarks.report import collect
+
+    docs, skipped = collect([out])
+    md = render(docs, tmp_path, tmp_path)
+    assert not skipped and "| service | full | c=4 |" in md and "| missing | c=1 | " in md
+    assert "| missing | nope |" not in md  # no figure for a level where nothing succeeded
+    assert (tmp_path / "throughput_vs_p99.png").stat().st_size > 1000
+
+
+def test_open_loop_experiment_reports_client_cpu(baseline):
+    url, counter = baseline
+    before = counter["n"]
+    s = LoadSettings(url=url, models=["full"], rate=30, duration=1, seed=3)
+    code, doc = run_experiment(REGISTRY["load"], s, command=["load"])
+    (r,) = doc["payload"]["runs"]
+    assert code == 0 and r["mode"] == "open" and r["client"] == "httpx"
+    expected = len(poisson_arrivals(30, 1.0, np.random.default_rng(4)))
+    assert r["requests"] + r["dropped_client_side"] == expected == counter["n"] - before
+    assert 0 < r["client_cpu_share"] <= 1
+
+
+def test_load_settings_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="exactly one of --concurrency"):
+        LoadSettings(url="http://x", models=["a"])
+    with pytest.raises(ValueError, match="zipf:S"):
+        LoadSettings(url="http://x", models=["a"], concurrency=[1], adapter_dist="pareto")
+    with pytest.raises(ValueError, match="model list per target"):
+        LoadSettings(url="a=http://x,b=http://y#m", concurrency=[1])
 
 
 def test_hotswap_under_load_replace_and_reload(store: Path):

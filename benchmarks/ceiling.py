@@ -1,0 +1,417 @@
+"""Experiment `ceiling`: the service's HTTP throughput beside its own model's in-process throughput,
+and beside the naive `pipeline()` server, in one run.
+
+    python -m benchmarks ceiling --shape minilm --adapters 32 --concurrency 1,32 --duration 10 \\
+        --out reports/results/ceiling-minilm.json
+
+Per scenario (the variants the store has: `full`, `adapter-1`, `adapters-N` mixed per request,
+`onnx-int8`):
+  in-process  the service's own Runtime (same loader, precision, LoRA bank, ONNX session), fed
+              batches of --max-batch-size texts drawn as the HTTP requests are, tokenising in the
+              loop, for --duration seconds: the ceiling the service can approach.
+  service     `python -m service` on the same store and precision, driven by wrk (benchmarks/wrk.py)
+              at each --concurrency, one text per request; client and server CPU shares recorded.
+  naive       `python -m benchmarks baseline-server` (FastAPI + transformers.pipeline, fp32, one
+              request per forward) serving `full` (else `lora-0` merged), at the same concurrencies.
+Printed: service / in-process, service / naive, client CPU share and, at c=1, the median latency
+minus the server's median compute_ms (what the serving path adds). Phases run one after another
+(never two at once: on a small machine they would compete for the same cores). Without --store a
+synthetic store (benchmarks/synthetic.py) is built under --scratch: speed does not depend on
+training. --device cuda measures the GPU (and GPU memory per scenario, in-process).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from benchmarks.common import free_port, running_server
+from benchmarks.experiment import Settings, experiment
+from benchmarks.loadgen import Workload, agnews_test_texts, failed_levels, run_level
+from benchmarks.paths import agnews_data, offline_env
+
+SHAPES = ("tiny", "minilm", "roberta-base", "roberta-large")
+
+
+class CeilingSettings(Settings):
+    store: str | None = Field(None, description="model store to measure; default: a synthetic store of --shape")
+    shape: Literal[SHAPES] = Field("minilm", description="synthetic store shape when no --store is given")  # type: ignore[valid-type]
+    scratch: str = Field("/tmp/ceiling-stores", description="where synthetic stores are built (reused when present)")
+    adapters: int = Field(32, ge=1, description="LoRA adapters mixed per request in the adapters-N scenario")
+    scenarios: list[str] | None = Field(
+        None, description="subset of full, adapter-1, adapters-N, onnx-int8 (default: all the store has)"
+    )
+    onnx_int8: bool = Field(True, description="synthetic store: also export full to onnx-int8")
+    concurrency: list[int] = Field([1, 32], description="wrk concurrency levels, e.g. 1,32")
+    duration: float = Field(10.0, gt=0, description="measured seconds per level (and for the in-process loop)")
+    warmup: float = Field(2.0, ge=0, description="unmeasured seconds before each HTTP level")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="service and in-process precision; auto = bf16 only where native"
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="device of the torch variants")
+    max_batch_size: int = Field(64, gt=0, description="rows per batch, in-process and in the service")
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="torch / onnxruntime threads")
+    naive: bool = Field(True, description="also measure the naive pipeline() server")
+    service_args: list[str] = Field([], description="extra `python -m service` flags, e.g. --max-wait-ms,0")
+    data: str = Field(default_factory=agnews_data, description="AG News dir/file (test texts)")
+    seed: int = Field(0, description="seed of the request sequence")
+    timeout: float = Field(60.0, gt=0, description="per-request timeout in s")
+    start_timeout: float = Field(900.0, gt=0, description="seconds to wait for a server to be ready")
+
+    @model_validator(mode="after")
+    def _check(self) -> CeilingSettings:
+        if min(self.concurrency) < 1:
+            raise ValueError(f"--concurrency levels must be >= 1, got {self.concurrency}")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA device visible here; use --device cpu")
+        return self
+
+
+def scenarios_of(names: set[str], n_adapters: int) -> dict[str, list[str]]:
+    """Scenario -> models requested, for the variants the store has."""
+    out: dict[str, list[str]] = {}
+    if "full" in names:
+        out["full"] = ["full"]
+    if "lora-0" in names:
+        out["adapter-1"] = ["lora-0"]
+    loras = [f"lora-{i}" for i in range(n_adapters)]
+    if n_adapters > 1 and set(loras) <= names:
+        out[f"adapters-{n_adapters}"] = loras
+    if "onnx-int8" in names:
+        out["onnx-int8"] = ["onnx-int8"]
+    return out
+
+
+def in_process(
+    store_root: Path, models: list[str], texts: list[str], s: CeilingSettings, precision: str
+) -> dict[str, Any]:
+    """Rows/s of the service's Runtime on batches drawn like the HTTP requests, tokenising in the loop."""
+    import torch
+
+    from models import Store
+    from service.config import ServiceConfig
+    from service.runtime import Runtime
+
+    torch.set_num_threads(s.threads)
+    cfg = ServiceConfig(
+        store=store_root,
+        precision=precision,
+        device=s.device,
+        threads=s.threads,
+        variants=",".join(models),
+        max_batch_size=s.max_batch_size,
+    )
+    cuda = s.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        mem0 = torch.cuda.memory_allocated()
+    rt = Runtime(Store(store_root), cfg)
+    try:
+        if any(Store(store_root).manifest(m).kind == "lora" for m in models):
+            rt.load_base()
+        entries = {m: rt.load(m) for m in models}
+        mem_loaded = torch.cuda.memory_allocated() - mem0 if cuda else None
+        seq = Workload(texts, models, seed=s.seed).stream(max(s.max_batch_size * 64, 4096))
+        batches = [seq[i : i + s.max_batch_size] for i in range(0, len(seq) - s.max_batch_size + 1, s.max_batch_size)]
+
+        def one(batch: list[tuple[str, list[str]]]) -> int:
+            ents = [entries[m] for m, _ in batch]
+            rows = ents[0].encode(
+                [inputs[0] for _, inputs in batch]
+            )  # one tokenizer per group (a LoRA mix shares the base's)
+            rt.forward(ents, rows)  # returns host fp32 logits: the device work is finished
+            return len(rows)
+
+        one(batches[0])  # warm-up (allocations, ONNX / oneDNN kernel selection)
+        n_rows, n_batches, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < s.duration or n_batches < 3:
+            n_rows += one(batches[n_batches % len(batches)])
+            n_batches += 1
+        elapsed_s = time.perf_counter() - t0
+        out: dict[str, Any] = {
+            "rows_per_s": n_rows / elapsed_s,
+            "rows": n_rows,
+            "batches": n_batches,
+            "batch_size": s.max_batch_size,
+            "elapsed_s": elapsed_s,
+        }
+        if cuda:
+            out["gpu_memory_loaded_bytes"] = mem_loaded
+            out["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated() - mem0
+        return out
+    finally:  # the Runtime goes with this frame; the caller collects before the next scenario
+        rt.entries.clear()
+
+
+def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSettings, precision: str) -> list[str]:
+    cmd = [sys.executable, "-m", "service", "--store", str(store_root), "--port", str(port)]
+    cmd += ["--precision", precision, "--device", s.device, "--threads", str(s.threads)]
+    cmd += ["--max-batch-size", str(s.max_batch_size), "--variants", ",".join(models), "--log-level", "warning"]
+    return cmd + list(s.service_args)
+
+
+def http_levels(
+    url: str, pid: int, target: str, models: list[str], texts: list[str], s: CeilingSettings
+) -> list[dict[str, Any]]:
+    wl = Workload(texts, models, seed=s.seed)
+    runs = []
+    for c in s.concurrency:
+        r = run_level(
+            url, wl, concurrency=c, duration_s=s.duration, warmup_s=s.warmup, timeout_s=s.timeout, server_pid=pid
+        )
+        r.update(target=target, models=models)
+        if r["ok"] == 0:
+            from benchmarks.loadgen import _why_failed
+
+            r["failure"] = _why_failed(url, wl, r)
+        runs.append(r)
+        print(
+            f"[ceiling] {target:>14} c={c:<3} {r['throughput_rps']:8.1f} req/s  p50 {_ms(r['latency']['p50_ms'])}  "
+            f"compute p50 {_ms(_compute_p50(r))}  client CPU {r['client_cpu_share']:.0%}  "
+            f"server CPU {_pct(r['server_cpu_share'])}  errors {r['errors_by_status'] or 0}",
+            flush=True,
+        )
+    return runs
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f} ms"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _compute_p50(r: dict[str, Any]) -> float | None:
+    return ((r.get("server_timing") or {}).get("compute") or {}).get("p50_ms")
+
+
+def run(s: CeilingSettings) -> dict[str, Any]:
+    import torch
+
+    from models import Store
+    from models.hardware import resolve_precision
+
+    if s.store:
+        store_root = Path(s.store)
+        if not store_root.is_dir():
+            raise FileNotFoundError(f"--store {store_root}: no such directory")
+    else:
+        from benchmarks.synthetic import build_store
+
+        shape_store = Path(s.scratch) / f"{s.shape}-{s.adapters}"
+        t0 = time.perf_counter()
+        store_root = build_store(shape_store, s.shape, n_adapters=s.adapters, onnx_int8=s.onnx_int8)
+        print(f"[ceiling] synthetic {s.shape} store at {store_root} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    choice = resolve_precision(s.precision, s.device)
+    precision = choice.precision
+    available = scenarios_of(set(Store(store_root).names()), s.adapters)
+    wanted = s.scenarios or list(available)
+    unknown = [w for w in wanted if w not in available]
+    if unknown:
+        raise ValueError(f"scenario(s) {unknown} not in this store; it has {list(available)}")
+    scenarios = {k: available[k] for k in wanted}
+    texts = agnews_test_texts(s.data)
+    failed: dict[str, str] = {}
+    print(f"[ceiling] precision {precision} ({choice.reason}), device {s.device}, threads {s.threads}", flush=True)
+
+    # 1. in-process, each scenario in a fresh Runtime (GPU memory per scenario is then its own)
+    ceiling: dict[str, dict[str, Any]] = {}
+    for name, models in scenarios.items():
+        try:
+            ceiling[name] = in_process(store_root, models, texts, s, precision)
+        except Exception as e:  # noqa: BLE001 - a refused variant is recorded, the other scenarios still run
+            failed[f"{name} in-process"] = f"{type(e).__name__}: {e}"
+            continue
+        finally:
+            gc.collect()
+            if s.device == "cuda":
+                torch.cuda.empty_cache()
+        print(f"[ceiling] {name:>14} in-process {ceiling[name]['rows_per_s']:8.1f} rows/s", flush=True)
+
+    # 2. the service, once, serving every scenario's variants
+    all_models = sorted({m for ms in scenarios.values() for m in ms})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    service: dict[str, list[dict[str, Any]]] = {}
+    cmd = _service_cmd(store_root, port, all_models, s, precision)
+    with running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()) as proc:
+        for name, models in scenarios.items():
+            service[name] = http_levels(url, proc.pid, name, models, texts, s)
+
+    # 3. the naive pipeline() server on one model
+    naive: dict[str, Any] | None = None
+    naive_model = next((m for m in ("full", "lora-0") if m in all_models), None)
+    if s.naive and naive_model and s.device == "cpu":
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "benchmarks", "baseline-server", "--model", naive_model]
+        cmd += ["--store", str(store_root), "--port", str(port)]
+        with running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()) as proc:
+            naive = {"model": naive_model, "runs": http_levels(url, proc.pid, "naive", [naive_model], texts, s)}
+
+    rows = summary_rows(scenarios, ceiling, service, naive)
+    for r in rows:
+        print(
+            f"[ceiling] {r['scenario']:>14} c={r['concurrency']:<3} service {r['service_rps']:8.1f} req/s = "
+            f"x{_x(r['service_over_in_process'])} in-process, x{_x(r['service_over_naive'])} naive"
+            + (
+                f"; p50 - compute p50 = {r['p50_minus_compute_ms']:.1f} ms"
+                if r["p50_minus_compute_ms"] is not None
+                else ""
+            ),
+            flush=True,
+        )
+    mix = mix_ratios(rows, ceiling, s.adapters)
+    for m in mix:
+        print(f"[ceiling] {m['scenario']} / adapter-1 at {m['level']}: x{m['ratio']:.2f}", flush=True)
+    for runs in service.values():
+        failed.update({f"{k} (service)": v for k, v in failed_levels(runs).items()})
+    if naive:
+        failed.update({f"{k} (naive)": v for k, v in failed_levels(naive["runs"]).items()})
+    return {
+        "store": str(store_root),
+        "shape": None if s.store else s.shape,
+        "precision": choice.as_dict(),
+        "device": s.device,
+        "gpu": torch.cuda.get_device_name(0) if s.device == "cuda" else None,
+        "scenarios": {
+            k: {"models": v, "in_process": ceiling.get(k), "runs": service.get(k, [])} for k, v in scenarios.items()
+        },
+        "naive": naive,
+        "rows": rows,
+        "mix_vs_one_adapter": mix,
+        **({"failed": failed} if failed else {}),
+    }
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def summary_rows(
+    scenarios: dict[str, list[str]],
+    ceiling: dict[str, dict[str, Any]],
+    service: dict[str, list[dict[str, Any]]],
+    naive: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """One row per (scenario, concurrency) with the ratios; levels without a success get no figure."""
+    naive_at = {r["concurrency"]: r for r in (naive or {}).get("runs", []) if r["ok"]}
+    rows = []
+    for name in scenarios:
+        ip = (ceiling.get(name) or {}).get("rows_per_s")
+        for r in service.get(name, []):
+            if not r["ok"]:
+                continue
+            rps, nv = r["throughput_rps"], naive_at.get(r["concurrency"])
+            compute = _compute_p50(r)
+            p50 = r["latency"]["p50_ms"]
+            rows.append(
+                {
+                    "scenario": name,
+                    "concurrency": r["concurrency"],
+                    "service_rps": rps,
+                    "in_process_rps": ip,
+                    "naive_rps": nv["throughput_rps"] if nv else None,
+                    "service_over_in_process": rps / ip if ip else None,
+                    "service_over_naive": rps / nv["throughput_rps"] if nv else None,
+                    "p50_ms": p50,
+                    "naive_p50_ms": nv["latency"]["p50_ms"] if nv else None,
+                    "compute_p50_ms": compute,
+                    "p50_minus_compute_ms": (p50 - compute) if r["concurrency"] == 1 and compute is not None else None,
+                    "client_cpu_share": r["client_cpu_share"],
+                    "server_cpu_share": r["server_cpu_share"],
+                }
+            )
+    return rows
+
+
+def mix_ratios(rows: list[dict[str, Any]], ceiling: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """adapters-N throughput / adapter-1 throughput, in-process and per concurrency (same texts)."""
+    mix, one = f"adapters-{n}", "adapter-1"
+    out = []
+    if (ceiling.get(mix) or {}).get("rows_per_s") and (ceiling.get(one) or {}).get("rows_per_s"):
+        out.append(
+            {"scenario": mix, "level": "in-process", "ratio": ceiling[mix]["rows_per_s"] / ceiling[one]["rows_per_s"]}
+        )
+    by = {(r["scenario"], r["concurrency"]): r["service_rps"] for r in rows}
+    for (name, c), rps in by.items():
+        if name == mix and by.get((one, c)):
+            out.append({"scenario": mix, "level": f"c={c}", "ratio": rps / by[(one, c)]})
+    return out
+
+
+def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> str:
+    """Report section: per run, service vs in-process vs naive per scenario and concurrency."""
+    from benchmarks.report import source_line, table
+
+    parts = ["## Ceiling: the service vs its own model in-process vs the naive server (`ceiling`)"]
+    for f, doc in docs:
+        p = doc["precision"]
+        gpu = f", GPU {doc['gpu']}" if doc.get("gpu") else ""
+        parts.append(
+            f"\nStore `{doc.get('shape') or doc['store']}`, {p['precision']} ({p['reason']}), {doc['device']}{gpu}; "
+            f"batches of {doc['settings']['max_batch_size']} in-process; wrk for the HTTP levels, "
+            f"{doc['settings']['duration']} s each.\n"
+        )
+        rows = [
+            [
+                r["scenario"],
+                f"c={r['concurrency']}",
+                r["in_process_rps"],
+                r["service_rps"],
+                r["naive_rps"],
+                _x(r["service_over_in_process"]),
+                _x(r["service_over_naive"]),
+                r["p50_ms"],
+                r["naive_p50_ms"],
+                r["p50_minus_compute_ms"],
+                _pct(r["client_cpu_share"]),
+                _pct(r["server_cpu_share"]),
+            ]
+            for r in doc["rows"]
+        ]
+        header = ["scenario", "level", "in-process rows/s", "service req/s", "naive req/s", "service / in-process"]
+        header += ["service / naive", "p50 ms", "naive p50 ms", "c=1 p50 − compute ms", "client CPU", "server CPU"]
+        parts.append(table(header, rows))
+        mem = [
+            [
+                name,
+                (sc["in_process"] or {}).get("gpu_memory_loaded_bytes"),
+                (sc["in_process"] or {}).get("gpu_memory_peak_bytes"),
+            ]
+            for name, sc in doc["scenarios"].items()
+            if (sc.get("in_process") or {}).get("gpu_memory_loaded_bytes") is not None
+        ]
+        if mem:
+            parts.append(f"\nGPU memory per scenario ({doc['gpu']}, MiB):\n")
+            parts.append(
+                table(["scenario", "loaded", "peak in forward"], [[n, a / 2**20, b / 2**20] for n, a, b in mem])
+            )
+        if doc.get("mix_vs_one_adapter"):
+            parts.append(
+                "\nMixed adapters vs one adapter: "
+                + ", ".join(f"{m['level']} ×{m['ratio']:.2f}" for m in doc["mix_vs_one_adapter"])
+            )
+        if doc.get("failed"):
+            parts.append("\nNo figure for: " + "; ".join(f"{k} — {v}" for k, v in doc["failed"].items()))
+        parts.append("\n" + source_line(f, doc, out_dir))
+    return "\n".join(parts)
+
+
+experiment(
+    "ceiling",
+    CeilingSettings,
+    help="service HTTP throughput (wrk) vs the same model in-process vs the naive pipeline() server",
+    render=render,
+)(run)
