@@ -160,3 +160,29 @@ def test_step_overhead_benchmark_compares_the_same_work():
     assert payload["minimal_ms_per_step"] == pytest.approx(1000 * minimal["time_s"] / 12)
     assert payload["ratio"] == pytest.approx(payload["training_ms_per_step"] / payload["minimal_ms_per_step"])
     assert payload["meets_target"] == (payload["ratio"] <= 1.2)
+
+
+def test_compiled_step_trains_like_eager_and_compiles_once_per_shape(tmp_path, data_dir):
+    """compile=true (what auto picks on CUDA): same losses as eager, one graph per padded shape, not per batch."""
+    from torch._dynamo.utils import counters
+
+    from models.loading import load_tokenizer
+    from training.data import load_splits
+
+    common = ["max_steps=6", "log_every=1", "eval_every=0", "precision=fp32"]
+    common += ["arch.hidden_dropout_prob=0", "arch.attention_probs_dropout_prob=0"]  # same math in both
+    curves = {}
+    counters.clear()
+    for flag in ("false", "true"):
+        cfg = _cfg(data_dir, *common, f"compile={flag}", f"name=compile-{flag}")
+        info = loop.train(cfg, store=Store(tmp_path / "s"), runs_dir=tmp_path / "r")["train_info"]
+        assert info["compile"]["enabled"] is (flag == "true")
+        curves[flag] = [p["loss"] for p in info["train_loss_curve"]]
+    assert curves["true"] == pytest.approx(curves["false"], rel=1e-4)
+    # the six batches' natural widths vary; padded to 16-token buckets they make fewer shapes, one graph each
+    data = encode(load_splits(cfg).train, load_tokenizer(cfg.tokenizer_path), cfg.max_length)
+    batches = epoch_batches(data.lengths, cfg.batch_size, cfg.seed, 0, cfg.length_grouping)[:6]
+    widths = {int(data.lengths[b].max()) for b in batches}
+    buckets = {min(-(-w // 16) * 16, cfg.max_length) for w in widths}
+    assert loop.bucket_tokens(cfg.max_length) == 16
+    assert counters["stats"]["unique_graphs"] == len(buckets) < len(widths)
