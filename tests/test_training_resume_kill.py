@@ -66,3 +66,22 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     for key in ("samples_seen", "tokens_seen", "steps", "best_step", "best_val_macro_f1", "epochs_done"):
         assert tb[key] == ta[key], key
     assert not list(runs.glob("killed.ckpt*"))
+
+
+def test_resume_with_another_process_count_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.read_parquet(AGNEWS / "train_subset_20k.parquet").groupby("label").head(10).to_parquet(data / "train.parquet")
+    overrides = [f"data={data}", "checkpoint_every=2", "eval_test=false", "name=moved"]
+    runs = tmp_path / "runs"
+    cfg = load_config("configs/tiny-bert-full.yaml", overrides)
+    train(cfg, store=Store(tmp_path / "store"), runs_dir=runs, stop_after_steps=2)
+    state_path = runs / "moved.ckpt" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    assert state["num_processes"] == 1 and state["step"] == 2
+    state["num_processes"] = 2  # as if written under accelerate launch --num_processes 2
+    torch.save(state, state_path)
+    args = ["train", "configs/tiny-bert-full.yaml", "--set", *overrides, "--store", str(tmp_path / "store")]
+    assert main([*args, "--runs-dir", str(runs), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "written by 2 process(es), this run has 1" in err and "--num_processes 2" in err

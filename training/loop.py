@@ -294,7 +294,9 @@ def _train(
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")  # fp16 only: bf16 needs none
+    # fp16 only (GPUs without bf16): the loss scaler reads its found-inf flag once per step, the one
+    # per-step sync left, inherent to fp16; bf16 and fp32 need no scaler (disabled = pass-through).
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")
     compiled, compile_reason = resolve_compile(cfg.compile, device.type)
 
     # ---- data: load, validate, split, tokenise once ----
