@@ -179,8 +179,45 @@ def test_bad_input_gets_the_same_4xx_as_the_plain_service(cluster, plain, method
 
 
 @needs_ray
+def test_more_adapters_than_the_cap_are_evicted_and_reloaded_without_failures(cluster, store, plain):
+    """A second application with one replica holding one variant: concurrent requests for 3 adapters make
+    Ray evict and reload them; requests queued for an evicted adapter still answer, and answer right."""
+    from service.ray_app import build_app
+
+    app = build_app(
+        {
+            "store": str(store.root),
+            "engine_replicas": 1,
+            "engine_cpus": 0.5,
+            "max_adapters_per_replica": 1,
+            "service": {"precision": "fp32", "threads": 1, "max_wait_ms": 20},
+        }
+    )
+    serve.run(app, name="cap1", route_prefix="/cap1")  # returns once the app is running
+    try:
+        jobs = [(ADAPTERS[i % 3], GOLDEN_TEXTS[i % len(GOLDEN_TEXTS)]) for i in range(18)]
+        with ThreadPoolExecutor(6) as pool:
+            resps = list(
+                pool.map(lambda j: cluster.post("/cap1/v1/classify", json={"model": j[0], "inputs": j[1]}), jobs)
+            )
+        for (n, t), r in zip(jobs, resps, strict=True):
+            np.testing.assert_allclose(_probs(r)[0], plain.probs(n, [t])[0], atol=TOL)
+        loads = max(int(r.headers["x-replica-loads"]) for r in resps)
+        assert loads > 3, f"3 adapters through a cap of 1 should reload some ({loads} loads)"
+        deadline = time.monotonic() + 10
+        while True:  # evicted adapters unload once their queued requests are answered
+            loaded = [m["name"] for m in cluster.get("/cap1/v1/models").json()["data"] if m["loaded"]]
+            if len(loaded) <= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(loaded) == 1, f"the replica should hold only what Ray holds (cap 1): {loaded}"
+    finally:
+        serve.delete("cap1")
+
+
+@needs_ray
 def test_one_replica_killed_requests_still_answered(cluster):
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Engine#" in a["name"]]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "agnews#Engine#" in a["name"]]
     assert len(names) == 2, names
     victim_id = names[0].rsplit("#", 1)[1]  # SERVE_REPLICA::<app>#Engine#<replica id> (our x-engine-replica)
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
