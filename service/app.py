@@ -21,6 +21,7 @@ from service.config import ServiceConfig
 from service.errors import PayloadTooLarge, error_body, install_error_handlers
 from service.metrics import UNKNOWN_VARIANT, FrontendMetrics
 from service.routes import admin, inference, kserve
+from service.routes.inference import classify_fast
 from service.supervisor import EngineSupervisor
 
 CONFIG_ENV = "SERVICE_CONFIG_JSON"  # how `python -m service` hands the config to front-end worker processes
@@ -74,8 +75,9 @@ class LimitsAndMetrics:
                 status = msg["status"]
             await send(msg)
 
+        app = classify_fast if endpoint == "classify" and scope["method"] == "POST" else self.app
         try:
-            await self.app(scope, limited_receive, send_status)
+            await app(scope, limited_receive, send_status)
         finally:
             if endpoint:
                 variant = scope.get("state", {}).get("variant", UNKNOWN_VARIANT)

@@ -74,16 +74,29 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts) + "; see /docs for the request schema"
 
 
+def error_response(exc: Exception) -> JSONResponse:
+    """The response for a ServiceError, a request validation error, or (as a 500) anything else."""
+    if isinstance(exc, ServiceError):
+        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+    log.exception("unexpected error", exc_info=exc)
+    return JSONResponse(
+        error_body("internal_error", f"{type(exc).__name__}: {exc}; this is a server bug, please report it"),
+        status_code=500,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's default error bodies with the service's shape."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -101,8 +114,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(
-            error_body("internal_error", f"{type(exc).__name__}: {exc}; this is a server bug, please report it"),
-            status_code=500,
-        )
+        return error_response(exc)

@@ -151,6 +151,8 @@ class Runtime:
     # ---- load / unload (batcher thread only) -----------------------------------------------
     def load(self, name: str) -> Entry:
         """Load or replace `name` from the store; the old version keeps serving unless this succeeds."""
+        if self.bank is not None:  # the golden check runs peft's own path on the serving base
+            self.bank.restore_peft()
         return self.commit(self._refusals(name, self._build))
 
     def prepare(self, name: str) -> Entry:

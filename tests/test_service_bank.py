@@ -31,6 +31,7 @@ def test_bank_equals_peft_mixed_batches(arch: str, tmp_path: Path) -> None:
     with torch.inference_mode():
         ref = model(**enc, adapter_names=names).logits
         got = bank.forward(names, **enc).logits
+        bank.restore_peft()  # peft's path stays off after a bank forward until restored
         after = model(**enc, adapter_names=names).logits  # hooks are inert outside a bank forward
     assert ref.abs().mean() > 0.05  # adapters really change the output
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
