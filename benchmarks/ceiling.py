@@ -58,7 +58,10 @@ class CeilingSettings(Settings):
     max_batch_size: int = Field(64, gt=0, description="rows per batch, in-process and in the service")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="torch / onnxruntime threads")
     naive: bool = Field(True, description="also measure the naive pipeline() server")
-    service_args: list[str] = Field([], description="extra `python -m service` flags, e.g. --max-wait-ms,0")
+    service_args: list[str] = Field(
+        [],
+        description="extra `python -m service` flags, comma-separated, given with '=': --service-args=--max-wait-ms,0",
+    )
     data: str = Field(default_factory=agnews_data, description="AG News dir/file (test texts)")
     seed: int = Field(0, description="seed of the request sequence")
     timeout: float = Field(60.0, gt=0, description="per-request timeout in s")
