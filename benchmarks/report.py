@@ -94,110 +94,6 @@ def _plt():
 
 
 # ---- sections -----------------------------------------------------------------------------
-def load_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
-    parts, figs = ["## Throughput and latency (HTTP load)"], []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    plotted = False
-    for n, (f, doc) in enumerate(docs):
-        s = doc.get("settings", {})
-        parts.append(
-            f"\n### Load run {n + 1} (`{f.stem}`): models drawn {s.get('adapter_dist', '')}, {s.get('duration')} s "
-            f"measured per level after {s.get('warmup')} s warm-up; targets run one after another on the same texts\n"
-        )
-        rows = []
-        for r in doc["runs"]:
-            lat, st = r["latency"], r.get("server_timing") or {}
-            level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate_rps']}/s"
-            models = r.get("models") or s.get("models") or []
-            mdesc = models[0] if len(models) == 1 else f"{len(models)} models"
-            rows.append(
-                [
-                    r["target"],
-                    mdesc,
-                    level,
-                    r["throughput_rps"],
-                    r.get("tokens_per_s"),
-                    lat["p50_ms"],
-                    lat["p90_ms"],
-                    lat["p99_ms"],
-                    r.get("goodput_rps"),
-                    str(r["errors_by_status"] or 0),
-                    (st.get("queue") or {}).get("p50_ms"),
-                    (st.get("compute") or {}).get("p50_ms"),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "target",
-                    "models",
-                    "level",
-                    "req/s",
-                    "tokens/s",
-                    "p50 ms",
-                    "p90 ms",
-                    "p99 ms",
-                    "goodput req/s",
-                    "errors",
-                    "server queue p50 ms",
-                    "server compute p50 ms",
-                ],
-                rows,
-            )
-        )
-        if doc.get("ratios"):
-            parts.append("\nRatios to the first target at the same level:\n")
-            parts.append(
-                _table(
-                    ["target", "vs", "level", "throughput ×", "p99 ms", "reference p50 ms"],
-                    [
-                        [
-                            x["target"],
-                            x["reference"],
-                            f"c={x['concurrency']}" if x.get("concurrency") else f"{x['rate_rps']}/s",
-                            f"{x['throughput_ratio']:.2f}",
-                            x["p99_ms"],
-                            x["reference_p50_ms"],
-                        ]
-                        for x in doc["ratios"]
-                    ],
-                )
-            )
-        parts.append("\n" + _source(f, doc, out_dir))
-        by_target: dict[str, list[dict[str, Any]]] = {}
-        for r in doc["runs"]:
-            if r["mode"] == "closed" and r["latency"]["p99_ms"] is not None:
-                by_target.setdefault(r["target"], []).append(r)
-        for target, rs in by_target.items():
-            rs = sorted(rs, key=lambda r: r["concurrency"])
-            label = target if len(docs) == 1 else f"run {n + 1}: {target}"
-            ax.plot([r["throughput_rps"] for r in rs], [r["latency"]["p99_ms"] for r in rs], marker="o", label=label)
-            for r in rs:
-                ax.annotate(
-                    f"c={r['concurrency']}",
-                    (r["throughput_rps"], r["latency"]["p99_ms"]),
-                    fontsize=7,
-                    textcoords="offset points",
-                    xytext=(3, 3),
-                )
-            plotted = True
-    if plotted:
-        ax.set_xlabel("throughput (req/s)")
-        ax.set_ylabel("p99 latency (ms)")
-        ax.set_yscale("log")
-        ax.set_title("Throughput vs p99 latency (closed loop, labels: concurrent clients)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        path = fig_dir / "throughput_vs_p99.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        figs.append(path.name)
-        parts.insert(1, f"\n![throughput vs p99]({os.path.relpath(path, out_dir)})\n")
-    plt.close(fig)
-    return "\n".join(parts), figs
-
-
 def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
     parts, figs = ["## Memory"], []
     plt = _plt()
@@ -610,11 +506,10 @@ def _legacy(fn: Callable[[list[Doc], Path, Path], tuple[str, list[str]]]) -> Ren
     return lambda docs, fig_dir, out_dir: fn(docs, fig_dir, out_dir)[0]
 
 
-# Kinds whose experiment module does not register a renderer yet are rendered here.
+# Renderers kept here (they share the plotting helpers above); an experiment module may register its own.
 FALLBACK_RENDERERS: dict[str, Renderer] = {
     "demo": _legacy(demo_section),
     "accuracy": _legacy(accuracy_section),
-    "load": _legacy(load_section),
     "memory": _legacy(memory_section),
     "hotswap": _legacy(hotswap_section),
 }
