@@ -15,7 +15,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "SERVICE_"
-# Measured with wrk against a 2-layer model on a 2-core machine (see service/__main__.py).
+# wrk -c32 against the 2-layer tests/tiny.py model on this project's 2-core CPU machine (wrk on the
+# same cores, other work running): 1 front-end 1,472 req/s, 2 front-ends 1,367 req/s (before the
+# plain-ASGI classify route: 1,031 vs 501). With 2 cores the engine needs one; a second front-end
+# only competes with it. Raise it on machines with cores to spare (a GPU host).
 DEFAULT_FRONTENDS = 1
 
 

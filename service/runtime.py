@@ -26,12 +26,12 @@ import torch
 from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
 from models.golden import check_golden, load_tolerance
 from models.hardware import PrecisionChoice, resolve_precision
-from models.loading import DTYPES, attach_adapter, load_base, onnx_logits, pad_rows
+from models.loading import attach_adapter, load_base, onnx_logits, pad_rows
 from models.variant import LoadedVariant, load_variant
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
 from service.lora_bank import LoraBank
-from service.side import SideModel
+from service.side import SideModel, cast_new_weights
 
 log = logging.getLogger("service")
 LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
@@ -278,8 +278,7 @@ class Runtime:
     def _attach(self, name: str) -> str:
         adapter = f"a{next(self._adapter_ids)}"  # peft module keys may not contain '.', variant names may
         self.base = attach_adapter(self.base, self.store.path(name), adapter)
-        if self.weight_dtype != "fp32" or self.device.type != "cpu":
-            self.base.to(device=self.device, dtype=DTYPES[self.weight_dtype])
+        cast_new_weights(self.base, self.weight_dtype, self.device)
         for stale in self._stale_adapters:
             self._delete(stale)
         self._stale_adapters.clear()

@@ -22,6 +22,17 @@ from torch import nn
 from models.loading import DTYPES, attach_adapter
 
 
+def cast_new_weights(model: nn.Module, dtype: str, device: torch.device) -> None:
+    """Cast the tensors not yet in (dtype, device), i.e. a freshly attached adapter's.
+
+    Same result as `model.to(...)` on a model whose base is cast already, at a fraction of the
+    cost (~8 ms per call on MiniLM, paid twice per hot-swap: side and serving model)."""
+    target = DTYPES[dtype]
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point() and (t.dtype != target or t.device != device):
+            t.data = t.data.to(device=device, dtype=target)
+
+
 class SideModel:
     def __init__(self, base: nn.Module, *, dtype: str, device: torch.device):
         # called before peft wraps the serving base: the copy holds plain modules over shared tensors
@@ -35,8 +46,7 @@ class SideModel:
         """Attach the adapter at `path` (cast like the serving model's); returns its peft name."""
         name = f"side{next(self._ids)}"
         self.model = attach_adapter(self.model, path, name)
-        if self.dtype != "fp32" or self.device.type != "cpu":  # a no-op for the shared base tensors
-            self.model.to(device=self.device, dtype=DTYPES[self.dtype])
+        cast_new_weights(self.model, self.dtype, self.device)  # the shared base tensors are cast already
         for stale in self._stale:
             self._delete(stale)
         self._stale.clear()
