@@ -343,13 +343,16 @@ class Demo:
         )
 
     def write_report(self) -> None:
-        results = self.results
+        results, readme = self.results, []
         if self.report.parent.resolve() != self.run:
-            # the report cites its results files: copy them beside it so it stands alone
+            # The report cites its results files: copy the demo's beside it so it stands alone.
+            # Results of standalone experiments already there (ceiling, recipe-compare, ...) stay
+            # and are rendered too; a demo's file replaces its own earlier version only.
             results = self.report.parent / "results"
-            shutil.rmtree(results, ignore_errors=True)
-            shutil.copytree(self.results, results)
-        self.sh("report", "benchmarks", "report", "--results", str(results), "--out", str(self.report))
+            shutil.copytree(self.results, results, dirs_exist_ok=True)
+            if self.report.resolve() == (REPO / "reports" / "REPORT.md").resolve():
+                readme = ["--readme", str(REPO / "README.md")]
+        self.sh("report", "benchmarks", "report", "--results", str(results), "--out", str(self.report), *readme)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -181,11 +181,12 @@ def _subprocess_json(args: list[str]) -> dict[str, Any]:
 
 
 def _proc_rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """RSS of the service's whole process tree: `python -m service` runs its engine (which holds
+    the models) and its front-ends as child processes, so the parent alone misses the models."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
 def service_available() -> bool:
