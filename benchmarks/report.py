@@ -482,9 +482,61 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                 "not measured",
             ]
         )
+    rows += speed_targets(groups)
     if not rows:
         return ""
     return "## Targets\n\n" + _table(["target", "goal", "measured", "status"], rows)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
+    """Target rows of the speed experiments (ceiling, recipe-compare, step-overhead), with their machine."""
+    rows: list[list[Any]] = []
+    for _, d in groups.get("ceiling", []):
+        p, where = d["payload"], machine_of(d)
+        at = {(r["scenario"], r["concurrency"]): r for r in p["rows"]}
+        hi = max((c for _, c in at), default=None)
+        if p["shape"].startswith("tiny"):
+            r32, r1 = at.get(("full", hi)), at.get(("full", 1))
+            if r32:
+                rows.append([f"2-layer model, service at c={hi} ({where})", "≥ 2,000 req/s",
+                             f"{r32['service_rps']:,.0f} req/s", _met(r32["service_rps"] >= 2000)])  # fmt: skip
+            if r1 and r1.get("p50_minus_compute_ms") is not None:
+                rows.append([f"2-layer model, c=1 p50 − server compute p50 ({where})", "≤ 1 ms",
+                             f"{r1['p50_minus_compute_ms']:.1f} ms", _met(r1["p50_minus_compute_ms"] <= 1)])  # fmt: skip
+            continue
+        for (scen, c), r in sorted(at.items()):
+            if c == hi and r.get("service_over_in_process") is not None:
+                rows.append([f"{p['shape']} {scen}: service / in-process at c={c} ({where})", "≥ 0.9",
+                             f"{r['service_over_in_process']:.2f}", _met(r["service_over_in_process"] >= 0.9)])  # fmt: skip
+        full32, full1 = at.get(("full", hi)), at.get(("full", 1))
+        if full32 and full32.get("service_over_naive") is not None:
+            rows.append([f"{p['shape']} full: service / naive pipeline at c={hi} ({where})", "≥ 4×",
+                         f"{full32['service_over_naive']:.2f}×", _met(full32["service_over_naive"] >= 4)])  # fmt: skip
+        if full1 and full1.get("naive_p50_ms") is not None:
+            rows.append([f"{p['shape']} full: c=1 p50 vs naive p50 ({where})", "≤ naive",
+                         f"{full1['p50_ms']:.1f} vs {full1['naive_p50_ms']:.1f} ms",
+                         _met(full1["p50_ms"] <= full1["naive_p50_ms"])])  # fmt: skip
+        for m in p.get("mix_vs_one_adapter", []):
+            if m["level"] == f"c={hi}":
+                rows.append([f"{p['shape']} {m['scenario']} mixed vs one adapter at {m['level']} ({where})", "≥ 0.95×",
+                             f"{m['ratio']:.2f}×", _met(m["ratio"] >= 0.95)])  # fmt: skip
+    for _, d in groups.get("recipe-compare", []):
+        p, bf16 = d["payload"], d["meta"]["hardware"].get("native_bf16")
+        goal = 25 if bf16 else 12
+        ok = p["samples_per_s_ratio"] >= goal and p["accuracy_delta_points"] >= 0
+        rows.append([f"training vs the study's recipe, {d['settings']['steps']} steps ({machine_of(d)})",
+                     f"≥ {goal}×, accuracy not lower",
+                     f"{p['samples_per_s_ratio']:.1f}×, accuracy {p['accuracy_delta_points']:+.2f} points", _met(ok)])  # fmt: skip
+    for _, d in groups.get("step-overhead", []):
+        p = d["payload"]
+        rows.append([f"training ms/step vs a minimal loop, 2-layer model ({machine_of(d)})", "≤ 1.2×",
+                     f"{p['training_ms_per_step']:.1f} vs {p['minimal_ms_per_step']:.1f} ms = {p['ratio']:.2f}×",
+                     _met(p["ratio"] <= 1.2)])  # fmt: skip
+    return rows
 
 
 def demo_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
@@ -568,7 +620,7 @@ def write_report(results: list[Path], out: Path, readme: Path | None = None) -> 
         )
     else:
         sections.append(f"Machine: {machines[0]}.")
-    t = targets_section({k: groups.get(k, []) for k in ("load", "memory", "hotswap", "accuracy")})
+    t = targets_section({k: groups.get(k, []) for k in ("load", "memory", "hotswap", "accuracy", *groups)})
     summary = [s_ for s_ in sections[2:] if s_]
     if t:
         sections.append(t)
