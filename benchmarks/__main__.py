@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "report":
         from benchmarks.report import write_report
 
-        path = write_report(
-            [Path(p) for p in args.results], Path(args.out), Path(args.readme) if args.readme else None
-        )
+        path = write_report([Path(p) for p in args.results], Path(args.out), Path(args.readme) if args.readme else None)
         print(f"[report] wrote {path}")
         return 0
     if args.cmd == "demo":

@@ -32,7 +32,11 @@ def _toy_experiment(fail: bool = False, partial: bool = False) -> ex.Experiment:
     def fn(s: _Toy) -> dict:
         if fail:
             raise RuntimeError("the server answered 404 for every request")
-        return {"n": s.n, "names": s.names, **({"failed": {"onnx-int8": "refused: golden mismatch"}} if partial else {})}
+        return {
+            "n": s.n,
+            "names": s.names,
+            **({"failed": {"onnx-int8": "refused: golden mismatch"}} if partial else {}),
+        }
 
     return ex.Experiment("toy", _Toy, fn, "toy")
 
@@ -76,7 +80,18 @@ def test_flags_are_generated_from_settings_and_every_problem_is_listed() -> None
 
 def test_cli_bad_settings_exit_2_listing_all_problems(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "lora-mix", "--batch", "0", "--repeats", "x", "--out", str(tmp_path / "r.json")],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "lora-mix",
+            "--batch",
+            "0",
+            "--repeats",
+            "x",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
