@@ -585,6 +585,7 @@ def update_readme(readme: Path, report: Path, summary: str) -> None:
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     rel = os.path.relpath(report, readme.parent)
+    summary = ("\n" + summary).replace("\n## ", "\n### ")[1:]  # nested under README's "## Results"
     block = f"{README_BEGIN}\n{summary}\n\nFull tables, plots and every results file: [`{rel}`]({rel}).\n{README_END}"
     readme.write_text(head + block + tail)
 
