@@ -135,6 +135,30 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._rows)
 
+    def state(self) -> dict[str, Any]:
+        """The engine's state as front-ends (ZeroMQ or Ray) read it: readiness, every servable
+        variant with its tokenizer key, refusals, queue depth."""
+        entries = dict(self.runtime.entries)  # a snapshot: this thread may swap entries meanwhile
+        return {
+            "ready": self.ready.is_set(),
+            "startup_error": self.startup_error,
+            "precision": self.runtime.precision_choice.as_dict(),
+            "refused": dict(self.runtime.refused),
+            "queue_rows": self.queue_depth(),
+            "entries": {
+                name: {
+                    "kind": e.kind,
+                    "labels": e.manifest.labels,
+                    "tok": e.tok_key,
+                    "resident": e.resident,
+                    "bytes": e.bytes,
+                    "last_used": e.last_used,
+                    "request_count": e.request_count,
+                }
+                for name, e in entries.items()
+            },
+        }
+
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting, let queued rows finish (up to the timeout), then end the thread."""
         with self._cond:

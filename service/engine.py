@@ -129,26 +129,7 @@ class Engine:
 
     def state(self) -> dict[str, Any]:
         """What front-ends cache: readiness, every servable variant (with its tokenizer key), refusals."""
-        entries = dict(self.runtime.entries)  # a snapshot: the batcher may swap entries meanwhile
-        return {
-            "ready": self.batcher.ready.is_set(),
-            "startup_error": self.batcher.startup_error,
-            "precision": self.runtime.precision_choice.as_dict(),
-            "refused": dict(self.runtime.refused),
-            "queue_rows": self.batcher.queue_depth(),
-            "entries": {
-                name: {
-                    "kind": e.kind,
-                    "labels": e.manifest.labels,
-                    "tok": e.tok_key,
-                    "resident": e.resident,
-                    "bytes": e.bytes,
-                    "last_used": e.last_used,
-                    "request_count": e.request_count,
-                }
-                for name, e in entries.items()
-            },
-        }
+        return self.batcher.state()
 
     # ---- the socket loop -----------------------------------------------------------------------
     def serve(self) -> None:

@@ -167,25 +167,7 @@ class LocalEngine:
 
     def state(self) -> dict[str, Any]:
         """The shape the admin routes read (as the ZeroMQ engine's `state` reply)."""
-        entries = dict(self.runtime.entries)
-        return {
-            "ready": self.batcher.ready.is_set(),
-            "startup_error": self.batcher.startup_error,
-            "precision": self.runtime.precision_choice.as_dict(),
-            "refused": dict(self.runtime.refused),
-            "entries": {
-                name: {
-                    "kind": e.kind,
-                    "labels": e.manifest.labels,
-                    "tok": e.tok_key,
-                    "resident": e.resident,
-                    "bytes": e.bytes,
-                    "last_used": e.last_used,
-                    "request_count": e.request_count,
-                }
-                for name, e in entries.items()
-            },
-        }
+        return self.batcher.state()
 
 
 def _settle(fut: asyncio.Future, job: Job, error: Exception | None) -> None:
