@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--store", default=None)
     bs.add_argument("--host", default="127.0.0.1")
     bs.add_argument("--port", type=int, default=8100)
+    bs.add_argument("--device", default="cpu", help="torch device of the pipeline, e.g. cuda")
 
     rp = sub.add_parser("report", help="reports/REPORT.md with tables and PNG plots from result documents")
     rp.add_argument("--results", required=True, nargs="+", help="results dir(s) or JSON files")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "baseline-server":
         from benchmarks.baseline_server import serve
 
-        serve(args.model, args.port, args.host, args.store)
+        serve(args.model, args.port, args.host, args.store, device=args.device)
         return 0
     if args.cmd == "report":
         from benchmarks.report import write_report

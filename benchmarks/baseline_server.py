@@ -23,7 +23,7 @@ class ClassifyRequest(BaseModel):
     top_k: int | None = None
 
 
-def load_pipeline(model: str, store: str | None = None) -> tuple[Any, str, Any]:
+def load_pipeline(model: str, store: str | None = None, device: str = "cpu") -> tuple[Any, str, Any]:
     """(pipeline, served name, tokenizer) for a model directory or a store variant name.
 
     A LoRA variant is loaded onto its base and merged (`merge_and_unload`), which is what a
@@ -55,7 +55,7 @@ def load_pipeline(model: str, store: str | None = None) -> tuple[Any, str, Any]:
         tok = AutoTokenizer.from_pretrained(str(path))
         name = path.name
     net = net.float().eval()
-    pipe = pipeline("text-classification", model=net, tokenizer=tok, device=-1, top_k=None)
+    pipe = pipeline("text-classification", model=net, tokenizer=tok, device=torch.device(device), top_k=None)
     return pipe, name, tok
 
 
@@ -106,14 +106,16 @@ def create_app(pipe: Any, name: str, tokenizer: Any, max_length: int = 128) -> F
     return app
 
 
-def serve(model: str, port: int, host: str = "127.0.0.1", store: str | None = None, max_length: int = 128) -> None:
+def serve(
+    model: str, port: int, host: str = "127.0.0.1", store: str | None = None, max_length: int = 128, device: str = "cpu"
+) -> None:
     """Load the model and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    pipe, name, tok = load_pipeline(model, store)
+    pipe, name, tok = load_pipeline(model, store, device)
     if store is not None:
         from models import Store
 
         max_length = Store(store).manifest(name).max_length
-    print(f"[baseline] serving '{name}' on http://{host}:{port} (fp32, one request per forward)", flush=True)
+    print(f"[baseline] serving '{name}' on http://{host}:{port} ({device}, fp32, one request per forward)", flush=True)
     uvicorn.run(create_app(pipe, name, tok, max_length), host=host, port=port, log_level="warning")

@@ -12,7 +12,8 @@ Per scenario (the variants the store has: `full`, `adapter-1`, `adapters-N` mixe
   service     `python -m service` on the same store and precision, driven by wrk (benchmarks/wrk.py)
               at each --concurrency, one text per request; client and server CPU shares recorded.
   naive       `python -m benchmarks baseline-server` (FastAPI + transformers.pipeline, fp32, one
-              request per forward) serving `full` (else `lora-0` merged), at the same concurrencies.
+              request per forward, on --device) serving `full` (else `lora-0` merged), at the same
+              concurrencies.
 Printed: service / in-process, service / naive, client CPU share and, at c=1, the median latency
 minus the server's median compute_ms (what the serving path adds). Phases run one after another
 (never two at once: on a small machine they would compete for the same cores). Without --store a
@@ -255,11 +256,11 @@ def run(s: CeilingSettings) -> dict[str, Any]:
     # 3. the naive pipeline() server on one model
     naive: dict[str, Any] | None = None
     naive_model = next((m for m in ("full", "lora-0") if m in all_models), None)
-    if s.naive and naive_model and s.device == "cpu":
+    if s.naive and naive_model:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "benchmarks", "baseline-server", "--model", naive_model]
-        cmd += ["--store", str(store_root), "--port", str(port)]
+        cmd += ["--store", str(store_root), "--port", str(port), "--device", s.device]
         with running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()) as proc:
             naive = {"model": naive_model, "runs": http_levels(url, proc.pid, "naive", [naive_model], texts, s)}
 

@@ -41,6 +41,7 @@ EXPERIMENT_MODULES = (
     "benchmarks.lora_mix",
     "benchmarks.recipe_compare",
     "benchmarks.step_overhead",
+    "benchmarks.train_speed",
     "benchmarks.ray_routing",
 )
 RESULT_KEYS = ("kind", "command", "settings", "meta", "status", "error", "payload")

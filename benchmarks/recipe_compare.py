@@ -31,10 +31,12 @@ class RecipeCompareSettings(Settings):
     batch_size: int = Field(16, gt=0, description="per-step batch for both (the study's: 16)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate for both")
     test_samples: int = Field(1000, gt=0, description="stratified test rows scored for both")
+    steady_after: int = Field(10, ge=1, description="steps left out of the steady samples/s of both (warm-up)")
     study_precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the study recipe's precision (its Trainer default: fp32; bf16 = its GPU setting)"
     )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`training`'s precision")
+    overrides: list[str] = Field([], description="extra config overrides key=value (both recipes), comma-separated")
 
 
 def _accuracy(model: Any, tokenizer: Any, texts: list[str], labels: list[int]) -> float:
@@ -50,27 +52,33 @@ def _accuracy(model: Any, tokenizer: Any, texts: list[str], labels: list[int]) -
     return float((preds == np.asarray(labels)).mean())
 
 
-def study_recipe(cfg: Any, train_df: Any, steps: int, precision: str, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+def study_recipe(
+    cfg: Any, train_df: Any, steps: int, precision: str, out_dir: Path, steady_after: int
+) -> tuple[Any, dict[str, Any]]:
     """The study's recipe, as it was written: whole sample mapped in 1,000-row chunks, Trainer, shuffled."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     from models.loading import load_tokenizer
+    from training.loop import build_model
 
-    tokenizer = load_tokenizer(cfg.base_model)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
     ds = Dataset.from_pandas(train_df[["text", "label"]].rename(columns={"label": "labels"}), preserve_index=False)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)  # the same builder (and seed) as `training`: the same initial model
+    # The study truncates at the tokenizer's limit (512); a test model with fewer positions caps it.
+    limit = min(tokenizer.model_max_length, model.config.max_position_embeddings - 2)
     t_map = time.perf_counter()
     ds = ds.map(
-        lambda b: tokenizer(b["text"], padding=True, truncation=True),
+        lambda b: tokenizer(b["text"], padding=True, truncation=True, max_length=limit),
         batched=True,
         batch_size=1000,
         remove_columns=["text"],
     )
     map_s = time.perf_counter() - t_map
     widths = [len(x) for x in ds["input_ids"]]
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.base_model, num_labels=len(cfg.labels))
+    clock = _StepClock(steady_after)
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -90,17 +98,50 @@ def study_recipe(cfg: Any, train_df: Any, steps: int, precision: str, out_dir: P
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[clock.callback(TrainerCallback)],
+    )
     out = trainer.train()
     return model.eval(), {
         "train_time_s": out.metrics["train_runtime"],
         "samples_per_s": out.metrics["train_samples_per_second"],
+        "steady_samples_per_s": clock.samples_per_s(cfg.batch_size),
         "map_s": map_s,
         "mapped_rows": len(ds),
         "chunk_width_min": min(widths),
         "chunk_width_max": max(widths),
         "precision": precision,
     }
+
+
+class _StepClock:
+    """Wall time at the Trainer's step `after` and at its last step (device work finished), so its
+    steady samples/s leaves out the same warm-up steps as `training`'s."""
+
+    def __init__(self, after: int):
+        self.after, self.marks = after, {}
+
+    def callback(self, base: type) -> Any:
+        clock = self
+
+        class Clock(base):  # type: ignore[misc, valid-type]
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if state.global_step in (clock.after, state.max_steps):
+                    import torch
+
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    clock.marks[state.global_step] = time.perf_counter()
+
+        return Clock()
+
+    def samples_per_s(self, batch: int) -> float | None:
+        (s0, t0), (s1, t1) = sorted(self.marks.items())[0], sorted(self.marks.items())[-1]
+        return batch * (s1 - s0) / (t1 - t0) if s1 > s0 else None
 
 
 def ours(cfg: Any, tmp: Path) -> tuple[Any, dict[str, Any]]:
@@ -111,13 +152,19 @@ def ours(cfg: Any, tmp: Path) -> tuple[Any, dict[str, Any]]:
     store = Store(tmp / "store")
     result = train(cfg, store=store, runs_dir=tmp / "runs")
     info = result["train_info"]
-    model, _ = load_full(store.path(cfg.name))
+    model = load_full(store.path(cfg.name))[0] if cfg.save_variant else None
     keep = ("train_time_s", "samples_per_s", "tokens_seen", "peak_memory_bytes", "precision", "compile")
-    return model, {k: info[k] for k in keep if k in info}
+    out = {k: info[k] for k in keep if k in info}
+    out["steady_samples_per_s"] = (info.get("steady") or {}).get("samples_per_s")
+    return model, out
 
 
 def _precision(p: Any) -> str:
     return p["precision"] if isinstance(p, dict) else str(p)
+
+
+def _acc(v: float | None) -> str:
+    return "– (random init)" if v is None else f"{v:.4f}"
 
 
 def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> str:
@@ -127,35 +174,34 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
     for f, doc in docs:
         p, s = doc["payload"], doc["settings"]
         t, r = p["training"], p["study_recipe"]
+        where = f"GPU {p['gpu']}" if p.get("gpu") else "CPU"
+        scored = p.get("accuracy_delta_points") is not None
         parts.append(
-            f"\n{s['steps']} steps × {s['batch_size']} on the same model ({p['model']}); the study's pipeline maps "
+            f"\n{where}: {s['steps']} steps × {s['batch_size']} on the same model ({p['model']}"
+            f"{', random init' if p.get('init') == 'random' else ''}); the study's pipeline maps "
             f"all {r['mapped_rows']:,} train rows in 1,000-row chunks (chunk widths {r['chunk_width_min']}–"
-            f"{r['chunk_width_max']} tokens); test accuracy on {p['test_rows']} stratified rows.\n"
+            f"{r['chunk_width_max']} tokens)"
+            + (f"; test accuracy on {p['test_rows']} stratified rows.\n" if scored else ".\n")
         )
         parts.append(
             table(
-                ["recipe", "precision", "samples/s", "train s", "test accuracy"],
+                ["recipe", "precision", "samples/s (whole run)", f"samples/s after step {s.get('steady_after', '–')}"]
+                + ["train s", "test accuracy"],
                 [
-                    [
-                        "training",
-                        _precision(t.get("precision")),
-                        t["samples_per_s"],
-                        t["train_time_s"],
-                        f"{t['test_accuracy']:.4f}",
-                    ],
-                    [
-                        "study recipe",
-                        r["precision"],
-                        r["samples_per_s"],
-                        r["train_time_s"],
-                        f"{r['test_accuracy']:.4f}",
-                    ],
+                    ["training", _precision(t.get("precision")), t["samples_per_s"], t.get("steady_samples_per_s")]
+                    + [t["train_time_s"], _acc(t["test_accuracy"])],
+                    ["study recipe", r["precision"], r["samples_per_s"], r.get("steady_samples_per_s")]
+                    + [r["train_time_s"], _acc(r["test_accuracy"])],
                 ],
             )
         )
+        steady = p.get("steady_samples_per_s_ratio")
         parts.append(
-            f"\n**{p['samples_per_s_ratio']:.1f}×** the study recipe's samples/s; accuracy "
-            f"{p['accuracy_delta_points']:+.2f} points.\n\n" + source_line(f, doc, out_dir)
+            f"\n**{p['samples_per_s_ratio']:.1f}×** the study recipe's samples/s over the whole run"
+            + (f", **{steady:.1f}×** after the warm-up steps" if steady else "")
+            + (f"; accuracy {p['accuracy_delta_points']:+.2f} points" if scored else "")
+            + ".\n\n"
+            + source_line(f, doc, out_dir)
         )
     return "\n".join(parts)
 
@@ -173,20 +219,23 @@ def run(s: RecipeCompareSettings) -> dict[str, Any]:
     from training.config import load_config
     from training.data import load_splits
 
-    cfg = load_config(
-        s.config,
-        [
-            f"batch_size={s.batch_size}",
-            f"max_steps={s.steps}",
-            f"lr={s.lr}",
-            f"precision={s.precision}",
-            f"test_subset={s.test_samples}",
-            "eval_every=0",
-            "checkpoint_every=0",
-            "eval_test=false",
-            "name=recipe-compare-ours",
-        ],
-    )
+    overrides = [
+        f"batch_size={s.batch_size}",
+        f"max_steps={s.steps}",
+        f"lr={s.lr}",
+        f"precision={s.precision}",
+        f"test_subset={s.test_samples}",
+        f"log_every={s.steady_after}",  # its first log boundary starts the steady interval
+        "eval_every=0",
+        "checkpoint_every=0",
+        "eval_test=false",
+        "name=recipe-compare-ours",
+        *s.overrides,
+    ]
+    cfg = load_config(s.config, overrides)
+    scored = cfg.init == "pretrained"  # random weights: speed only, accuracy is never reported
+    if not scored:
+        cfg = load_config(s.config, [*overrides, "save_variant=false"])
     splits = load_splits(cfg)
     test = splits.test
     print(
@@ -195,26 +244,39 @@ def run(s: RecipeCompareSettings) -> dict[str, Any]:
         flush=True,
     )
     texts, labels = test["text"].tolist(), test["label"].tolist()
-    tok = load_tokenizer(cfg.base_model)
+    tok = load_tokenizer(cfg.tokenizer_path)
     with tempfile.TemporaryDirectory() as tmp:
         model, ours_r = ours(cfg, Path(tmp))
-        ours_r["test_accuracy"] = _accuracy(model, tok, texts, labels)
+        ours_r["test_accuracy"] = _accuracy(model, tok, texts, labels) if scored else None
         print(f"[recipe-compare] training: {ours_r}", flush=True)
-        model, study_r = study_recipe(cfg, splits.train, s.steps, s.study_precision, Path(tmp) / "trainer")
-        study_r["test_accuracy"] = _accuracy(model, tok, texts, labels)
+        model, study_r = study_recipe(
+            cfg, splits.train, s.steps, s.study_precision, Path(tmp) / "trainer", s.steady_after
+        )
+        study_r["test_accuracy"] = _accuracy(model.cpu().float(), tok, texts, labels) if scored else None
         print(f"[recipe-compare] study recipe: {study_r}", flush=True)
     ratio = ours_r["samples_per_s"] / study_r["samples_per_s"]
-    delta = 100 * (ours_r["test_accuracy"] - study_r["test_accuracy"])
+    a, b = ours_r["steady_samples_per_s"], study_r["steady_samples_per_s"]
+    steady_ratio = a / b if a and b else None
+    delta = 100 * (ours_r["test_accuracy"] - study_r["test_accuracy"]) if scored else None
     print(
         f"[recipe-compare] samples/s: training {ours_r['samples_per_s']:.1f} vs study recipe "
-        f"{study_r['samples_per_s']:.1f} -> {ratio:.1f}x; accuracy {delta:+.2f} points",
+        f"{study_r['samples_per_s']:.1f} -> {ratio:.1f}x (steady after step {s.steady_after}: "
+        f"{_x(steady_ratio)}x); accuracy {'–' if delta is None else f'{delta:+.2f}'} points",
         flush=True,
     )
     return {
         "model": cfg.base_model,
+        "init": cfg.init,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "training": ours_r,
         "study_recipe": study_r,
         "samples_per_s_ratio": ratio,
-        "test_rows": len(test),
+        "steady_samples_per_s_ratio": steady_ratio,
+        "test_rows": len(test) if scored else 0,
         "accuracy_delta_points": delta,
     }
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"

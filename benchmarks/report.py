@@ -508,15 +508,19 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
                 rows.append([f"2-layer model, c=1 p50 − server compute p50 ({where})", "≤ 1 ms",
                              f"{r1['p50_minus_compute_ms']:.1f} ms", _met(r1["p50_minus_compute_ms"] <= 1)])  # fmt: skip
             continue
+        gpu = p.get("device") == "cuda"
+        ratio_goal, naive_goal = (0.8, 15) if gpu else (0.9, 4)
+        at_in = 64 if gpu and any(c == 64 for _, c in at) else hi  # the GPU goals are set at c=64 / c=32
+        at_naive = 32 if gpu and any(c == 32 for _, c in at) else hi
         for (scen, c), r in sorted(at.items()):
-            if c == hi and r.get("service_over_in_process") is not None:
-                rows.append([f"{p['shape']} {scen}: service / in-process at c={c} ({where})", "≥ 0.9",
-                             f"{r['service_over_in_process']:.2f}", _met(r["service_over_in_process"] >= 0.9)])  # fmt: skip
-        full32, full1 = at.get(("full", hi)), at.get(("full", 1))
+            if c == at_in and r.get("service_over_in_process") is not None:
+                rows.append([f"{p['shape']} {scen}: service / in-process at c={c} ({where})", f"≥ {ratio_goal}",
+                             f"{r['service_over_in_process']:.2f}", _met(r["service_over_in_process"] >= ratio_goal)])  # fmt: skip
+        full32, full1 = at.get(("full", at_naive)), at.get(("full", 1))
         if full32 and full32.get("service_over_naive") is not None:
-            rows.append([f"{p['shape']} full: service / naive pipeline at c={hi} ({where})", "≥ 4×",
-                         f"{full32['service_over_naive']:.2f}×", _met(full32["service_over_naive"] >= 4)])  # fmt: skip
-        if full1 and full1.get("naive_p50_ms") is not None:
+            rows.append([f"{p['shape']} full: service / naive pipeline at c={at_naive} ({where})", f"≥ {naive_goal}×",
+                         f"{full32['service_over_naive']:.2f}×", _met(full32["service_over_naive"] >= naive_goal)])  # fmt: skip
+        if full1 and full1.get("naive_p50_ms") is not None and not gpu:
             rows.append([f"{p['shape']} full: c=1 p50 vs naive p50 ({where})", "≤ naive",
                          f"{full1['p50_ms']:.1f} vs {full1['naive_p50_ms']:.1f} ms",
                          _met(full1["p50_ms"] <= full1["naive_p50_ms"])])  # fmt: skip
@@ -526,11 +530,25 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
                              f"{m['ratio']:.2f}×", _met(m["ratio"] >= 0.95)])  # fmt: skip
     for _, d in groups.get("recipe-compare", []):
         p, bf16 = d["payload"], d["meta"]["hardware"].get("native_bf16")
+        if p.get("gpu"):  # issue 9's GPU goal: >= 3x the study's Trainer recipe (bf16, batch 16), speed only
+            ratio = p.get("steady_samples_per_s_ratio") or p["samples_per_s_ratio"]
+            rows.append([f"training vs the study's recipe, batch {d['settings']['batch_size']} ({machine_of(d)})",
+                         "≥ 3×", f"{ratio:.1f}× (after warm-up steps)", _met(ratio >= 3)])  # fmt: skip
+            continue
         goal = 25 if bf16 else 12
-        ok = p["samples_per_s_ratio"] >= goal and p["accuracy_delta_points"] >= 0
+        ok = p["samples_per_s_ratio"] >= goal and (p["accuracy_delta_points"] or 0) >= 0
+        acc = "–" if p["accuracy_delta_points"] is None else f"{p['accuracy_delta_points']:+.2f} points"
         rows.append([f"training vs the study's recipe, {d['settings']['steps']} steps ({machine_of(d)})",
-                     f"≥ {goal}×, accuracy not lower",
-                     f"{p['samples_per_s_ratio']:.1f}×, accuracy {p['accuracy_delta_points']:+.2f} points", _met(ok)])  # fmt: skip
+                     f"≥ {goal}×, accuracy not lower", f"{p['samples_per_s_ratio']:.1f}×, accuracy {acc}", _met(ok)])  # fmt: skip
+    for _, d in groups.get("train-speed", []):
+        p = d["payload"]
+        best = max(
+            (r for r in p["runs"] if r.get("mfu_datasheet") is not None), key=lambda r: r["mfu_datasheet"], default=None
+        )
+        if best:
+            rows.append([f"training MFU at the best batch size ({machine_of(d)})", "≥ 35 %",
+                         f"{best['mfu_datasheet']:.1%} ({best['method']}, batch {best['batch_size']}, "
+                         f"120k-row epoch {best['epoch_120k_s']:.0f} s)", _met(best["mfu_datasheet"] >= 0.35)])  # fmt: skip
     for _, d in groups.get("step-overhead", []):
         p = d["payload"]
         rows.append([f"training ms/step vs a minimal loop, 2-layer model ({machine_of(d)})", "≤ 1.2×",
@@ -565,7 +583,9 @@ FALLBACK_RENDERERS: dict[str, Renderer] = {
     "memory": _legacy(memory_section),
     "hotswap": _legacy(hotswap_section),
 }
-ORDER = ("demo", "accuracy", "ceiling", "load", "lora-mix", "memory", "hotswap", "recipe-compare", "step-overhead")
+ORDER = (
+    "demo", "accuracy", "ceiling", "load", "lora-mix", "memory", "hotswap", "recipe-compare", "train-speed", "step-overhead",
+)  # fmt: skip
 
 
 def renderers() -> dict[str, Renderer]:

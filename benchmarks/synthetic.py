@@ -157,9 +157,21 @@ def build_store(
     )
     # tiny: large perturbations so adapters differ visibly in tests; real shapes: LoRA-sized ones
     r, scale = (lora_r or 4, 0.2) if tiny else (lora_r or 8, 0.02)
-    for i in range(n_adapters):
-        if f"lora-{i}" not in store.names():
-            model = random_lora(base, seed=100 + i, r=r, scale=scale)
+    missing = [i for i in range(n_adapters) if f"lora-{i}" not in store.names()]
+    if tiny:  # a fresh copy per adapter: the tests' exact weights
+        for i in missing:
+            write_variant(
+                store, name=f"lora-{i}", kind="lora", model=random_lora(base, 100 + i, r, scale=scale), **common
+            )
+    elif missing:  # one peft model re-drawn per adapter: a deep copy of a 1.4 GB base each time costs minutes
+        model = random_lora(base, seed=100 + missing[0], r=r, scale=0.0)
+        init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for i in missing:
+            g = torch.Generator().manual_seed(100 + i)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in init:
+                        p.copy_(init[n] + torch.randn(p.shape, generator=g) * scale)
             write_variant(store, name=f"lora-{i}", kind="lora", model=model, **common)
     if full and "full" not in store.names():
         if tiny:

@@ -168,6 +168,10 @@ class TrainConfig(_Strict):
     )
     val_subset: int | None = Field(None, ge=1, description="cap on validation rows (stratified); null = all")
     checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every N optimizer steps (0 = none)")
+    save_variant: bool = Field(
+        True,
+        description="write the trained variant into the store; false = measure only (speed runs), results JSON still written",
+    )
     lora: LoraArgs = Field(default_factory=LoraArgs, description="used when method = lora")
 
     @property

@@ -190,6 +190,25 @@ def bucket_tokens(max_length: int) -> int:
     return 16 * max(1, math.ceil(max_length / 8 / 16))
 
 
+def steady_throughput(marks: list[tuple[int, float, int, int]]) -> dict[str, Any]:
+    """Throughput from the first log boundary to the last: the first interval (warm-up, compilation)
+    left out. Empty when the run had fewer than two boundaries."""
+    if len(marks) < 2 or marks[-1][1] <= marks[0][1]:
+        return {}
+    (s0, t0, n0, k0), (s1, t1, n1, k1) = marks[0], marks[-1]
+    return {
+        "steady": {
+            "from_step": s0,
+            "to_step": s1,
+            "seconds": t1 - t0,
+            "ms_per_step": 1000 * (t1 - t0) / (s1 - s0),
+            "samples_per_s": (n1 - n0) / (t1 - t0),
+            "tokens_per_s": (k1 - k0) / (t1 - t0),
+        },
+        "first_interval_s": t0,
+    }
+
+
 class _NoWriter:
     """TensorBoard writer of the processes that are not the main one: they write nothing."""
 
@@ -315,7 +334,7 @@ def _train(
     model = build_model(cfg, tokenizer)
     base_name = cfg.base_model if cfg.init == "pretrained" else (cfg.arch_preset or cfg.base_model)
     base_fp = fingerprint(model)
-    if method.kind == "lora" and is_main:  # adapters reference a base stored once in the store
+    if method.kind == "lora" and is_main and cfg.save_variant:  # adapters reference a base stored once
         save_base_snapshot(store, model, tokenizer, base_name, cfg.init)
     model = method.prepare(model, cfg).to(device)
     model.train()
@@ -344,9 +363,11 @@ def _train(
     if compiled:
         from torch import _dynamo
 
-        # One graph per padded width (bucket_tokens keeps them few); never fall back to eager for lack of room.
+        # Widths are padded to a few buckets (bucket_tokens); dynamic=None lets dynamo compile the first
+        # width statically and, on the second, one graph with a symbolic width: two compilations per
+        # run instead of one per bucket (each costs ~a minute for RoBERTa-large). Never fall back to eager.
         _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 16)
-        forward_loss = torch.compile(forward_loss, dynamic=False)
+        forward_loss = torch.compile(forward_loss, dynamic=None)
 
     # ---- state that a checkpoint carries ----
     step = 0  # optimizer steps done
@@ -359,6 +380,9 @@ def _train(
     loss_curve: list[dict[str, Any]] = []  # training loss, mean per row over each log interval
     interval_loss = torch.zeros((), device=device)  # summed on the device, read every log_every steps
     interval_rows = 0
+    # (step, train seconds, samples, tokens) at each log boundary of this process's run: throughput
+    # after the first interval excludes warm-up (allocator, cuBLAS/oneDNN selection, compilation)
+    marks: list[tuple[int, float, int, int]] = []
     ckpt_dir = runs_dir / f"{cfg.name}.ckpt"
     if resume:
         weights, best, st = load_checkpoint(ckpt_dir)
@@ -440,6 +464,7 @@ def _train(
             torch.cuda.synchronize()  # so the clock includes the queued work
         train_time_s += time.perf_counter() - t_resume
         if log_now:
+            marks.append((step, train_time_s, samples_seen, tokens_seen))
             loss_value = accelerator.reduce(interval_loss, "sum").item() / interval_rows
             loss_curve.append({"step": step, "loss": loss_value})
             writer.add_scalar("train/loss", loss_value, step)
@@ -506,6 +531,7 @@ def _train(
         "tokens_per_s": tokens_seen / train_time_s,
         "samples_seen": samples_seen,
         "tokens_seen": tokens_seen,
+        **steady_throughput(marks),
         **counts,
     }
     if cfg.eval_test and splits.test is not None:
@@ -520,6 +546,9 @@ def _train(
     info["peak_memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
     writer.close()
     if not is_main:
+        return info
+    if not cfg.save_variant:  # a measure-only run: the results JSON (written by train()) is its output
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
         return info
 
     # ---- write the variant (fp32 weights; temp dir + rename inside the store) ----

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 8 and 9 in one device call, results into $OUT (<= 8 files).
+#   device machine, project root:  source .gpu/env.sh && bash scripts/gpu_bench.sh
+#   rehearsal on a CPU machine:      OUT=/tmp/gpu-out SIZE=tiny bash scripts/gpu_bench.sh
+# PART=1 (default): ceiling (service vs in-process vs naive), train-speed, recipe-compare, memory.
+# PART=2: what a second call adds if device time is left: front-end count, compiled training.
+# recipe-compare trains on the whole 20k sample, as the study mapped it (chunk padding depends on it).
+# Each step has its own time limit so one slow step cannot take the others' results with it.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+SIZE=${SIZE:-full}
+PART=${PART:-1}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+T0=$(date +%s)
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: start at +$(($(date +%s) - T0)) s (limit $limit s)"
+  timeout -k 15 "$limit" "$@"
+  echo "=== $name: rc=$? at +$(($(date +%s) - T0)) s"
+}
+if [ "$SIZE" = full ]; then
+  DEV=(--device cuda); SHAPE=roberta-large; TRAIN_CFG=configs/speed-roberta-large-random.yaml
+  TRAIN_OVR=(); RC_OVR=(--overrides train_subset=null); BATCHES=16,64,256; DUR=5
+else  # a 2-layer RoBERTa on the CPU: checks that every command runs, measures nothing of interest
+  DEV=(); SHAPE=tiny; TRAIN_CFG=configs/speed-roberta-large-random.yaml
+  TRAIN_OVR=(--overrides arch_preset=tiny-roberta); RC_OVR=(--overrides train_subset=null,arch_preset=tiny-roberta)
+  BATCHES=8,16; DUR=2
+fi
+STORE=/tmp/ceiling-stores/$SHAPE-32
+py=python3; command -v python3 >/dev/null || py=python
+
+if [ "$PART" = 1 ]; then
+  { nvidia-smi || true; $py -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"; nproc; which wrk; } > "$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+  step ceiling 230 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
+    --scenarios full,adapters-32 --concurrency 1,32,64 --duration $DUR --warmup 1 --out "$OUT/ceiling-gpu.json"
+  step train-speed 110 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full,lora --batch-sizes $BATCHES \
+    --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu.json"
+  step recipe-compare 90 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 60 --batch-size 16 \
+    --study-precision bf16 --steady-after 10 --test-samples 32 "${RC_OVR[@]}" --out "$OUT/recipe-compare-gpu.json"
+  step memory 100 $py -m benchmarks memory --store $STORE --variants full,lora-0 --counts 1,8,32,128 \
+    "${DEV[@]}" --precision bf16 --out "$OUT/memory-gpu.json"
+else
+  step frontends 100 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
+    --scenarios full --concurrency 64 --duration $DUR --warmup 1 --no-naive --service-args=--frontends,4 \
+    --out "$OUT/ceiling-gpu-frontends4.json"
+  step train-compiled 200 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes 16,64 \
+    --compile true --steps 40 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-compiled.json"
+fi
+echo "=== done at +$(($(date +%s) - T0)) s"
