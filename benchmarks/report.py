@@ -552,7 +552,9 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
     for _, d in groups.get("step-overhead", []):
         p = d["payload"]
         rows.append([f"training ms/step vs a minimal loop, 2-layer model ({machine_of(d)})", "≤ 1.2×",
-                     f"{p['training_ms_per_step']:.1f} vs {p['minimal_ms_per_step']:.1f} ms = {p['ratio']:.2f}×",
+                     (f"median of paired runs {p['ratio']:.2f}× (best {p['training_ms_per_step']:.1f} vs "
+                      f"{p['minimal_ms_per_step']:.1f} ms)" if "paired_ratios" in p else
+                      f"{p['training_ms_per_step']:.1f} vs {p['minimal_ms_per_step']:.1f} ms = {p['ratio']:.2f}×"),
                      _met(p["ratio"] <= 1.2)])  # fmt: skip
     return rows
 

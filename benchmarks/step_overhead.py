@@ -5,7 +5,7 @@ loop's own overhead: batching, accelerate's wrappers, autocast, logging. Both lo
 freshly initialised model on the same length-grouped batches (training.data's batching and padding),
 with the same precision, fused AdamW, clipping and schedule, and neither reads a device value per step.
 Runs alternate (minimal, training, minimal, ...) so machine noise hits both; the best run of each
-is kept. Target: training <= 1.2x the minimal loop.
+is kept, and each pair's ratio: the median paired ratio is judged. Target: training <= 1.2x the minimal loop.
 
     python -m benchmarks step-overhead --steps 100 --repeats 3 --out reports/results/step-overhead.json
 
@@ -14,6 +14,7 @@ Run it alone: on a shared CPU the figures are rough.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -138,12 +139,17 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                 p["steps"],
                 f"{p['minimal_ms_per_step']:.2f}",
                 f"{p['training_ms_per_step']:.2f}",
-                f"{p['ratio']:.2f}",
+                f"{p.get('best_ratio', p['ratio']):.2f}",
+                f"{p['ratio']:.2f}" if "paired_ratios" in p else "–",
                 "yes" if p["meets_target"] else "no",
             ]
         )
     parts.append(
-        table(["precision", "batch", "steps", "minimal ms/step", "training ms/step", "ratio", "<= 1.2x"], rows)
+        table(
+            ["precision", "batch", "steps", "best minimal ms/step", "best training ms/step", "best / best"]
+            + ["median paired ratio", "<= 1.2x"],
+            rows,
+        )
     )
     parts += ["\n" + source_line(f, doc, out_dir) for f, doc in docs]
     return "\n".join(parts)
@@ -178,10 +184,14 @@ def run(s: StepOverheadSettings) -> dict[str, Any]:
     if a["steps"] != b["steps"] or a["precision"] != b["precision"] or not same_loss:
         raise RuntimeError(f"the loops did not run the same work: minimal {a} vs training {b}")
     ratio = best_ours / best_minimal
+    # Each training run follows its minimal run at once, so the pair shares the machine's state; on a
+    # shared 2-core VM single runs swing by +-30 %, so the median of the paired ratios is the judge.
+    paired = sorted((o["time_s"] / o["steps"]) / (m["time_s"] / m["steps"]) for m, o in zip(minimal, ours, strict=True))
+    median = statistics.median(paired)
     print(
-        f"step overhead ({ours[0]['precision']}, batch {s.batch_size}, {ours[0]['steps']} steps, best of {s.repeats}): "
-        f"minimal {1000 * best_minimal:.2f} ms/step, training {1000 * best_ours:.2f} ms/step, ratio {ratio:.2f}x "
-        f"(target <= 1.2x)",
+        f"step overhead ({ours[0]['precision']}, batch {s.batch_size}, {ours[0]['steps']} steps, {s.repeats} pairs): "
+        f"best minimal {1000 * best_minimal:.2f} ms/step, best training {1000 * best_ours:.2f} ms/step, best/best "
+        f"{ratio:.2f}x; median of paired ratios {median:.2f}x (target <= 1.2x)",
         flush=True,
     )
     return {
@@ -189,9 +199,11 @@ def run(s: StepOverheadSettings) -> dict[str, Any]:
         "steps": ours[0]["steps"],
         "minimal_ms_per_step": 1000 * best_minimal,
         "training_ms_per_step": 1000 * best_ours,
-        "ratio": ratio,
+        "best_ratio": ratio,
+        "paired_ratios": paired,
+        "ratio": median,
         "target_ratio": 1.2,
-        "meets_target": ratio <= 1.2,
+        "meets_target": median <= 1.2,
         "runs": {"minimal": minimal, "training": ours},
         "torch_threads": torch.get_num_threads(),
     }

@@ -62,14 +62,18 @@ def load_tolerance(kind: str, precision: str = "fp32") -> float:
 
 
 def golden_subset(golden: Golden, k: int | None) -> Golden:
-    """`k` golden rows evenly spread over the set (all of it when k is None or >= its size).
+    """`k` golden rows spread over the set (all of it when k is None or >= its size): the set is cut
+    into `k` equal strata and the shortest text of each is taken.
 
-    Training orders golden texts by class, so an even spread covers every class.
+    Training orders golden texts by class, so the strata cover every class; the shortest texts keep
+    the padded batch small — the check's forward is most of a hot-swap's cost (8 texts padded to 95
+    tokens took ~50 ms on MiniLM bf16 on this project's 2-core CPU).
     """
     n = len(golden.texts)
     if k is None or k >= n:
         return golden
-    idx = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    idx = [min(range(lo, hi), key=lambda i: (len(golden.texts[i]), i)) for lo, hi in zip(bounds, bounds[1:])]
     return golden.model_copy(
         update={"texts": [golden.texts[i] for i in idx], "logits": [golden.logits[i] for i in idx]}
     )
@@ -92,13 +96,24 @@ def make_golden(variant: LoadedVariant, texts: Sequence[str]) -> Golden:
     return Golden(texts=list(texts), logits=logits.tolist(), one_per_batch=alone)
 
 
-def compare_golden(golden: Golden, logits: torch.Tensor) -> tuple[float, float]:
-    """(max |Δlogit|, argmax agreement in [0, 1]) of `logits` against the golden record."""
+def compare_golden(golden: Golden, logits: torch.Tensor, tolerance: float | None = None) -> tuple[float, float]:
+    """(max |Δlogit|, argmax agreement in [0, 1]) of `logits` against the golden record.
+
+    With a `tolerance`, agreement counts only the texts whose recorded top-2 margin exceeds twice
+    it: when both leading logits may each move by the tolerance, a near-tie may swap without any
+    logit moving more than allowed (random-init models, whose logits are all near-ties, refused
+    at bf16 on an H200 for exactly that: Δ 0.022 against a 0.25 tolerance, agreement 0.75).
+    No decisive text: agreement 1.0 (the logit bound is then the whole check).
+    """
     ref = torch.tensor(golden.logits, dtype=torch.float32)
     if ref.shape != logits.shape:
         return float("inf"), 0.0
     max_abs = (ref - logits.float()).abs().max().item()
-    agreement = (ref.argmax(-1) == logits.argmax(-1)).float().mean().item()
+    same = ref.argmax(-1) == logits.argmax(-1)
+    if tolerance is not None and ref.shape[-1] > 1:
+        top2 = ref.topk(2, dim=-1).values
+        same = same[(top2[:, 0] - top2[:, 1]) > 2 * tolerance]
+    agreement = same.float().mean().item() if same.numel() else 1.0
     return max_abs, agreement
 
 
@@ -117,7 +132,8 @@ class GoldenCheck:
 def check_golden(variant: LoadedVariant, *, subset: int | None = None, precision: str = "fp32") -> GoldenCheck:
     """Re-run `subset` golden texts of a loaded variant (all when None) and compare with its manifest.
 
-    Passing needs every argmax to agree and max |Δlogit| within `load_tolerance(kind, precision)`.
+    Passing needs max |Δlogit| within `load_tolerance(kind, precision)` and every argmax to agree
+    where the recorded margin makes it decisive (compare_golden).
     A legacy int8 record (scored in shared batches) is re-run whole with the same batching,
     the only way its numbers can be reproduced.
     """
@@ -125,15 +141,15 @@ def check_golden(variant: LoadedVariant, *, subset: int | None = None, precision
     legacy_int8 = m.kind in BATCH_DEPENDENT_KINDS and not m.golden.one_per_batch
     golden = m.golden if legacy_int8 else golden_subset(m.golden, subset)
     logits = score_golden(variant, golden.texts, alone=golden.one_per_batch)
-    max_abs, agreement = compare_golden(golden, logits)
     tol = load_tolerance(m.kind, precision)
+    max_abs, agreement = compare_golden(golden, logits, tol)
     passed = max_abs <= tol and agreement == 1.0
     reason = None
     if not passed:
         at = "fp32 (onnxruntime)" if m.kind.startswith("onnx") else precision
         reason = (
             f"golden-set logits differ by {max_abs:.4g} (tolerance {tol:g} for {m.kind} at {at}), argmax agreement "
-            f"{agreement:.2f} on {len(golden.texts)} texts; the weights do not reproduce the manifest here — "
+            f"{agreement:.2f} on the decisive ones of {len(golden.texts)} texts; the weights do not reproduce the manifest here — "
             "re-export the variant on this software stack"
         )
     return GoldenCheck(len(golden.texts), max_abs, agreement, tol, passed, reason)

@@ -12,14 +12,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "SERVICE_"
-# wrk -c32 against the 2-layer tests/tiny.py model on this project's 2-core CPU machine (wrk on the
-# same cores, other work running): 1 front-end 1,472 req/s, 2 front-ends 1,367 req/s (before the
-# plain-ASGI classify route: 1,031 vs 501). With 2 cores the engine needs one; a second front-end
-# only competes with it. Raise it on machines with cores to spare (a GPU host).
-DEFAULT_FRONTENDS = 1
+
+
+def auto_frontends(device: str, cores: int | None = None) -> int:
+    """HTTP front-end processes for `--frontends auto`, from measurements (wrk, one machine each):
+
+    CPU, 2 cores (this project's machine), 2-layer model at c=32: 1 front-end 1,472 req/s,
+      2 front-ends 1,367 — the model computes on the same cores, so one front-end (the engine needs the other).
+    CUDA, H200 host with 16 cores, RoBERTa-large bf16 at c=64: 1 front-end 1,128 req/s (its one core
+      saturated), 4 front-ends 2,007 req/s (3,022 at c=128) — the GPU leaves the CPU cores to the front-ends.
+    So: 1 on CPU; on CUDA one per 4 cores, at most 4 (more not measured).
+    """
+    if device == "cpu":
+        return 1
+    return max(1, min(4, (cores or os.cpu_count() or 1) // 4))
 
 
 class ServiceConfig(BaseModel):
@@ -70,18 +79,27 @@ class ServiceConfig(BaseModel):
         "32 texts took ~150 ms on MiniLM bf16 here, against ~20 ms for verify + attach",
     )
     log_level: str = Field("info", description="uvicorn log level")
-    frontends: int = Field(
-        DEFAULT_FRONTENDS,
-        ge=1,
+    frontends: int | Literal["auto"] = Field(
+        "auto",
         description="HTTP front-end processes sharing the port; each parses, validates and tokenises, and "
-        "talks to the one engine process over ZeroMQ",
+        "talks to the one engine process over ZeroMQ; auto = 1 on CPU, on CUDA one per 4 cores up to 4 "
+        "(measured, see auto_frontends)",
     )
     engine_address: str | None = Field(
         None, description="ZeroMQ address of a running engine (ipc://...); default: start one and supervise it"
     )
 
+    @field_validator("frontends")
+    @classmethod
+    def _at_least_one(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("--frontends must be >= 1 or auto")
+        return v
+
     @model_validator(mode="after")
     def _precision_fits_device(self) -> ServiceConfig:
+        if self.frontends == "auto":
+            self.frontends = auto_frontends(self.device)
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 is for --device cuda; on CPU use --precision bf16 (avx512_bf16) or fp32")
         return self

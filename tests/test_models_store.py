@@ -148,3 +148,18 @@ def test_loaded_variants_reproduce_golden_logits(store):
     mf = store.manifest("full")
     max_abs, agreement = compare_golden(mf.golden, compute_logits(full, tok, mf.golden.texts, mf.max_length))
     assert max_abs < 1e-5 and agreement == 1.0
+
+
+def test_golden_agreement_counts_only_decisive_texts():
+    """A near-tie may swap within the logit tolerance (random-init models at bf16 did on an H200);
+    a decisive flip is still a disagreement, and a logit beyond the tolerance still fails."""
+    import torch
+
+    from models.manifest import Golden
+
+    golden = Golden(texts=["tie", "clear"], logits=[[0.50, 0.49, 0.0], [2.0, 0.0, 0.0]])
+    swapped_tie = torch.tensor([[0.49, 0.51, 0.0], [2.0, 0.0, 0.0]])
+    assert compare_golden(golden, swapped_tie, tolerance=0.25) == pytest.approx((0.02, 1.0))
+    assert compare_golden(golden, swapped_tie)[1] == 0.5  # no tolerance: every text counts
+    flipped = torch.tensor([[0.50, 0.49, 0.0], [0.0, 2.1, 0.0]])
+    assert compare_golden(golden, flipped, tolerance=0.25)[1] == 0.0

@@ -326,3 +326,14 @@ def test_legacy_batch_matches_the_old_default():
     from models.loading import compute_logits
 
     assert inspect.signature(compute_logits).parameters["batch_size"].default == LEGACY_BATCH
+
+
+def test_golden_subset_takes_the_shortest_text_of_each_stratum():
+    from models.manifest import Golden
+
+    texts = ["aaaa", "a", "bbb", "bbbbbb", "cc", "c", "dddd", "ddd"]  # 4 classes x 2, ordered by class
+    golden = Golden(texts=texts, logits=[[float(i), 0.0] for i in range(8)])
+    sub = golden_subset(golden, 4)
+    assert sub.texts == ["a", "bbb", "c", "ddd"]  # one per class, the shortest: a small padded batch
+    assert [row[0] for row in sub.logits] == [1.0, 2.0, 5.0, 7.0]  # logits follow their texts
+    assert golden_subset(golden, None) is golden and golden_subset(golden, 8) is golden

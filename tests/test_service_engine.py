@@ -239,3 +239,11 @@ def test_frontend_tokenisation_equals_the_hf_tokenizer():
     tok.no_padding()
     texts = [*GOLDEN_TEXTS, "word " * 500, "", "naïve café — 東京"]
     assert [e.ids for e in tok.encode_batch(texts)] == hf(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+
+
+def test_frontends_auto_from_device_and_cores():
+    from service.config import ServiceConfig, auto_frontends
+
+    assert ServiceConfig(store="x").frontends == 1  # CPU: the model shares the cores with the front-end
+    assert (auto_frontends("cuda", 16), auto_frontends("cuda", 2), auto_frontends("cuda", 64)) == (4, 1, 4)
+    assert ServiceConfig(store="x", frontends="3").frontends == 3

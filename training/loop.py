@@ -190,6 +190,11 @@ def bucket_tokens(max_length: int) -> int:
     return 16 * max(1, math.ceil(max_length / 8 / 16))
 
 
+def query_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, length) padding mask as (batch, query, key), a view: every query sees the same keys."""
+    return mask[:, None, :].expand(-1, mask.shape[1], -1)
+
+
 def steady_throughput(marks: list[tuple[int, float, int, int]]) -> dict[str, Any]:
     """Throughput from the first log boundary to the last: the first interval (warm-up, compilation)
     left out. Empty when the run had fewer than two boundaries."""
@@ -357,8 +362,15 @@ def _train(
         # Summed, not averaged: the step divides by its global row count (known on the host), so
         # N processes x b rows train exactly as 1 process x N*b rows, and filler rows (-100) add 0.
         with autocast():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = model(input_ids=input_ids, attention_mask=step_mask(attention_mask)).logits
         return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
+
+    # BERT / RoBERTa turn a 2-D mask into SDPA's 4-D one after asking the device "is it all ones?"
+    # (transformers' _prepare_4d_attention_mask_for_sdpa, eager mode): a host sync in every forward,
+    # which on a GPU stops the CPU from queueing the next step while the device runs this one. The
+    # same mask given as (batch, query, key) takes their other path, the identical additive mask, no read.
+    model_type = getattr(getattr(unwrapped, "config", None), "model_type", None)
+    step_mask = query_key_mask if model_type in ("bert", "roberta") else (lambda m: m)
 
     if compiled:
         from torch import _dynamo
