@@ -335,6 +335,7 @@ def summary_rows(
                     "p50_minus_compute_ms": (p50 - compute) if r["concurrency"] == 1 and compute is not None else None,
                     "client_cpu_share": r["client_cpu_share"],
                     "server_cpu_share": r["server_cpu_share"],
+                    "errors_by_status": r.get("errors_by_status") or {},
                 }
             )
     return rows
@@ -353,6 +354,14 @@ def mix_ratios(rows: list[dict[str, Any]], ceiling: dict[str, dict[str, Any]], n
         if name == mix and by.get((one, c)):
             out.append({"scenario": mix, "level": f"c={c}", "ratio": rps / by[(one, c)]})
     return out
+
+
+def _errors(doc: dict[str, Any], row: dict[str, Any]) -> dict[str, int]:
+    """Non-200 answers of a row's HTTP level (from the scenario's runs: older rows lack the field)."""
+    if "errors_by_status" in row:
+        return row["errors_by_status"]
+    runs = doc["scenarios"].get(row["scenario"], {}).get("runs", [])
+    return next((r.get("errors_by_status") or {} for r in runs if r["concurrency"] == row["concurrency"]), {})
 
 
 def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> str:
@@ -382,11 +391,13 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                 r["p50_minus_compute_ms"],
                 _pct(r["client_cpu_share"]),
                 _pct(r["server_cpu_share"]),
+                ", ".join(f"{n} × {k}" for k, n in _errors(doc, r).items()) or "0",
             ]
             for r in doc["rows"]
         ]
         header = ["scenario", "level", "in-process rows/s", "service req/s", "naive req/s", "service / in-process"]
         header += ["service / naive", "p50 ms", "naive p50 ms", "c=1 p50 − compute ms", "client CPU", "server CPU"]
+        header += ["errors (req/s counts answers 200 only)"]
         parts.append(table(header, rows))
         mem = [
             [
