@@ -17,6 +17,7 @@ still load.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,7 +74,7 @@ def golden_subset(golden: Golden, k: int | None) -> Golden:
     if k is None or k >= n:
         return golden
     bounds = [round(i * n / k) for i in range(k + 1)]
-    idx = [min(range(lo, hi), key=lambda i: (len(golden.texts[i]), i)) for lo, hi in zip(bounds, bounds[1:])]
+    idx = [min(range(lo, hi), key=lambda i: (len(golden.texts[i]), i)) for lo, hi in itertools.pairwise(bounds)]
     return golden.model_copy(
         update={"texts": [golden.texts[i] for i in idx], "logits": [golden.logits[i] for i in idx]}
     )
