@@ -10,6 +10,7 @@ thread only reads `entries` (dict reads are atomic under the GIL; entries are re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import itertools
 import logging
@@ -82,6 +83,27 @@ class Entry:
     def group(self) -> str:
         """Rows with the same group can share one forward."""
         return LORA_GROUP if self.kind == "lora" else self.name
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS after the set of adapters changed (glibc only; no-op elsewhere).
+
+    Each attach / bank rebuild frees the previous stacks and peft's temporaries, across the batcher and
+    swap-worker threads' malloc arenas; glibc keeps those pages, so resident memory grew ~1.3 MB per
+    added MiniLM adapter against ~0.15 MB of its tensors (memory experiment). In-process, 64 adds:
+    0.35 MB per adapter, 0.16 MB after malloc_trim(0). Costs ~1 ms, only when adapters change.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 class Runtime:
@@ -349,4 +371,5 @@ class Runtime:
                 self.bank = LoraBank(self.base)
                 self.bank.rebuild()
             self._bank_stale = False
+            release_freed_memory()
         return self.bank
