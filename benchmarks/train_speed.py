@@ -48,6 +48,9 @@ class TrainSpeedSettings(Settings):
     log_every: int = Field(10, ge=1, description="steps per log interval (the first one is warm-up)")
     precision: str = Field("auto", description="training precision (auto = what the hardware computes natively)")
     overrides: list[str] = Field([], description="extra config overrides key=value, comma-separated")
+    profile: bool = Field(
+        False, description="also run each config under torch.profiler (CPU + CUDA) and keep its top operators"
+    )
 
 
 def model_shape(cfg: Any) -> dict[str, int]:
@@ -128,6 +131,8 @@ def run(s: TrainSpeedSettings) -> dict[str, Any]:
                 try:
                     with tempfile.TemporaryDirectory() as tmp:
                         info = train(cfg, store=Store(Path(tmp) / "store"), runs_dir=Path(tmp) / "runs")["train_info"]
+                        # a second, profiled run: the profiler's own cost never touches the figures above
+                        profile = _profiled(cfg, Path(tmp) / "profiled", device) if s.profile else None
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: recorded, others run
                     failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
                     print(f"[train-speed] {key}: FAILED {failed[key]}", flush=True)
@@ -156,6 +161,7 @@ def run(s: TrainSpeedSettings) -> dict[str, Any]:
                     "peak_memory_bytes": info["peak_memory_bytes"],
                     "peak_memory_kind": info["peak_memory_kind"],
                     "trainable_params": info["trainable_params"],
+                    **({"profile": profile} if profile else {}),
                 }
                 runs.append(r)
                 print(
@@ -175,6 +181,23 @@ def run(s: TrainSpeedSettings) -> dict[str, Any]:
         "runs": runs,
         **({"failed": failed} if failed else {}),
     }
+
+
+def _profiled(cfg: Any, tmp: Path, device: str) -> dict[str, str]:
+    """Top operators of a whole short run (warm-up included) by self time on the host and the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from models import Store
+    from training.loop import train
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train(cfg, store=Store(tmp / "store"), runs_dir=tmp / "runs")
+    table = prof.key_averages()
+    out = {"by_host_time": table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)}
+    if device == "cuda":
+        out["by_device_time"] = table.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+    return out
 
 
 def _pct(v: float | None) -> str:

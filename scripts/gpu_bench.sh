@@ -3,7 +3,7 @@
 #   device machine, project root:  source .gpu/env.sh && bash scripts/gpu_bench.sh
 #   rehearsal on a CPU machine:      OUT=/tmp/gpu-out SIZE=tiny bash scripts/gpu_bench.sh
 # PART=1 (default): ceiling (service vs in-process vs naive), train-speed, recipe-compare, memory.
-# PART=2: what a second call adds if device time is left: front-end count, compiled training.
+# PART=2: a second call: a profiled eager step, compiled training, 4 front-ends on both scenarios.
 # recipe-compare trains on the whole 20k sample, as the study mapped it (chunk padding depends on it).
 # Each step has its own time limit so one slow step cannot take the others' results with it.
 set -u
@@ -33,19 +33,24 @@ py=python3; command -v python3 >/dev/null || py=python
 if [ "$PART" = 1 ]; then
   { nvidia-smi || true; $py -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"; nproc; which wrk; } > "$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
+  # 2026-11-28 (H200): ceiling 175 s, train-speed 6 runs > 110 s, recipe-compare with compile auto spent
+  # its 90 s compiling (hence compile=false here: eager vs the Trainer; compiled runs are PART 2).
   step ceiling 230 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
     --scenarios full,adapters-32 --concurrency 1,32,64 --duration $DUR --warmup 1 --out "$OUT/ceiling-gpu.json"
-  step train-speed 110 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full,lora --batch-sizes $BATCHES \
+  step train-speed 150 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full,lora --batch-sizes $BATCHES \
     --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu.json"
   step recipe-compare 90 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 60 --batch-size 16 \
     --study-precision bf16 --steady-after 10 --test-samples 32 "${RC_OVR[@]}" --out "$OUT/recipe-compare-gpu.json"
-  step memory 100 $py -m benchmarks memory --store $STORE --variants full,lora-0 --counts 1,8,32,128 \
+  step memory 160 $py -m benchmarks memory --store $STORE --variants full,lora-0 --counts 1,8,32,128 \
     "${DEV[@]}" --precision bf16 --out "$OUT/memory-gpu.json"
 else
-  step frontends 100 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
-    --scenarios full --concurrency 64 --duration $DUR --warmup 1 --no-naive --service-args=--frontends,4 \
-    --out "$OUT/ceiling-gpu-frontends4.json"
-  step train-compiled 200 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes 16,64 \
+  # where an eager step's time goes (host and device operators), then what compiling buys and costs
+  step train-profile 120 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes 16 \
+    --steps 20 --log-every 10 --profile "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-profile.json"
+  step train-compiled 300 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes 16,64 \
     --compile true --steps 40 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-compiled.json"
+  step frontends 100 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
+    --scenarios full,adapters-32 --concurrency 64,128 --duration $DUR --warmup 1 --no-naive \
+    --service-args=--frontends,4 --out "$OUT/ceiling-gpu-frontends4.json"
 fi
 echo "=== done at +$(($(date +%s) - T0)) s"
