@@ -366,7 +366,7 @@ def _errors(doc: dict[str, Any], row: dict[str, Any]) -> dict[str, int]:
 
 def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> str:
     """Report section: per run, service vs in-process vs naive per scenario and concurrency."""
-    from benchmarks.report import source_line, table
+    from benchmarks.report import no_figure_line, source_line, table
 
     parts = ["## Ceiling: the service vs its own model in-process vs the naive server (`ceiling`)"]
     for f, doc in docs:
@@ -419,7 +419,7 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                 + ", ".join(f"{m['level']} ×{m['ratio']:.2f}" for m in doc["mix_vs_one_adapter"])
             )
         if doc.get("failed"):
-            parts.append("\nNo figure for: " + "; ".join(f"{k} — {v}" for k, v in doc["failed"].items()))
+            parts.append(no_figure_line(doc["failed"]))
         parts.append("\n" + source_line(f, doc, out_dir))
     return "\n".join(parts)
 

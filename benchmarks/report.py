@@ -75,6 +75,11 @@ def _machine(doc: dict[str, Any]) -> str:
     return f"{machine_of(doc)}, torch {doc['meta'].get('versions', {}).get('torch')}, git {sha}, {doc['meta'].get('time_utc', '')}"
 
 
+def no_figure_line(failed: dict[str, str]) -> str:
+    """The line a renderer adds for the parts of a run that failed or were refused (never a figure)."""
+    return "\nNo figure for: " + "; ".join(f"{k} — {v}" for k, v in failed.items())
+
+
 def source_line(f: Path, doc: dict[str, Any], out_dir: Path) -> str:
     cmd = " ".join(["python" if i == 0 and "python" in Path(c).name else c for i, c in enumerate(doc["command"])])
     return f"Source: `{os.path.relpath(f, out_dir)}` — command: `{cmd}` — machine: {_machine(doc)}"

@@ -205,7 +205,7 @@ def _pct(v: float | None) -> str:
 
 
 def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path) -> str:
-    from benchmarks.report import source_line, table
+    from benchmarks.report import no_figure_line, source_line, table
 
     parts = ["## Training speed of the loop itself (`train-speed`)"]
     for f, doc in docs:
@@ -240,7 +240,7 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
         header += ["of measured matmul", "peak GiB", "120k-row epoch s", "first interval s"]
         parts.append(table(header, rows))
         if p.get("failed"):
-            parts.append("\nNo figure for: " + "; ".join(f"{k} — {v}" for k, v in p["failed"].items()))
+            parts.append(no_figure_line(p["failed"]))
         parts.append("\n" + source_line(f, doc, out_dir))
     return "\n".join(parts)
 
