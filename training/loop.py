@@ -358,19 +358,19 @@ def _train(
     unwrapped = model  # weights are read and written here; `model` may become a DDP wrapper
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    def forward_loss(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Summed, not averaged: the step divides by its global row count (known on the host), so
-        # N processes x b rows train exactly as 1 process x N*b rows, and filler rows (-100) add 0.
-        with autocast():
-            logits = model(input_ids=input_ids, attention_mask=step_mask(attention_mask)).logits
-        return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
-
     # BERT / RoBERTa turn a 2-D mask into SDPA's 4-D one after asking the device "is it all ones?"
     # (transformers' _prepare_4d_attention_mask_for_sdpa, eager mode): a host sync in every forward,
     # which on a GPU stops the CPU from queueing the next step while the device runs this one. The
     # same mask given as (batch, query, key) takes their other path, the identical additive mask, no read.
     model_type = getattr(getattr(unwrapped, "config", None), "model_type", None)
     step_mask = query_key_mask if model_type in ("bert", "roberta") else (lambda m: m)
+
+    def forward_loss(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Summed, not averaged: the step divides by its global row count (known on the host), so
+        # N processes x b rows train exactly as 1 process x N*b rows, and filler rows (-100) add 0.
+        with autocast():
+            logits = model(input_ids=input_ids, attention_mask=step_mask(attention_mask)).logits
+        return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
 
     if compiled:
         from torch import _dynamo
