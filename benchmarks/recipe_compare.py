@@ -78,7 +78,17 @@ def study_recipe(
     )
     map_s = time.perf_counter() - t_map
     widths = [len(x) for x in ds["input_ids"]]
-    clock = _StepClock(steady_after)
+    marks: dict[int, float] = {}  # Trainer step -> wall time, device work finished
+
+    class StepClock(TrainerCallback):
+        """Times the Trainer's step `steady_after` and its last: the same warm-up left out as `training`'s."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step in (steady_after, state.max_steps):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
+
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -103,13 +113,13 @@ def study_recipe(
         args=args,
         train_dataset=ds,
         data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[clock.callback(TrainerCallback)],
+        callbacks=[StepClock()],
     )
     out = trainer.train()
     return model.eval(), {
         "train_time_s": out.metrics["train_runtime"],
         "samples_per_s": out.metrics["train_samples_per_second"],
-        "steady_samples_per_s": clock.samples_per_s(cfg.batch_size),
+        "steady_samples_per_s": _steady_samples_per_s(marks, cfg.batch_size),
         "map_s": map_s,
         "mapped_rows": len(ds),
         "chunk_width_min": min(widths),
@@ -118,30 +128,10 @@ def study_recipe(
     }
 
 
-class _StepClock:
-    """Wall time at the Trainer's step `after` and at its last step (device work finished), so its
-    steady samples/s leaves out the same warm-up steps as `training`'s."""
-
-    def __init__(self, after: int):
-        self.after, self.marks = after, {}
-
-    def callback(self, base: type) -> Any:
-        clock = self
-
-        class Clock(base):  # type: ignore[misc, valid-type]
-            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if state.global_step in (clock.after, state.max_steps):
-                    import torch
-
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    clock.marks[state.global_step] = time.perf_counter()
-
-        return Clock()
-
-    def samples_per_s(self, batch: int) -> float | None:
-        (s0, t0), (s1, t1) = sorted(self.marks.items())[0], sorted(self.marks.items())[-1]
-        return batch * (s1 - s0) / (t1 - t0) if s1 > s0 else None
+def _steady_samples_per_s(marks: dict[int, float], batch: int) -> float | None:
+    """Samples/s between the first and last marked Trainer steps (wall time at each)."""
+    (s0, t0), (s1, t1) = min(marks.items()), max(marks.items())
+    return batch * (s1 - s0) / (t1 - t0) if s1 > s0 else None
 
 
 def ours(cfg: Any, tmp: Path) -> tuple[Any, dict[str, Any]]:

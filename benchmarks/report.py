@@ -411,7 +411,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                 f"service vs naive baseline, same model, c={svc['concurrency']}",
                 "≥ 6× throughput, service p99 < baseline p50",
                 f"{_fmt(ratio, 2)}×; service p99 {_fmt(svc['latency']['p99_ms'])} ms vs baseline p50 {_fmt(base['latency']['p50_ms'])} ms",
-                "met" if ok else "missed",
+                _met(ok),
             ]
         )
     one, many, merged = (
@@ -430,7 +430,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                 f"{_fmt(r1, 2)}× one adapter"
                 + (f", {r2:.2f}× merged" if r2 is not None else "")
                 + (" (no request of the mix completed inside the window)" if many["requests"] == 0 else ""),
-                "met" if ok else "missed",
+                _met(ok),
             ]
         )
     for _, d in groups["memory"]:
@@ -443,7 +443,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                     "≤ base + 1.2 × adapters' bytes",
                     f"{mx['rss_bytes'] / MiB:.1f} MiB vs limit {mx['limit_bytes'] / MiB:.1f} MiB "
                     f"(marginal ×{_fmt(sw['check'].get('marginal_over_adapter_bytes'), 2)} of adapter bytes)",
-                    "met" if sw["check"]["passed"] else "missed",
+                    _met(sw["check"]["passed"]),
                 ]
             )
     for _, d in groups["hotswap"]:
@@ -453,7 +453,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                     f"hot-swap ({r['mode']}) under load",
                     f"p50 ≤ {r['target']['p50_ms_max']:.0f} ms, 0 failed",
                     f"p50 {_fmt(r['swap_latency']['p50_ms'])} ms, {r['failed_requests']} failed requests, {r['failed_swaps']} failed swaps",
-                    "met" if r["target"]["passed"] else "missed",
+                    _met(r["target"]["passed"]),
                 ]
             )
     t32, i8 = _at(runs, "torch-fp32"), _at(runs, "onnx-int8")
@@ -472,7 +472,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                 f"ONNX int8 vs PyTorch fp32 (CPU), c={i8['concurrency']}",
                 "≥ 4× throughput, ≥ 99% argmax agreement",
                 f"{ratio:.2f}×; agreement {_fmt(agree * 100 if agree is not None else None, 2)}%",
-                "met" if ok else "missed",
+                _met(ok),
             ]
         )
     elif t32 and any(r["target"] == "onnx-int8" for r in runs):  # ran, but no request succeeded: say why, no ratio

@@ -24,7 +24,7 @@ import gc
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -46,7 +46,9 @@ class TrainSpeedSettings(Settings):
     compile: list[bool] = Field([False], description="compile settings to measure, e.g. false,true")
     steps: int = Field(40, ge=2, description="optimizer steps per run")
     log_every: int = Field(10, ge=1, description="steps per log interval (the first one is warm-up)")
-    precision: str = Field("auto", description="training precision (auto = what the hardware computes natively)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision (auto = what the hardware computes natively)"
+    )
     overrides: list[str] = Field([], description="extra config overrides key=value, comma-separated")
     profile: bool = Field(
         False, description="also run each config under torch.profiler (CPU + CUDA) and keep its top operators"
@@ -78,7 +80,9 @@ def measured_matmul_tflops(device: str, precision: str) -> float:
     """TFLOP/s of a large square matmul in this precision on this device (the reachable ceiling)."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from models.loading import DTYPES
+
+    dtype = DTYPES[precision]
     n, reps = (8192, 10) if device == "cuda" else (1024, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
