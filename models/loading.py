@@ -7,11 +7,13 @@ variant means the same thing everywhere.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +36,9 @@ __all__ = [  # compare_golden is re-exported for older callers; it lives in mode
     "load_tokenizer",
     "onnx_logits",
     "onnx_session",
+    "model_mask",
     "pad_rows",
+    "query_key_mask",
     "save_base_snapshot",
 ]
 
@@ -44,18 +48,44 @@ ONNX_FILE = "model.onnx"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) for token-id lists, padded on the right to the longest row.
-
-    By hand rather than tokenizer.pad: on Python lists that is slower and warns on every call.
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, *, height: int | None = None, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token-id lists, padded on the right to the longest row
+    (or to `width`), `height` rows tall when given (filler rows: one pad token that attends to itself,
+    so no row is all-masked). Vectorised (one numpy scatter), not a Python loop over rows: it runs
+    once per served batch. By hand rather than tokenizer.pad: on lists that is slower and warns.
     """
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    w = int(lens.max()) if width is None else width
+    h = len(rows) if height is None else height
+    if w < lens.max() or h < len(rows):
+        raise ValueError(f"{len(rows)} rows up to {lens.max()} tokens do not fit a {h} x {w} batch")
+    mask = np.zeros((h, w), dtype=np.int64)
+    mask[: len(rows)] = np.arange(w) < lens[:, None]
+    mask[len(rows) :, 0] = 1
+    ids = np.full((h, w), pad_id, dtype=np.int64)
+    ids[: len(rows)][mask[: len(rows)].astype(bool)] = np.fromiter(
+        itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum())
+    )
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def query_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, length) padding mask as (batch, query, key), a view: every query sees the same keys.
+
+    BERT / RoBERTa (transformers 4.57, SDPA) turn a 2-D mask into the 4-D one after asking the device
+    "is it all ones?" (_prepare_4d_attention_mask_for_sdpa, eager mode): a host sync in every forward,
+    and an error inside a CUDA graph capture. Given as (batch, query, key) they take their other path,
+    the identical additive mask, no read (tests/test_training_loop_speed.py checks the logits agree).
+    """
+    return mask[:, None, :].expand(-1, mask.shape[1], -1)
+
+
+def model_mask(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How to pass a (batch, length) padding mask to `model` without a host read (see query_key_mask)."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "base_model", None), "config", None)
+    return query_key_mask if getattr(config, "model_type", None) in ("bert", "roberta") else (lambda m: m)
 
 
 def encoder_of(model: nn.Module) -> nn.Module:

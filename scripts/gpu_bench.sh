@@ -2,14 +2,16 @@
 # The GPU measurements of issues 8 and 9 in one device call, results into $OUT (<= 8 files).
 #   device machine, project root:  source .gpu/env.sh && bash scripts/gpu_bench.sh
 #   rehearsal on a CPU machine:      OUT=/tmp/gpu-out SIZE=tiny bash scripts/gpu_bench.sh
-# PART=1 (default): ceiling (service vs in-process vs naive), train-speed, recipe-compare, memory.
-# PART=2: a second call: a profiled eager step, compiled training, 4 front-ends on both scenarios.
+# PART=1: ceiling (service vs in-process vs naive), eager train-speed, recipe-compare, memory.
+# PART=2: a profiled eager step, compiled training, 4 front-ends on both scenarios.
+# PART=3 (default; session 3, ~9.5 min): compiled training (inductor, + CUDA graphs), recipe-compare
+#   compiled, the service with CUDA graphs (auto front-ends), GPU memory vs adapters.
 # recipe-compare trains on the whole 20k sample, as the study mapped it (chunk padding depends on it).
 # Each step has its own time limit so one slow step cannot take the others' results with it.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 SIZE=${SIZE:-full}
-PART=${PART:-1}
+PART=${PART:-3}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 T0=$(date +%s)
@@ -21,12 +23,13 @@ step() {  # step NAME LIMIT_S CMD...
 }
 if [ "$SIZE" = full ]; then
   DEV=(--device cuda); SHAPE=roberta-large; TRAIN_CFG=configs/speed-roberta-large-random.yaml
-  TRAIN_OVR=(); RC_OVR=(--overrides train_subset=null); BATCHES=16,64,256; DUR=5
+  TRAIN_OVR=(); RC_SET=train_subset=null; BATCHES=16,64,256; DUR=5; BATCHES3=${BATCHES3:-16,256}
 else  # a 2-layer RoBERTa on the CPU: checks that every command runs, measures nothing of interest
   DEV=(); SHAPE=tiny; TRAIN_CFG=configs/speed-roberta-large-random.yaml
-  TRAIN_OVR=(--overrides arch_preset=tiny-roberta); RC_OVR=(--overrides train_subset=null,arch_preset=tiny-roberta)
-  BATCHES=8,16; DUR=2
+  TRAIN_OVR=(--overrides arch_preset=tiny-roberta); RC_SET=train_subset=null,arch_preset=tiny-roberta
+  BATCHES=8,16; DUR=2; BATCHES3=${BATCHES3:-8,16}
 fi
+RC_OVR=(--overrides $RC_SET)
 STORE=/tmp/ceiling-stores/$SHAPE-32
 py=python3; command -v python3 >/dev/null || py=python
 
@@ -39,11 +42,11 @@ if [ "$PART" = 1 ]; then
     --scenarios full,adapters-32 --concurrency 1,32,64 --duration $DUR --warmup 1 --out "$OUT/ceiling-gpu.json"
   step train-speed 150 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full,lora --batch-sizes $BATCHES \
     --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu.json"
-  step recipe-compare 90 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 60 --batch-size 16 \
+  step recipe-compare 80 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 60 --batch-size 16 \
     --study-precision bf16 --steady-after 10 --test-samples 32 "${RC_OVR[@]}" --out "$OUT/recipe-compare-gpu.json"
   step memory 160 $py -m benchmarks memory --store $STORE --variants full,lora-0 --counts 1,8,32,128 \
     "${DEV[@]}" --precision bf16 --out "$OUT/memory-gpu.json"
-else
+elif [ "$PART" = 2 ]; then
   # where an eager step's time goes (host and device operators), then what compiling buys and costs
   step train-profile 120 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes 16 \
     --steps 20 --log-every 10 --profile "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-profile.json"
@@ -52,5 +55,19 @@ else
   step frontends 100 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
     --scenarios full,adapters-32 --concurrency 64,128 --duration $DUR --warmup 1 --no-naive \
     --service-args=--frontends,4 --out "$OUT/ceiling-gpu-frontends4.json"
+else
+  { nvidia-smi || true; $py -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"; nproc; which wrk; } > "$OUT/env.txt" 2>&1
+  # one compilation (dynamic=True) serves every batch size; the caches serve the later runs
+  step train-b16 140 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes ${BATCHES3%%,*} \
+    --compile true,reduce-overhead --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-compiled-small.json"
+  step train-big 60 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes ${BATCHES3##*,} \
+    --compile true,reduce-overhead --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-compiled-big.json"
+  step recipe-compare 80 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 50 --batch-size 16 \
+    --study-precision bf16 --steady-after 10 --test-samples 32 \
+    --overrides $RC_SET,compile=true,compile_mode=reduce-overhead --out "$OUT/recipe-compare-gpu.json"
+  step ceiling 190 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
+    --scenarios full,adapters-32 --concurrency 1,32,64 --duration 4 --warmup 1 --out "$OUT/ceiling-gpu.json"
+  step memory 120 $py -m benchmarks memory --store $STORE --variants full,lora-0 --counts 1,8,32,128 \
+    "${DEV[@]}" --precision bf16 --out "$OUT/memory-gpu.json"
 fi
 echo "=== done at +$(($(date +%s) - T0)) s"

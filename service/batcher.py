@@ -143,6 +143,7 @@ class Batcher:
             "ready": self.ready.is_set(),
             "startup_error": self.startup_error,
             "precision": self.runtime.precision_choice.as_dict(),
+            "cuda_graphs": self.runtime.graph_state(),
             "refused": dict(self.runtime.refused),
             "queue_rows": self.queue_depth(),
             "entries": {

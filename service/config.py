@@ -66,6 +66,11 @@ class ServiceConfig(BaseModel):
     bf16_mode: Literal["autocast", "weights"] = Field(
         "weights", description="bf16 on CPU: weights cast to bf16, or autocast over fp32 weights"
     )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on CUDA, replay each (rows x length) bucket's forward from a CUDA graph "
+        "(service/graphs.py; full, merged and the LoRA bank); off: eager launches",
+    )
     lora_kernel: Literal["bank", "peft"] = Field(
         "bank",
         description="how a batch mixing adapters runs: stacked weights + bmm (service/lora_bank.py), or peft's "

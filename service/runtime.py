@@ -28,10 +28,11 @@ import torch
 from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
 from models.golden import check_golden, load_tolerance
 from models.hardware import PrecisionChoice, resolve_precision
-from models.loading import attach_adapter, load_base, onnx_logits, pad_rows
+from models.loading import attach_adapter, load_base, model_mask, onnx_logits, pad_rows
 from models.variant import LoadedVariant, load_variant
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
+from service.graphs import GraphedForward
 from service.lora_bank import LoraBank
 from service.side import SideModel, cast_new_weights
 
@@ -53,6 +54,7 @@ class Entry:
     # HF fast tokenizers are not thread-safe when truncation/padding settings change between calls
     # ("RuntimeError: Already borrowed"); every call on this tokenizer goes through this lock.
     tok_lock: threading.Lock = field(default_factory=threading.Lock)
+    graphed: GraphedForward | None = None  # CUDA graphs of this full/merged model (service/graphs.py)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = 0.0
     request_count: int = 0
@@ -136,6 +138,12 @@ class Runtime:
         self.bank: LoraBank | None = None  # stacked adapter weights for mixed batches (lora_kernel=bank)
         self._bank_stale = True  # set whenever peft's set of adapters changes; rebuilt before the next batch
         self.side: SideModel | None = None  # where new adapters are verified beside the serving base
+        # CUDA graphs (service/graphs.py): "capture" on CUDA unless --cuda-graphs off; "buckets" runs the
+        # same padded static-buffer path eagerly (the CPU tests use it); "off" pads to the longest row.
+        self.graph_mode = "capture" if cfg.device == "cuda" and cfg.cuda_graphs != "off" else "off"
+        self.graph_pool: Any = torch.cuda.graph_pool_handle() if self.graph_mode == "capture" else None
+        self.gpu_lock = threading.Lock()  # the swap worker's GPU work vs a graph capture
+        self.lora_graphed: GraphedForward | None = None
 
     # ---- precision -------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -184,9 +192,10 @@ class Runtime:
         Full/merged/ONNX variants are new objects anyway; a LoRA adapter is attached to the side
         model and golden-checked there; `commit` then attaches it to the serving base.
         """
-        return self._refusals(
-            name, self._prepare_lora if self.side is not None and self._is_lora(name) else self._build
-        )
+        with self.gpu_lock if self.graph_mode == "capture" else contextlib.nullcontext():
+            return self._refusals(
+                name, self._prepare_lora if self.side is not None and self._is_lora(name) else self._build
+            )
 
     def _prepare_lora(self, name: str) -> Entry:
         m = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
@@ -325,7 +334,7 @@ class Runtime:
     def _release(self, entry: Entry) -> None:
         if entry.kind == "lora":
             self._drop_adapter(entry.adapter)
-        entry.model = None
+        entry.model = entry.graphed = None
 
     def _check_golden(self, entry: Entry, model: Any = None, adapter: str | None = None) -> None:
         """Re-run golden texts through models.golden: subset, int8 one-per-batch scoring and tolerances live there.
@@ -343,33 +352,97 @@ class Runtime:
     @torch.inference_mode()
     def forward(self, entries: list[Entry], rows: list[list[int]]) -> torch.Tensor:
         """fp32 logits for pre-tokenised `rows`, all in one group (one LoRA mix or one variant)."""
-        ids, mask = pad_rows(rows, entries[0].tokenizer.pad_token_id or 0)
         first = entries[0]
         if first.kind in ("onnx", "onnx-int8"):
+            ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0)
             return onnx_logits(
                 first.model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
             )
+        bank = first.kind == "lora" and self.cfg.lora_kernel == "bank"
+        if self.graph_mode != "off" and (bank or first.kind != "lora"):
+            if bank:
+                slots = self._lora_bank().slots_of([e.adapter for e in entries])
+                return self._graphed_lora()(rows, slots)
+            return self._graphed_model(first)(rows)
+        ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with self.autocast():
             if first.kind == "lora":
+                model = self.base
+                mask = self._mask(model)(mask)
                 adapters = [e.adapter for e in entries]
-                if self.cfg.lora_kernel == "bank":
+                if bank:
                     out = self._lora_bank().forward(adapters, input_ids=ids, attention_mask=mask)
                 else:
-                    out = self.base(input_ids=ids, attention_mask=mask, adapter_names=adapters)
+                    out = model(input_ids=ids, attention_mask=mask, adapter_names=adapters)
             else:
-                out = first.model(input_ids=ids, attention_mask=mask)
+                out = first.model(input_ids=ids, attention_mask=self._mask(first.model)(mask))
         return out.logits.float().cpu()
 
+    def _mask(self, model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """On CUDA, the mask in the form that needs no host read (models.loading.model_mask); on CPU as is."""
+        return model_mask(model) if self.device.type == "cuda" else (lambda m: m)
+
+    def _graphed_model(self, entry: Entry) -> GraphedForward:
+        if entry.graphed is None:
+            model, mask = entry.model, self._mask(entry.model)
+
+            def fn(ids: torch.Tensor, attention: torch.Tensor, _: Any) -> torch.Tensor:
+                with self.autocast():
+                    return model(input_ids=ids, attention_mask=mask(attention)).logits
+
+            entry.graphed = self._graph_runner(fn, entry.tokenizer.pad_token_id or 0, with_slots=False)
+        return entry.graphed
+
+    def _graphed_lora(self) -> GraphedForward:
+        if self.lora_graphed is None:
+            mask = self._mask(self.base)
+
+            def fn(ids: torch.Tensor, attention: torch.Tensor, slots: Any) -> torch.Tensor:
+                with self.autocast():
+                    return self.bank.forward_slots(slots, input_ids=ids, attention_mask=mask(attention)).logits  # built by forward()
+
+            self.lora_graphed = self._graph_runner(
+                fn,
+                self.base_tokenizer.pad_token_id or 0,
+                with_slots=True,
+                key=lambda: (id(self.bank), self.bank.generation if self.bank else -1),
+            )
+        return self.lora_graphed
+
+    def _graph_runner(self, fn: Any, pad_id: int, *, with_slots: bool, key: Any = None) -> GraphedForward:
+        return GraphedForward(
+            fn,
+            device=self.device,
+            pad_id=pad_id,
+            with_slots=with_slots,
+            capture=self.graph_mode == "capture",
+            pool=self.graph_pool,
+            key=key or (lambda: 0),
+            capture_lock=self.gpu_lock,
+        )
+
+    def graph_state(self) -> dict[str, Any]:
+        """What /v1/models shows about CUDA graphs: the mode and, per model, the captured buckets."""
+        per = {e.name: e.graphed.state() for e in self.entries.values() if e.graphed is not None}
+        if self.lora_graphed is not None:
+            per[LORA_GROUP] = self.lora_graphed.state()
+        return {"mode": self.graph_mode, "models": per}
+
     def _lora_bank(self) -> LoraBank:
-        """The bank over the current adapters, rebuilt (between batches) after any attach or delete."""
+        """The bank over the current adapters, brought up to date (between batches) after any attach or delete.
+
+        One bank for the base's lifetime: its slots are stable, so CUDA graphs captured over it stay
+        valid across hot-swaps (service/lora_bank.py); on CUDA its slots double when they run out."""
+        if self.bank is not None and self.bank.model is not self.base:  # peft wrapped the base anew
+            self.bank.close()
+            self.bank = None
         if self.bank is None or self._bank_stale:
-            if self.bank is not None:
-                self.bank.close()
             # forward() runs under inference_mode; stacks made there would be inference tensors, and
             # peft's weights (views of them after rebuild) could then not be touched by a later load.
             with torch.inference_mode(False):
-                self.bank = LoraBank(self.base)
+                if self.bank is None:
+                    self.bank = LoraBank(self.base, doubling=self.graph_mode == "capture")
                 self.bank.rebuild()
             self._bank_stale = False
             release_freed_memory()

@@ -114,9 +114,17 @@ class PrecisionInfo(BaseModel):
     reason: str = Field(description="why this precision (auto: what the hardware probe found)")
 
 
+class GraphsInfo(BaseModel):
+    mode: str = Field(description="capture: CUDA graphs per (rows x length) bucket; off: eager launches")
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per model (__lora__: the adapter bank): buckets captured, replays"
+    )
+
+
 class ModelList(BaseModel):
     data: list[ModelInfo]
     precision: PrecisionInfo | None = None
+    cuda_graphs: GraphsInfo | None = None
 
 
 class AdapterOp(BaseModel):

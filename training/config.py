@@ -157,6 +157,11 @@ class TrainConfig(_Strict):
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the train step; auto = only where it pays (decided by the loop)"
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode when compiling; reduce-overhead replays forward and backward from "
+        "CUDA graphs (CUDA only: no kernel launches from Python)",
+    )
     length_grouping: bool = Field(True, description="batch texts of similar length together (pads far less)")
     seed: int = Field(42, description="seeds init, split, shuffling and dropout")
     # --- evaluation, logging, checkpoints ------------------------------------------------

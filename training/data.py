@@ -310,15 +310,11 @@ def collate(
     idx = list(idx)
     real = len(idx) if real is None else real
     idx += [idx[0]] * (rows - len(idx))
-    ids, mask = pad_rows([data.input_ids[i] for i in idx], pad_id)
-    width = ids.shape[1]
-    target = -(-width // length_multiple) * length_multiple
+    longest = max(len(data.input_ids[i]) for i in idx)
+    target = -(-longest // length_multiple) * length_multiple
     if max_length is not None:
-        target = min(target, max(width, max_length))
-    if target > width:
-        extra = target - width
-        ids = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
-        mask = torch.nn.functional.pad(mask, (0, extra), value=0)
+        target = min(target, max(longest, max_length))
+    ids, mask = pad_rows([data.input_ids[i] for i in idx], pad_id, width=target)
     labels = torch.tensor([data.labels[i] for i in idx[:real]] + [-100] * (len(idx) - real), dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

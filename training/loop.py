@@ -33,7 +33,7 @@ from torch import nn
 from models import Store
 from models.atomic import atomic_dir
 from models.hardware import resolve_precision
-from models.loading import fingerprint, load_tokenizer, save_base_snapshot
+from models.loading import fingerprint, load_tokenizer, model_mask, save_base_snapshot
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
 from models.store import dir_bytes
 from models.writing import write_variant
@@ -188,11 +188,6 @@ def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]
 def bucket_tokens(max_length: int) -> int:
     """Pad widths to multiples of this when compiling: at most ~8 shapes, so at most ~8 compilations."""
     return 16 * max(1, math.ceil(max_length / 8 / 16))
-
-
-def query_key_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(batch, length) padding mask as (batch, query, key), a view: every query sees the same keys."""
-    return mask[:, None, :].expand(-1, mask.shape[1], -1)
 
 
 def steady_throughput(marks: list[tuple[int, float, int, int]]) -> dict[str, Any]:
@@ -358,12 +353,8 @@ def _train(
     unwrapped = model  # weights are read and written here; `model` may become a DDP wrapper
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    # BERT / RoBERTa turn a 2-D mask into SDPA's 4-D one after asking the device "is it all ones?"
-    # (transformers' _prepare_4d_attention_mask_for_sdpa, eager mode): a host sync in every forward,
-    # which on a GPU stops the CPU from queueing the next step while the device runs this one. The
-    # same mask given as (batch, query, key) takes their other path, the identical additive mask, no read.
-    model_type = getattr(getattr(unwrapped, "config", None), "model_type", None)
-    step_mask = query_key_mask if model_type in ("bert", "roberta") else (lambda m: m)
+    # no host read in the forward: BERT / RoBERTa get the mask as (batch, query, key) (models.loading)
+    step_mask = model_mask(unwrapped)
 
     def forward_loss(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Summed, not averaged: the step divides by its global row count (known on the host), so
@@ -375,11 +366,14 @@ def _train(
     if compiled:
         from torch import _dynamo
 
-        # Widths are padded to a few buckets (bucket_tokens); dynamic=None lets dynamo compile the first
-        # width statically and, on the second, one graph with a symbolic width: two compilations per
-        # run instead of one per bucket (each costs ~a minute for RoBERTa-large). Never fall back to eager.
+        # Widths are padded to a few buckets (bucket_tokens) and rows are fixed: dynamic=True compiles
+        # once for all of them (and for every batch size: the compile caches then serve the next run);
+        # never fall back to eager. reduce-overhead records one CUDA graph per width on top.
         _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 16)
-        forward_loss = torch.compile(forward_loss, dynamic=None)
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        forward_loss = torch.compile(forward_loss, dynamic=True, mode=mode)
+    # a CUDA-graphed step's outputs live in the graph's memory until the next step begins
+    graphed = compiled and cfg.compile_mode == "reduce-overhead" and device.type == "cuda"
 
     # ---- state that a checkpoint carries ----
     step = 0  # optimizer steps done
@@ -449,6 +443,8 @@ def _train(
             batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
             # gradients are all-reduced once per step, on its last micro-batch
             with accelerator.no_sync(model) if k < len(step_batches) - 1 else contextlib.nullcontext():
+                if graphed:
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss_sum = forward_loss(**batch)
                 # DDP averages gradients over processes: x world makes it the mean over the step's rows
                 accelerator.backward(scaler.scale(loss_sum * (world / step_rows)))
@@ -529,7 +525,7 @@ def _train(
         "epochs_done": micro / batches_per_epoch,
         "lr": lr,
         "precision": precision.as_dict(),
-        "compile": {"enabled": compiled, "reason": compile_reason},
+        "compile": {"enabled": compiled, "reason": compile_reason, **({"mode": cfg.compile_mode} if compiled else {})},
         "num_processes": world,
         "global_batch_size": global_batch * cfg.grad_accum,  # rows per optimizer step
         "train_rows": len(train_data),

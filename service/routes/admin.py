@@ -11,7 +11,7 @@ from models import check_name
 from service.auth import require_admin
 from service.client import ADMIN_TIMEOUT_S, STATE_TIMEOUT_S, EngineClient, engine_down
 from service.errors import BadRequest, ServiceError, Unavailable
-from service.schemas import AdapterOp, Health, ModelInfo, ModelList, PrecisionInfo
+from service.schemas import AdapterOp, Health, ModelInfo, ModelList, GraphsInfo, PrecisionInfo
 
 router = APIRouter()
 admin = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -42,7 +42,10 @@ async def list_models(request: Request) -> ModelList:
                 error=None if e else (state["refused"].get(name) or (info.error if info else None)),
             )
         )
-    return ModelList(data=out, precision=PrecisionInfo(**state["precision"]))
+    graphs = state.get("cuda_graphs")  # absent from the Ray deployment's state
+    return ModelList(
+        data=out, precision=PrecisionInfo(**state["precision"]), cuda_graphs=GraphsInfo(**graphs) if graphs else None
+    )
 
 
 async def _command(request: Request, op: str, name: str) -> dict:
