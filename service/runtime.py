@@ -400,7 +400,9 @@ class Runtime:
 
             def fn(ids: torch.Tensor, attention: torch.Tensor, slots: Any) -> torch.Tensor:
                 with self.autocast():
-                    return self.bank.forward_slots(slots, input_ids=ids, attention_mask=mask(attention)).logits  # built by forward()
+                    return self.bank.forward_slots(
+                        slots, input_ids=ids, attention_mask=mask(attention)
+                    ).logits  # built by forward()
 
             self.lora_graphed = self._graph_runner(
                 fn,

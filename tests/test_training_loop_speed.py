@@ -71,8 +71,8 @@ def test_a_step_reads_nothing_back_outside_the_log_interval(tmp_path, data_dir, 
 @pytest.mark.parametrize("arch", ["tiny-bert", "tiny-roberta"])
 def test_the_query_key_mask_gives_the_2d_masks_logits(arch):
     """The step's (batch, query, key) mask (no "all ones?" read in transformers) = the usual 2-D one."""
-    from training.config import TrainConfig
     from models.loading import query_key_mask
+    from training.config import TrainConfig
     from training.loop import build_model
 
     cfg = TrainConfig(init="random", arch_preset=arch, base_model=arch, tokenizer="x", data="x")

@@ -11,7 +11,7 @@ from models import check_name
 from service.auth import require_admin
 from service.client import ADMIN_TIMEOUT_S, STATE_TIMEOUT_S, EngineClient, engine_down
 from service.errors import BadRequest, ServiceError, Unavailable
-from service.schemas import AdapterOp, Health, ModelInfo, ModelList, GraphsInfo, PrecisionInfo
+from service.schemas import AdapterOp, GraphsInfo, Health, ModelInfo, ModelList, PrecisionInfo
 
 router = APIRouter()
 admin = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_admin)])
