@@ -57,7 +57,12 @@ class CeilingSettings(Settings):
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="device of the torch variants")
     max_batch_size: int = Field(64, gt=0, description="rows per batch, in-process and in the service")
-    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="torch / onnxruntime threads")
+    threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        gt=0,
+        description="in-process torch / onnxruntime threads; the service keeps its default (--threads auto) "
+        "unless --service-args sets it",
+    )
     naive: bool = Field(True, description="also measure the naive pipeline() server")
     service_args: list[str] = Field(
         [],
@@ -161,7 +166,7 @@ def in_process(
 
 def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSettings, precision: str) -> list[str]:
     cmd = [sys.executable, "-m", "service", "--store", str(store_root), "--port", str(port)]
-    cmd += ["--precision", precision, "--device", s.device, "--threads", str(s.threads)]
+    cmd += ["--precision", precision, "--device", s.device]
     cmd += ["--max-batch-size", str(s.max_batch_size), "--variants", ",".join(models), "--log-level", "warning"]
     return cmd + list(s.service_args)
 

@@ -31,6 +31,20 @@ def auto_frontends(device: str, cores: int | None = None) -> int:
     return max(1, min(4, (cores or os.cpu_count() or 1) // 4))
 
 
+def auto_threads(device: str, frontends: int, cores: int | None = None) -> int:
+    """Engine threads for `--threads auto`: on CPU, cores minus front-ends (at least 1); on CUDA, all cores.
+
+    Measured on this project's 2-core machine (avx512_bf16), 1 front-end, wrk c=32, three 5 s runs each:
+    2-layer model, 2 engine threads 973 / 1,100 / 1,033 req/s, 1 thread 1,971 / 1,972 / 1,936; MiniLM bf16,
+    2 threads 494 / 468 / 443 and 498 / 504 / 491, 1 thread 480 / 465 / 474 and 480 / 599 / 639 (c=1 p50
+    11.0 vs 12.7 ms: a lone request loses the second core). torch's OpenMP workers spin-wait between
+    operators (libgomp's default) on the core the front-end needs; OMP_WAIT_POLICY=PASSIVE instead made the
+    2-layer model as fast (2,058 / 2,040 / 1,906) but MiniLM slower (434 / 430 / 478, c=1 12.9 ms).
+    """
+    cores = cores or os.cpu_count() or 1
+    return cores if device == "cuda" else max(1, cores - frontends)
+
+
 class ServiceConfig(BaseModel):
     """Everything a running server needs to know; see `python -m service --help`."""
 
@@ -59,7 +73,11 @@ class ServiceConfig(BaseModel):
     max_input_chars: int = Field(20_000, gt=0, description="most characters in one input (422 beyond)")
     max_body_bytes: int = Field(1_000_000, gt=0, description="largest request body (413 beyond)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline (504 beyond)")
-    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="torch / onnxruntime threads")
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="engine torch / onnxruntime threads; auto = on CPU the cores the front-ends leave free "
+        "(at least 1), on CUDA all cores (measured, see auto_threads)",
+    )
     # Measured on this project's CPU (avx512_bf16, 2 threads, batch 16x64): MiniLM fp32 1272 ms,
     # autocast 1871 ms, bf16 weights 208 ms; RoBERTa-base 3204 / 2115 / 1465 ms. Autocast pays a
     # cast per op, so casting the weights once is the default.
@@ -105,6 +123,10 @@ class ServiceConfig(BaseModel):
     def _precision_fits_device(self) -> ServiceConfig:
         if self.frontends == "auto":
             self.frontends = auto_frontends(self.device)
+        if self.threads == "auto":
+            self.threads = auto_threads(self.device, self.frontends)
+        elif self.threads < 1:
+            raise ValueError("--threads must be >= 1 or auto")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 is for --device cuda; on CPU use --precision bf16 (avx512_bf16) or fp32")
         return self
