@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,7 @@ def run(s: LoraMixSettings) -> dict[str, Any]:
 
     from models.hardware import resolve_precision
     from models.heads import head_modules
+    from models.lora_weights import read_lora
     from service.lora_bank import LoraBank
 
     choice = resolve_precision(s.precision, "cpu")
@@ -107,8 +109,12 @@ def run(s: LoraMixSettings) -> dict[str, Any]:
                 prm.normal_(0, 0.02)
     plain = copy.deepcopy(pm).merge_and_unload() if max(s.adapters) == 1 else _merged_one(pm)
     pm, plain = pm.to(dtype).eval(), plain.to(dtype).eval()
-    bank = LoraBank(pm)
-    bank.rebuild()
+    bank = LoraBank(copy.deepcopy(base).to(dtype).eval())  # the service's path: adapters read from disk
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(tmp)  # each adapter in tmp/<name> (peft: only "default" goes to tmp itself)
+        for name in pm.peft_config:
+            w = read_lora(name, Path(tmp) / name, bank.model)
+            bank.add(name, w.to(dtype, "cpu"))
 
     texts, _ = load_split(s.data, "test")
     texts = sorted(texts[: s.batch * s.batches], key=len)  # length-sorted chunks, as the batcher forms them

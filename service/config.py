@@ -89,11 +89,6 @@ class ServiceConfig(BaseModel):
         description="auto: on CUDA, replay each (rows x length) bucket's forward from a CUDA graph "
         "(service/graphs.py; full, merged and the LoRA bank); off: eager launches",
     )
-    lora_kernel: Literal["bank", "peft"] = Field(
-        "bank",
-        description="how a batch mixing adapters runs: stacked weights + bmm (service/lora_bank.py), or peft's "
-        "per-adapter loop (adapter_names=)",
-    )
     golden_check_texts: int = Field(
         8,
         ge=1,

@@ -17,7 +17,6 @@ import itertools
 import logging
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +27,14 @@ import torch
 from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
 from models.golden import check_golden, load_tolerance
 from models.hardware import PrecisionChoice, resolve_precision
-from models.loading import attach_adapter, load_base, model_mask, onnx_logits, pad_rows
+from models.loading import DTYPES, load_base, model_mask, onnx_logits, pad_rows
+from models.lora_weights import LoraWeights, read_lora
 from models.variant import LoadedVariant, load_variant
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
 from service.graphs import GraphedForward
 from service.lora_bank import LoraBank
-from service.side import SideModel, cast_new_weights
+from service.side import SideModel
 
 log = logging.getLogger("service")
 LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
@@ -49,7 +49,8 @@ class Entry:
     tokenizer: Any
     bytes: int
     model: Any = None
-    adapter: str | None = None  # internal peft adapter name while resident
+    adapter: str | None = None  # its name in the LoRA bank while resident
+    lora: LoraWeights | None = None  # a prepared adapter's tensors, until commit copies them into the bank
     resident: bool = True
     # HF fast tokenizers are not thread-safe when truncation/padding settings change between calls
     # ("RuntimeError: Already borrowed"); every call on this tokenizer goes through this lock.
@@ -128,16 +129,14 @@ class Runtime:
         self.version = 0  # bumped whenever the set of servable variants changes (front-ends cache it)
         self.entries: dict[str, Entry] = {}
         self.refused: dict[str, str] = {}  # name -> last refusal reason (shown in /v1/models)
-        self.base: Any = None  # PeftModel once an adapter is attached, else the bare classifier
+        self.base: Any = None  # the plain classifier every LoRA adapter runs over (through self.bank)
         self.base_tokenizer: Any = None
         self.base_fingerprint: str | None = None
         self.base_manifest: Manifest | None = None
         self.base_tok_lock = threading.Lock()  # shared by every LoRA entry: one tokenizer object
         self._adapter_ids = itertools.count()
-        self._stale_adapters: list[str] = []  # peft cannot delete its last adapter; see _drop_adapter
-        self.bank: LoraBank | None = None  # stacked adapter weights for mixed batches (lora_kernel=bank)
-        self._bank_stale = True  # set whenever peft's set of adapters changes; rebuilt before the next batch
-        self.side: SideModel | None = None  # where new adapters are verified beside the serving base
+        self.bank: LoraBank | None = None  # every resident adapter's weights, stacked (service/lora_bank.py)
+        self.side: SideModel | None = None  # where new adapters are golden-checked beside the serving base
         # CUDA graphs (service/graphs.py): "capture" on CUDA unless --cuda-graphs off; "buckets" runs the
         # same padded static-buffer path eagerly (the CPU tests use it); "off" pads to the longest row.
         self.graph_mode = "capture" if cfg.device == "cuda" and cfg.cuda_graphs != "off" else "off"
@@ -176,37 +175,44 @@ class Runtime:
             self.store, m, dtype=self.weight_dtype, device=self.cfg.device
         )
         self.base_manifest = m
-        self.side = SideModel(self.base, dtype=self.weight_dtype, device=self.device)
+        self.base.eval()
+        # on CUDA the slots double as they run out: captured graphs survive most hot-swaps (lora_bank.py)
+        self.bank = LoraBank(self.base, doubling=self.graph_mode == "capture")
+        self.side = SideModel(self.base)
         log.info("base %s (%s…) loaded in %.2fs", m.base_model, m.base_fingerprint[:12], time.perf_counter() - t0)
 
     # ---- load / unload (batcher thread only) -----------------------------------------------
     def load(self, name: str) -> Entry:
         """Load or replace `name` from the store; the old version keeps serving unless this succeeds."""
-        if self.bank is not None:  # the golden check runs peft's own path on the serving base
-            self.bank.restore_peft()
         return self.commit(self._refusals(name, self._build))
 
     def prepare(self, name: str) -> Entry:
         """Verify and load `name` without touching any serving model (the swap worker thread calls this).
 
-        Full/merged/ONNX variants are new objects anyway; a LoRA adapter is attached to the side
-        model and golden-checked there; `commit` then attaches it to the serving base.
+        Full/merged/ONNX variants are new objects anyway; a LoRA adapter is read as tensors and
+        golden-checked in the side model's bank; `commit` then copies it into a serving bank slot.
         """
         with self.gpu_lock if self.graph_mode == "capture" else contextlib.nullcontext():
-            return self._refusals(
-                name, self._prepare_lora if self.side is not None and self._is_lora(name) else self._build
-            )
+            return self._refusals(name, self._build)
 
-    def _prepare_lora(self, name: str) -> Entry:
+    def _build_lora(self, name: str) -> Entry:
+        if self.base is None:
+            raise VariantRefused(name, ["no LoRA base is loaded; start the server with --base set to its base"])
         m = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
         path = self.store.path(name)
-        entry = Entry(name, m, self.base_tokenizer, dir_bytes(path), tok_lock=self.base_tok_lock)
-        side_adapter = self.side.attach(path)
+        weights = self._read(name)
+        entry = Entry(name, m, self.base_tokenizer, dir_bytes(path), tok_lock=self.base_tok_lock, lora=weights)
+        view = self.side.add(weights)
         try:
-            self._check_golden(entry, model=self.side.model, adapter=side_adapter)
+            self._check_golden(entry, model=view)
         finally:
-            self.side.drop(side_adapter)
+            self.side.remove(view)
         return entry
+
+    def _read(self, name: str) -> LoraWeights:
+        """The stored adapter's tensors, cast to the serving dtype and device (models.lora_weights)."""
+        w = read_lora(name, self.store.path(name), self.base)
+        return w.to(DTYPES[self.weight_dtype], self.device)
 
     def _refusals(self, name: str, build: Callable[[str], Entry]) -> Entry:
         try:
@@ -221,7 +227,8 @@ class Runtime:
         """Give a loaded entry its name (batcher thread, between batches): attach a prepared adapter, swap."""
         name = entry.name
         if entry.kind == "lora" and entry.adapter is None:
-            entry.adapter = self._attach(name)
+            entry.adapter = self._attach(entry.lora)
+            entry.lora = None  # the bank holds the only copy
         old = self.entries.get(name)
         self.entries[name] = entry  # the swap: one dict assignment between batches
         self.version += 1
@@ -253,7 +260,7 @@ class Runtime:
                     f"the store's '{name}' changed since it was loaded; load the new version with PUT /v1/adapters/{name}"
                 ],
             )
-        entry.adapter = self._attach(name)
+        entry.adapter = self._attach(self._read(name))
         entry.resident = True
         self.evict_over_cap(protect | {name})
         return True
@@ -269,7 +276,7 @@ class Runtime:
                 break
             if e.name in protect:
                 continue
-            self._drop_adapter(e.adapter)
+            self._detach(e.adapter)
             e.adapter, e.resident = None, False
             evicted.append(e.name)
         if evicted:
@@ -281,24 +288,15 @@ class Runtime:
         return sum(1 for e in self.entries.values() if e.kind == "lora" and e.resident)
 
     def _build(self, name: str) -> Entry:
-        m = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint if self._is_lora(name) else None)
-        path = self.store.path(name)
-        if m.kind == "lora":
-            if self.base is None:
-                raise VariantRefused(name, ["no LoRA base is loaded; start the server with --base set to its base"])
-            adapter = self._attach(name)
-            entry = Entry(name, m, self.base_tokenizer, dir_bytes(path), adapter=adapter, tok_lock=self.base_tok_lock)
-        else:  # full, merged, onnx, onnx-int8 through models.load_variant (ONNX: always CPU fp32, onnxruntime)
-            v = load_variant(
-                self.store, name, dtype=self.weight_dtype, device=self.cfg.device, threads=self.cfg.threads, manifest=m
-            )
-            entry = Entry(name, m, v.tokenizer, dir_bytes(path), model=v.runner)
-        try:
-            self._check_golden(entry)
-        except Exception:  # refused or broken: never leave a half-loaded adapter attached
-            if entry.adapter:
-                self._drop_adapter(entry.adapter)
-            raise
+        if self._is_lora(name):
+            return self._build_lora(name)
+        m = self.store.verify(name)
+        # full, merged, onnx, onnx-int8 through models.load_variant (ONNX: always CPU fp32, onnxruntime)
+        v = load_variant(
+            self.store, name, dtype=self.weight_dtype, device=self.cfg.device, threads=self.cfg.threads, manifest=m
+        )
+        entry = Entry(name, m, v.tokenizer, dir_bytes(self.store.path(name)), model=v.runner)
+        self._check_golden(entry)
         return entry
 
     def _is_lora(self, name: str) -> bool:
@@ -307,42 +305,33 @@ class Runtime:
         except Exception:  # unreadable manifests are reported by verify with the full reason
             return False
 
-    def _attach(self, name: str) -> str:
-        adapter = f"a{next(self._adapter_ids)}"  # peft module keys may not contain '.', variant names may
-        self.base = attach_adapter(self.base, self.store.path(name), adapter)
-        cast_new_weights(self.base, self.weight_dtype, self.device)
-        for stale in self._stale_adapters:
-            self._delete(stale)
-        self._stale_adapters.clear()
-        self._bank_stale = True
+    def _attach(self, weights: LoraWeights | None) -> str:
+        """Copy a checked adapter into a free slot of the serving bank (batcher thread, between batches)."""
+        assert weights is not None and self.bank is not None
+        adapter = f"a{next(self._adapter_ids)}"  # a replacement gets a new slot before the old one is freed
+        generation = self.bank.generation
+        self.bank.add(adapter, weights)
+        if self.bank.generation != generation:  # the stacks were reallocated: give the old ones back
+            release_freed_memory()
         return adapter
 
-    def _drop_adapter(self, adapter: str | None) -> None:
-        if adapter is None:
-            return
-        if len(self.base.peft_config) > 1:
-            self._delete(adapter)
-        else:  # peft 0.21 breaks when its last adapter is deleted; drop it after the next attach
-            self._stale_adapters.append(adapter)
-
-    def _delete(self, adapter: str) -> None:
-        with warnings.catch_warnings():  # "adapter was active ... setting active adapter to X": expected
-            warnings.simplefilter("ignore", UserWarning)
-            self.base.delete_adapter(adapter)
-        self._bank_stale = True
+    def _detach(self, adapter: str | None) -> None:
+        if adapter is not None and self.bank is not None:
+            self.bank.remove(adapter)
+            release_freed_memory()
 
     def _release(self, entry: Entry) -> None:
         if entry.kind == "lora":
-            self._drop_adapter(entry.adapter)
-        entry.model = entry.graphed = None
+            self._detach(entry.adapter)
+        entry.model = entry.graphed = entry.lora = None
 
-    def _check_golden(self, entry: Entry, model: Any = None, adapter: str | None = None) -> None:
+    def _check_golden(self, entry: Entry, model: Any = None) -> None:
         """Re-run golden texts through models.golden: subset, int8 one-per-batch scoring and tolerances live there.
 
-        `model`/`adapter` override where it runs (the side model, for a LoRA adapter being prepared)."""
-        if model is None:
-            model, adapter = (self.base if entry.kind == "lora" else entry.model), entry.adapter
-        view = LoadedVariant.wrap(entry.manifest, self.store.path(entry.name), entry.tokenizer, model, adapter)
+        `model` overrides where it runs (a LoRA adapter: its view in the side model's bank)."""
+        view = LoadedVariant.wrap(
+            entry.manifest, self.store.path(entry.name), entry.tokenizer, model if model is not None else entry.model
+        )
         with entry.tok_lock, self.autocast():
             result = check_golden(view, subset=self.cfg.golden_check_texts, precision=self.precision)
         if not result.passed:
@@ -358,25 +347,20 @@ class Runtime:
             return onnx_logits(
                 first.model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
             )
-        bank = first.kind == "lora" and self.cfg.lora_kernel == "bank"
-        if self.graph_mode != "off" and (bank or first.kind != "lora"):
-            if bank:
-                slots = self._lora_bank().slots_of([e.adapter for e in entries])
-                return self._graphed_lora()(rows, slots)
+        lora = first.kind == "lora"
+        if self.graph_mode != "off":
+            if lora:
+                return self._graphed_lora()(rows, self.bank.slots_of([e.adapter for e in entries]))
             return self._graphed_model(first)(rows)
         ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0)
         ids, mask = ids.to(self.device), mask.to(self.device)
+        model = self.base if lora else first.model
+        mask = self._mask(model)(mask)
         with self.autocast():
-            if first.kind == "lora":
-                model = self.base
-                mask = self._mask(model)(mask)
-                adapters = [e.adapter for e in entries]
-                if bank:
-                    out = self._lora_bank().forward(adapters, input_ids=ids, attention_mask=mask)
-                else:
-                    out = model(input_ids=ids, attention_mask=mask, adapter_names=adapters)
+            if lora:
+                out = self.bank.forward([e.adapter for e in entries], input_ids=ids, attention_mask=mask)
             else:
-                out = first.model(input_ids=ids, attention_mask=self._mask(first.model)(mask))
+                out = model(input_ids=ids, attention_mask=mask)
         return out.logits.float().cpu()
 
     def _mask(self, model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -430,22 +414,3 @@ class Runtime:
         if self.lora_graphed is not None:
             per[LORA_GROUP] = self.lora_graphed.state()
         return {"mode": self.graph_mode, "models": per}
-
-    def _lora_bank(self) -> LoraBank:
-        """The bank over the current adapters, brought up to date (between batches) after any attach or delete.
-
-        One bank for the base's lifetime: its slots are stable, so CUDA graphs captured over it stay
-        valid across hot-swaps (service/lora_bank.py); on CUDA its slots double when they run out."""
-        if self.bank is not None and self.bank.model is not self.base:  # peft wrapped the base anew
-            self.bank.close()
-            self.bank = None
-        if self.bank is None or self._bank_stale:
-            # forward() runs under inference_mode; stacks made there would be inference tensors, and
-            # peft's weights (views of them after rebuild) could then not be touched by a later load.
-            with torch.inference_mode(False):
-                if self.bank is None:
-                    self.bank = LoraBank(self.base, doubling=self.graph_mode == "capture")
-                self.bank.rebuild()
-            self._bank_stale = False
-            release_freed_memory()
-        return self.bank

@@ -1,67 +1,125 @@
-"""service.lora_bank: stacked-weight mixed batches equal peft's own per-adapter path."""
+"""service.lora_bank over adapters read by models.lora_weights: mixed batches equal peft's own path.
+
+peft (which trained and saved the adapters) is the reference: each row of a bank forward must give
+what peft gives for that row's adapter.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from models.loading import attach_adapter
+from models.loading import attach_adapter, pad_rows, query_key_mask
+from models.lora_weights import read_lora
+from models.store import VariantRefused
+from service.graphs import GraphedForward
 from service.lora_bank import LoraBank
 from tests.tiny import tiny_classifier, tiny_lora, tokenizer
 
 TEXTS = ["hello world", "stocks fell sharply today in a long sentence", "the team won", "x", "another one"]
 
 
+def _adapters(tmp_path: Path, base: torch.nn.Module) -> dict[str, Path]:
+    specs = {"a0": dict(seed=1, r=4), "a1": dict(seed=2, r=8), "a2": dict(seed=3, r=2, targets=("query",))}
+    for name, kw in specs.items():
+        tiny_lora(base, **kw).save_pretrained(tmp_path / name)  # other ranks, other target layers
+    return {n: tmp_path / n for n in specs}
+
+
+def _peft(base: torch.nn.Module, paths: dict[str, Path]) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    for name, p in paths.items():
+        model = attach_adapter(model, p, name)
+    return model.eval()
+
+
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_bank_equals_peft_mixed_batches(arch: str, tmp_path: Path) -> None:
-    base = tiny_classifier(arch)
-    tiny_lora(base, seed=1, r=4).save_pretrained(tmp_path / "a0")
-    tiny_lora(base, seed=2, r=8).save_pretrained(tmp_path / "a1")  # another rank
-    tiny_lora(base, seed=3, r=2, targets=("query",)).save_pretrained(tmp_path / "a2")  # other layers
-    model = copy.deepcopy(base)
-    for name in ("a0", "a1", "a2"):
-        model = attach_adapter(model, tmp_path / name, name)
-    bank = LoraBank(model)
-    bank.rebuild()
+    base = tiny_classifier(arch).eval()
+    paths = _adapters(tmp_path, base)
+    ref_model = _peft(base, paths)
+    bank = LoraBank(copy.deepcopy(base))
+    for name, p in paths.items():
+        bank.add(name, read_lora(name, p, bank.model))
     enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
     names = ["a0", "a1", "a2", "a1", "a0"]
     with torch.inference_mode():
-        ref = model(**enc, adapter_names=names).logits
+        ref = ref_model(**enc, adapter_names=names).logits
         got = bank.forward(names, **enc).logits
-        bank.restore_peft()  # peft's path stays off after a bank forward until restored
-        after = model(**enc, adapter_names=names).logits  # hooks are inert outside a bank forward
+        plain = bank.model(**enc).logits  # outside a bank forward the hooks are inert
+        view = bank.view("a1")(**enc).logits
     assert ref.abs().mean() > 0.05  # adapters really change the output
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
-    assert torch.equal(after, ref)
-    # rows of one adapter differ from another's: the bank really routes per row
-    assert not torch.allclose(got[0], bank.forward(["a1"] * 5, **enc).logits[0], atol=1e-3)
+    assert torch.allclose(plain, base(**enc).logits, atol=1e-6)
+    assert torch.allclose(view[1], got[1], atol=1e-5) and not torch.allclose(view[0], got[0], atol=1e-3)
 
-    model.delete_adapter("a1")
-    bank.close()
-    bank = LoraBank(model)
-    bank.rebuild()
-    names = ["a0", "a2", "a2", "a0", "a2"]
+    bank.remove("a1")  # its slot is freed and reused; the others keep theirs
+    slots = dict(bank.index)
+    bank.add("a1b", read_lora("a1b", paths["a1"], bank.model))
+    assert bank.index["a1b"] not in slots.values() or bank.index["a1b"] == 1
+    assert {k: bank.index[k] for k in slots} == slots
     with torch.inference_mode():
-        ref = model(**enc, adapter_names=names).logits
-        got = bank.forward(names, **enc).logits
-    assert torch.allclose(got, ref, atol=1e-5)
+        again = bank.forward(["a0", "a1b", "a2", "a1b", "a0"], **enc).logits
+    assert torch.allclose(again, ref, atol=1e-5)
     with pytest.raises(KeyError, match="a1"):
-        bank.forward(["a1"] * 5, **enc)
+        bank.slots_of(["a1"])
 
 
-def test_bank_shares_memory_with_peft_weights(tmp_path: Path) -> None:
-    base = tiny_classifier("bert")
-    for i in range(3):
-        tiny_lora(base, seed=i).save_pretrained(tmp_path / f"a{i}")
-    model = copy.deepcopy(base)
-    for i in range(3):
-        model = attach_adapter(model, tmp_path / f"a{i}", f"a{i}")
-    bank = LoraBank(model)
-    bank.rebuild()
-    layer = bank.lora_layers[0]
-    stack = bank._stacks[id(layer)]["a"]
-    for i in range(3):  # peft's weights are views into the stack: adapters are not held twice
-        assert layer.lora_A[f"a{i}"].weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+def test_bank_slots_are_stable_through_static_buffers(tmp_path: Path) -> None:
+    """What a CUDA graph replays, on CPU: buckets + slots; in-place swaps keep `generation` (graphs stay valid)."""
+    base = tiny_classifier("roberta").eval()
+    paths = _adapters(tmp_path, base)
+    ref_model = _peft(base, paths)
+    bank = LoraBank(copy.deepcopy(base), doubling=True)
+    bank.add("a0", read_lora("a0", paths["a0"], bank.model))
+    bank.add("a1", read_lora("a1", paths["a1"], bank.model))
+    gen, pad = bank.generation, tokenizer().pad_token_id
+    runner = GraphedForward(
+        lambda ids, mask, slots: bank.forward_slots(slots, input_ids=ids, attention_mask=query_key_mask(mask)).logits,
+        device=torch.device("cpu"),
+        pad_id=pad,
+        with_slots=True,
+        capture=False,
+        key=lambda: bank.generation,
+    )
+    rows = tokenizer()(TEXTS)["input_ids"]
+
+    def check(names: list[str], served: list[str]) -> None:
+        enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            ref = ref_model(**enc, adapter_names=names).logits
+            got = runner(rows, bank.slots_of(served))
+        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+    check(["a0", "a1", "a1", "a0", "a1"], ["a0", "a1", "a1", "a0", "a1"])
+    slot_a1 = bank.index["a1"]
+    bank.remove("a0")  # a hot-swap: one out, one in: same slots, same stacks
+    bank.add("a2", read_lora("a2", paths["a2"], bank.model))
+    assert bank.index["a1"] == slot_a1 and bank.generation == gen
+    check(["a2", "a1", "a1", "a2", "a2"], ["a2", "a1", "a1", "a2", "a2"])
+    bank.add("a0", read_lora("a0", paths["a0"], bank.model))  # a third: 2 slots -> 4, stacks reallocated
+    assert bank.generation > gen and bank.slots == 4 and bank.index["a1"] == slot_a1
+    check(["a2", "a1", "a0", "a0", "a2"], ["a2", "a1", "a0", "a0", "a2"])
+    ids, mask = pad_rows(rows, pad)
+    assert runner.state()["captured"] == ["8x16"] and ids.shape == (5, 10)
+
+
+def test_read_lora_refuses_what_the_bank_cannot_serve(tmp_path: Path) -> None:
+    base = tiny_classifier("bert").eval()
+    tiny_lora(base, seed=1).save_pretrained(tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(use_dora=True, bias="all")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(VariantRefused) as e:
+        read_lora("a", tmp_path / "a", base)
+    assert any("use_dora" in r for r in e.value.reasons) and any("bias" in r for r in e.value.reasons)
+    other = tiny_classifier("roberta")  # a base whose layers the adapter's tensors do not fit
+    cfg.update(use_dora=False, bias="none")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(VariantRefused, match="not an nn.Linear|do not fit"):
+        read_lora("a", tmp_path / "a", other)

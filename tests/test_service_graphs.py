@@ -1,4 +1,4 @@
-"""service.graphs + the LoRA bank's stable slots: what a CUDA graph replays, checked on CPU.
+"""service.graphs: what a CUDA graph replays, checked on CPU (the bank's slots: test_service_bank.py).
 
 The capture itself needs a GPU (scripts/gpu_bench.sh runs it); here the same bucketed static-buffer
 path runs eagerly (`capture=False`) on real tiny models and must give the eager forward's logits.
@@ -6,16 +6,12 @@ path runs eagerly (`capture=False`) on real tiny models and must give the eager 
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
 import torch
 
-from models.loading import attach_adapter, pad_rows, query_key_mask
+from models.loading import pad_rows, query_key_mask
 from service.graphs import LENGTH_BUCKETS, ROW_BUCKETS, GraphedForward, bucket
-from service.lora_bank import LoraBank
-from tests.tiny import tiny_classifier, tiny_lora, tokenizer
+from tests.tiny import tiny_classifier, tokenizer
 
 TEXTS = ["hello world", "stocks fell sharply today in a long sentence", "the team won", "x", "another one"]
 
@@ -54,55 +50,3 @@ def test_bucketed_static_forward_equals_eager(arch: str) -> None:
             assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert runner.state()["captured"] == ["1x16", "32x16", "4x16", "8x16"]  # buckets, reused across calls
     assert runner.eager == 0
-
-
-def test_bank_slots_through_static_buffers_equal_peft_and_survive_swaps(tmp_path: Path) -> None:
-    """Slots are stable across adds/removes (generation unchanged within capacity), rows route per slot."""
-    base = tiny_classifier("roberta")
-    for i in range(4):
-        tiny_lora(base, seed=i + 1, r=4 if i % 2 else 8).save_pretrained(tmp_path / f"a{i}")
-    model = copy.deepcopy(base)
-    for name in ("a0", "a1"):
-        model = attach_adapter(model, tmp_path / name, name)
-    bank = LoraBank(model, doubling=True)
-    bank.rebuild()
-    gen = bank.generation
-    pad = tokenizer().pad_token_id
-    runner = GraphedForward(
-        lambda ids, mask, slots: bank.forward_slots(slots, input_ids=ids, attention_mask=query_key_mask(mask)).logits,
-        device=torch.device("cpu"),
-        pad_id=pad,
-        with_slots=True,
-        capture=False,
-        key=lambda: bank.generation,
-    )
-
-    def check(names: list[str]) -> None:
-        enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
-        with torch.inference_mode():
-            bank.restore_peft()
-            ref = model(**enc, adapter_names=names).logits
-            got = runner(_rows(TEXTS), bank.slots_of(names))
-        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
-
-    check(["a0", "a1", "a1", "a0", "a1"])
-    slot_a1 = bank.index["a1"]
-    model.delete_adapter("a0")  # a hot-swap: one adapter out, one in
-    model = attach_adapter(model, tmp_path / "a2", "a2")
-    bank.rebuild()
-    assert bank.index["a1"] == slot_a1 and bank.generation == gen  # in place: a captured graph stays valid
-    check(["a2", "a1", "a1", "a2", "a2"])
-    model = attach_adapter(model, tmp_path / "a3", "a3")  # a third: 2 slots -> 4, stacks reallocated
-    bank.rebuild()
-    assert bank.index["a1"] == slot_a1 and bank.generation > gen and bank.slots == 4
-    gen = bank.generation
-    check(["a2", "a1", "a3", "a3", "a2"])
-    with pytest.raises(KeyError, match="a0"):
-        bank.slots_of(["a0"])
-    model = attach_adapter(model, tmp_path / "a0", "a0b")  # the fourth fits the reserved slots
-    bank.rebuild()
-    assert bank.generation == gen and bank.slots == 4
-    model = attach_adapter(model, tmp_path / "a0", "a0c")  # a fifth does not: the stacks grow (doubling)
-    bank.rebuild()
-    assert bank.generation > gen and bank.slots == 8
-    check(["a0b", "a1", "a2", "a3", "a0c"])

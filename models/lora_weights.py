@@ -1,0 +1,126 @@
+"""A stored LoRA adapter read straight into tensors, for the service's adapter bank.
+
+Why not peft here: attaching an adapter with peft (`load_adapter`) walks the whole module tree
+several times and builds new modules per target layer: 25-38 ms per adapter for MiniLM on this
+project's CPU, paid twice per hot-swap (verify beside the serving model, then attach to it), most
+of a swap's 100+ ms (measured 2026-11-28). The bank needs only each target layer's A, B and scale
+and the head's weights: reading those from `adapter_model.safetensors` takes ~1 ms. peft still
+trains and saves the adapters (training/), and loads them for everything outside the service
+(models.variant.load_variant); the golden check then proves the bank computes what peft did.
+
+Supported: plain LoRA on nn.Linear layers (any rank per layer, `lora_alpha`, `alpha_pattern`,
+`use_rslora`) plus fully trained head layers (`modules_to_save`). Anything else (DoRA, LoRA bias,
+fan_in_fan_out, embedding LoRA, ...) is refused with the reason, never served approximately.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from models.store import VariantRefused
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# adapter_config.json fields that, when set, change the computation beyond plain LoRA
+UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "layer_replication", "trainable_token_indices")
+
+
+@dataclass
+class LoraWeights:
+    """One adapter: per target Linear (module path in the classifier), A (r, in), B (out, r) and the
+    scale alpha/r; per head Linear, its trained weight and bias (they replace the base's)."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def to(self, dtype: torch.dtype, device: torch.device | str) -> LoraWeights:
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return LoraWeights(
+            {k: (cast(a), cast(b), s) for k, (a, b, s) in self.layers.items()},
+            {k: (cast(w), cast(b)) for k, (w, b) in self.heads.items()},
+        )
+
+    @property
+    def nbytes(self) -> int:
+        ts = [t for a, b, _ in self.layers.values() for t in (a, b)]
+        ts += [t for w, b in self.heads.values() for t in (w, b) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _alpha_for(module: str, cfg: dict) -> float:
+    """peft's rule: the first alpha_pattern key matching the end of the module path, else lora_alpha."""
+    for pattern, alpha in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(cfg["lora_alpha"])
+
+
+def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
+    """The adapter stored at `path` as tensors for `model` (the plain classifier it was trained on).
+
+    Raises VariantRefused listing every reason it cannot be served as plain LoRA on this model.
+    """
+    path = Path(path)
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    problems = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {cfg.get('peft_type')} is not LORA")
+    problems += [f"{k}={cfg[k]!r} (the service serves plain LoRA)" for k in UNSUPPORTED if cfg.get(k)]
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"bias={cfg['bias']!r} (the service serves plain LoRA: bias='none')")
+    saved = cfg.get("modules_to_save") or []
+    state = load_file(str(path / ADAPTER_WEIGHTS))
+    modules = dict(model.named_modules())
+    out = LoraWeights()
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        rel = key.removeprefix(PREFIX)
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", rel)
+        if m:
+            pairs.setdefault(m[1], {})[m[2]] = t
+            continue
+        m = re.fullmatch(r"(.+)\.(weight|bias)", rel)
+        if m and any(m[1] == k or m[1].endswith("." + k) for k in saved):  # peft's modules_to_save rule
+            heads.setdefault(m[1], {})[m[2]] = t
+            continue
+        problems.append(f"tensor {key} is not plain LoRA A/B or a saved head layer")
+    for mod, ab in pairs.items():
+        target = modules.get(mod)
+        if not isinstance(target, nn.Linear):
+            problems.append(f"{mod}: not an nn.Linear of this base ({type(target).__name__ if target else 'missing'})")
+            continue
+        if set(ab) != {"A", "B"}:
+            problems.append(f"{mod}: needs both lora_A and lora_B")
+            continue
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
+            problems.append(
+                f"{mod}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {target.in_features}->{target.out_features} layer"
+            )
+            continue
+        alpha = _alpha_for(mod, cfg)
+        out.layers[mod] = (a, b, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
+    for mod, wb in heads.items():
+        target = modules.get(mod)
+        if not isinstance(target, nn.Linear) or "weight" not in wb or wb["weight"].shape != target.weight.shape:
+            problems.append(f"{mod}: saved head weights do not fit this base's layer")
+            continue
+        out.heads[mod] = (wb["weight"], wb.get("bias"))
+    if not out.layers and not problems:
+        problems.append("no LoRA layers in the adapter")
+    if problems:
+        raise VariantRefused(name, problems)
+    return out
