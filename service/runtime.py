@@ -29,6 +29,7 @@ from models.golden import check_golden, load_tolerance
 from models.hardware import PrecisionChoice, resolve_precision
 from models.loading import DTYPES, load_base, model_mask, onnx_logits, pad_rows
 from models.lora_weights import LoraWeights, read_lora
+from models.manifest import Golden
 from models.variant import LoadedVariant, load_variant
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
@@ -37,7 +38,10 @@ from service.lora_bank import LoraBank
 from service.side import SideModel
 
 log = logging.getLogger("service")
-LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
+LORA_GROUP = "__lora__"
+NO_GOLDEN = Golden.model_construct(
+    texts=[], logits=[]
+)  # what a served entry keeps of its golden set  # all resident adapters share one forward over the base
 
 
 @dataclass
@@ -226,6 +230,9 @@ class Runtime:
     def commit(self, entry: Entry) -> Entry:
         """Give a loaded entry its name (batcher thread, between batches): attach a prepared adapter, swap."""
         name = entry.name
+        # the golden set (~20 KiB of texts and logits per variant) was needed for the check only; a
+        # service holding hundreds of adapters keeps the rest of each manifest
+        entry.manifest = entry.manifest.model_copy(update={"golden": NO_GOLDEN})
         if entry.kind == "lora" and entry.adapter is None:
             entry.adapter = self._attach(entry.lora)
             entry.lora = None  # the bank holds the only copy

@@ -56,6 +56,10 @@ class EngineSupervisor:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the engine's gauges are live values, one process
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # glibc gives each thread that allocates (batcher, socket, swap worker) its own heap arena and
+        # keeps freed pages per arena: measured on the memory sweep (MiniLM, 1 -> 8 adapters) +13.9 MiB
+        # with the default, +5.6 MiB with one arena. Two leave the batcher and the swap worker apart.
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         cmd = [
             sys.executable,
             "-m",
