@@ -176,6 +176,7 @@ class Batcher:
     # ---- the batcher thread ----------------------------------------------------------------
     def _run(self) -> None:
         torch.set_num_threads(self.cfg.threads)
+        self._threads = self.cfg.threads
         try:
             self._startup()
         except Exception as e:  # the server stays up and /readyz says why
@@ -310,6 +311,13 @@ class Batcher:
             return
         rows, entries = [r for r, _ in batch], [e for _, e in batch]
         ids = [self._ids_for(r, e) for r, e in batch]
+        # A lone request (nothing else queued) may use every core: the front-ends are idle meanwhile
+        # (MiniLM c=1 p50 11.0 ms on 2 threads vs 12.7 on 1); under load the engine keeps to --threads.
+        lone = not self._rows and all(r.job is rows[0].job for r in rows)
+        threads = self.cfg.lone_threads if lone else self.cfg.threads
+        if threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
         try:
             logits = self.runtime.forward(entries, ids)
         except Exception as e:

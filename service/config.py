@@ -78,6 +78,11 @@ class ServiceConfig(BaseModel):
         description="engine torch / onnxruntime threads; auto = on CPU the cores the front-ends leave free "
         "(at least 1), on CUDA all cores (measured, see auto_threads)",
     )
+    lone_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="engine threads for a batch that is one request with nothing else queued (the front-ends "
+        "are idle then); auto = every core on CPU when --threads is auto, else --threads",
+    )
     # Measured on this project's CPU (avx512_bf16, 2 threads, batch 16x64): MiniLM fp32 1272 ms,
     # autocast 1871 ms, bf16 weights 208 ms; RoBERTa-base 3204 / 2115 / 1465 ms. Autocast pays a
     # cast per op, so casting the weights once is the default.
@@ -118,10 +123,15 @@ class ServiceConfig(BaseModel):
     def _precision_fits_device(self) -> ServiceConfig:
         if self.frontends == "auto":
             self.frontends = auto_frontends(self.device)
+        every_core = self.threads == "auto" and self.device == "cpu"  # decided before --threads resolves
         if self.threads == "auto":
             self.threads = auto_threads(self.device, self.frontends)
         elif self.threads < 1:
             raise ValueError("--threads must be >= 1 or auto")
+        if self.lone_threads == "auto":
+            self.lone_threads = (os.cpu_count() or 1) if every_core else self.threads
+        elif self.lone_threads < 1:
+            raise ValueError("--lone-threads must be >= 1 or auto")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 is for --device cuda; on CPU use --precision bf16 (avx512_bf16) or fp32")
         return self
