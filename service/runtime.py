@@ -104,10 +104,10 @@ def _malloc_trim() -> Any:
 def release_freed_memory() -> None:
     """Give freed heap pages back to the OS after the set of adapters changed (glibc only; no-op elsewhere).
 
-    Each attach / bank rebuild frees the previous stacks and peft's temporaries, across the batcher and
-    swap-worker threads' malloc arenas; glibc keeps those pages, so resident memory grew ~1.3 MB per
-    added MiniLM adapter against ~0.3 MB of its fp32 tensors (memory experiment; 0.57 MB with this).
-    In-process, 64 adds: 0.35 MB per adapter, 0.16 MB after malloc_trim(0). Runs only when adapters change.
+    A bank that grows frees its previous stacks, and a swap frees the adapter's file tensors, across the
+    batcher and swap-worker threads' malloc arenas; glibc keeps those pages (with peft attaches, resident
+    memory grew ~1.3 MB per added MiniLM adapter against ~0.3 MB of its fp32 tensors; 0.57 MB with this).
+    Runs only when adapters change.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -391,9 +391,7 @@ class Runtime:
 
             def fn(ids: torch.Tensor, attention: torch.Tensor, slots: Any) -> torch.Tensor:
                 with self.autocast():
-                    return self.bank.forward_slots(
-                        slots, input_ids=ids, attention_mask=mask(attention)
-                    ).logits  # built by forward()
+                    return self.bank.forward_slots(slots, input_ids=ids, attention_mask=mask(attention)).logits
 
             self.lora_graphed = self._graph_runner(
                 fn,
