@@ -171,8 +171,8 @@ def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]
     forward+loss compiled, backward through AOTAutograd; /tmp script, rough figures):
       2-layer width-32:  eager 40 ms/step, compiled 39 ms/step, first compiled step 90 s;
       6-layer width-384 (MiniLM shape): eager 678 ms/step, compiled 632 ms/step (-7 %), 63 s to compile.
-    Each padded width compiles once (bucket_tokens keeps them <= ~8), so on CPU the compile time
-    is only won back after ~10k steps: off by default. Nothing here depends on this CPU's bf16/AMX.
+    One dynamic-shape compilation serves every padded width, but on CPU its time is only won back
+    after ~10k steps: off by default. Nothing here depends on this CPU's bf16/AMX.
     On CUDA eager mode is launch-bound (thousands of small kernels per step, issue 9's 233 ms/step at
     batch 64 vs 204 at 16) and compiling fuses them: on by default (not measured in this repo yet).
     """
@@ -186,7 +186,7 @@ def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]
 
 
 def bucket_tokens(max_length: int) -> int:
-    """Pad widths to multiples of this when compiling: at most ~8 shapes, so at most ~8 compilations."""
+    """Pad widths to multiples of this when compiling: at most ~8 shapes (one CUDA graph each with reduce-overhead)."""
     return 16 * max(1, math.ceil(max_length / 8 / 16))
 
 
