@@ -60,12 +60,16 @@ class TrainSpeedSettings(Settings):
 def model_shape(cfg: Any) -> dict[str, int]:
     """Non-embedding and embedding parameter counts, layers and width, from a meta-device build."""
     import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from models.loading import load_tokenizer
     from training.loop import build_model
 
-    with torch.device("meta"):
-        model = build_model(cfg, load_tokenizer(cfg.tokenizer_path))
+    with torch.device("meta"):  # a pretrained base: its config only (from_pretrained cannot load onto meta)
+        if cfg.init == "pretrained":
+            model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(cfg.base_model))
+        else:
+            model = build_model(cfg, load_tokenizer(cfg.tokenizer_path))
     emb = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." in n)
     total = sum(p.numel() for p in model.parameters())
     c = model.config
