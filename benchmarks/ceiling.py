@@ -24,12 +24,14 @@ training. --device cuda measures the GPU (and GPU memory per scenario, in-proces
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from pydantic import Field, model_validator
 
 from benchmarks.common import free_port, running_server
@@ -159,6 +161,7 @@ def in_process(
         if cuda:
             out["gpu_memory_loaded_bytes"] = mem_loaded
             out["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated() - mem0
+            out["cuda_graphs"] = rt.graph_state()  # buckets captured, replays, eager batches, why not
         return out
     finally:  # the Runtime goes with this frame; the caller collects before the next scenario
         rt.entries.clear()
@@ -248,7 +251,12 @@ def run(s: CeilingSettings) -> dict[str, Any]:
             gc.collect()
             if s.device == "cuda":
                 torch.cuda.empty_cache()
-        print(f"[ceiling] {name:>14} in-process {ceiling[name]['rows_per_s']:8.1f} rows/s", flush=True)
+        graphs = ceiling[name].get("cuda_graphs")
+        print(
+            f"[ceiling] {name:>14} in-process {ceiling[name]['rows_per_s']:8.1f} rows/s"
+            + (f"  CUDA graphs {json.dumps(graphs)[:300]}" if graphs else ""),
+            flush=True,
+        )
 
     # 2. the service, once, serving every scenario's variants
     all_models = sorted({m for ms in scenarios.values() for m in ms})
@@ -256,9 +264,13 @@ def run(s: CeilingSettings) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     service: dict[str, list[dict[str, Any]]] = {}
     cmd = _service_cmd(store_root, port, all_models, s, precision)
+    service_graphs = None
     with running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()) as proc:
         for name, models in scenarios.items():
             service[name] = http_levels(url, proc.pid, name, models, texts, s)
+        if s.device == "cuda":  # did the service replay graphs, or fall back to eager (and why)?
+            service_graphs = httpx.get(f"{url}/v1/models", timeout=30).json().get("cuda_graphs")
+            print(f"[ceiling] service CUDA graphs: {json.dumps(service_graphs)[:2000]}", flush=True)
 
     # 3. the naive pipeline() server on one model
     naive: dict[str, Any] | None = None
@@ -296,6 +308,7 @@ def run(s: CeilingSettings) -> dict[str, Any]:
         "precision": choice.as_dict(),
         "device": s.device,
         "gpu": torch.cuda.get_device_name(0) if s.device == "cuda" else None,
+        "service_cuda_graphs": service_graphs,
         "scenarios": {
             k: {"models": v, "in_process": ceiling.get(k), "runs": service.get(k, [])} for k, v in scenarios.items()
         },
