@@ -62,17 +62,21 @@ class LoraBank:
             self._grow(max(1, 2 * self.slots) if self.doubling else self.slots + 1)
             free = sorted(set(range(self.slots)) - set(self.index.values()))
         slot = free[0]
-        for path, (a, b, scale) in w.layers.items():
-            s = self._layer(path, a.shape[0])
-            r = a.shape[0]
-            s["a"][slot, :r].copy_(a)
-            s["b"][slot, :, :r].copy_(b)
-            s["scale"][slot] = scale
-        for path, (weight, bias) in w.heads.items():
-            s = self._head(path)
-            s["w"][slot].copy_(weight)
-            if bias is not None:
-                s["bias"][slot].copy_(bias)
+        try:
+            for path, (a, b, scale) in w.layers.items():
+                s = self._layer(path, a.shape[0])
+                r = a.shape[0]
+                s["a"][slot, :r].copy_(a)
+                s["b"][slot, :, :r].copy_(b)
+                s["scale"][slot] = scale
+            for path, (weight, bias) in w.heads.items():
+                s = self._head(path)
+                s["w"][slot].copy_(weight)
+                if bias is not None:
+                    s["bias"][slot].copy_(bias)
+        except Exception:  # never leave half an adapter in a slot the next one will reuse
+            self._reset(slot)
+            raise
         self.index[name] = slot
         return slot
 
@@ -88,7 +92,10 @@ class LoraBank:
         for path, s in self._heads.items():
             base = self.modules[path]
             s["w"][slot].copy_(base.weight)
-            s["bias"][slot].copy_(base.bias) if base.bias is not None else s["bias"][slot].zero_()
+            if base.bias is not None:
+                s["bias"][slot].copy_(base.bias)
+            else:
+                s["bias"][slot].zero_()
 
     def _grow(self, slots: int) -> None:
         old, self.slots = self.slots, slots

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models.loading import attach_adapter, pad_rows, query_key_mask
-from models.lora_weights import read_lora
+from models.lora_weights import LoraWeights, read_lora
 from models.store import VariantRefused
 from service.graphs import GraphedForward
 from service.lora_bank import LoraBank
@@ -123,3 +123,21 @@ def test_read_lora_refuses_what_the_bank_cannot_serve(tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(VariantRefused, match="not an nn.Linear|do not fit"):
         read_lora("a", tmp_path / "a", other)
+
+
+def test_a_failed_add_leaves_no_trace_in_the_slot(tmp_path: Path) -> None:
+    base = tiny_classifier("bert").eval()
+    paths = _adapters(tmp_path, base)
+    bank = LoraBank(copy.deepcopy(base))
+    good = read_lora("a0", paths["a0"], bank.model)
+    first = next(iter(good.layers))
+    bad = LoraWeights(dict(good.layers), dict(good.heads))
+    bad.layers["zz"] = (torch.ones(4, 3), torch.ones(3, 4), 1.0)  # no such layer: fails after `first` was written
+    with pytest.raises(KeyError):
+        bank.add("bad", bad)
+    assert "bad" not in bank.index and float(bank._layers[first]["a"].abs().sum()) == 0.0
+    bank.add("a1", read_lora("a1", paths["a1"], bank.model))  # reuses the slot: only its own weights count
+    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        ref = _peft(base, {"a1": paths["a1"]})(**enc, adapter_names=["a1"] * len(TEXTS)).logits
+        assert torch.allclose(bank.forward(["a1"] * len(TEXTS), **enc).logits, ref, atol=1e-5)
