@@ -38,10 +38,8 @@ from service.lora_bank import LoraBank
 from service.side import SideModel
 
 log = logging.getLogger("service")
-LORA_GROUP = "__lora__"
-NO_GOLDEN = Golden.model_construct(
-    texts=[], logits=[]
-)  # what a served entry keeps of its golden set  # all resident adapters share one forward over the base
+LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
+NO_GOLDEN = Golden.model_construct(texts=[], logits=[])  # what a served entry keeps of its golden set
 
 
 @dataclass
@@ -141,8 +139,8 @@ class Runtime:
         self._adapter_ids = itertools.count()
         self.bank: LoraBank | None = None  # every resident adapter's weights, stacked (service/lora_bank.py)
         self.side: SideModel | None = None  # where new adapters are golden-checked beside the serving base
-        # CUDA graphs (service/graphs.py): "capture" on CUDA unless --cuda-graphs off; "buckets" runs the
-        # same padded static-buffer path eagerly (the CPU tests use it); "off" pads to the longest row.
+        # CUDA graphs (service/graphs.py): "capture" on CUDA unless --cuda-graphs off; "off" runs eagerly,
+        # padded to the longest row (tests run graphs.GraphedForward's padded path with capture=False).
         self.graph_mode = "capture" if cfg.device == "cuda" and cfg.cuda_graphs != "off" else "off"
         self.graph_pool: Any = torch.cuda.graph_pool_handle() if self.graph_mode == "capture" else None
         self.gpu_lock = threading.Lock()  # the swap worker's GPU work vs a graph capture
