@@ -203,13 +203,17 @@ def attach_adapter(model: nn.Module, path: Path, adapter_name: str) -> nn.Module
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
 
 
-def onnx_session(path: Path, *, threads: int | None = None) -> Any:
+def onnx_session(path: Path, *, threads: int | None = None, spin: bool = True) -> Any:
+    """An onnxruntime CPU session; `spin=False` lets its idle workers sleep instead of spin-waiting
+    (the service: its front-ends need those cores whenever the engine is not computing)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(Path(path) / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
 
 

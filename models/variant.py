@@ -124,6 +124,7 @@ def load_variant(
     tokenizer: Any = None,
     adapter_name: str | None = None,
     threads: int | None = None,
+    onnx_spin: bool = True,
     manifest: Manifest | None = None,
     expected_base_fingerprint: str | None = None,
 ) -> LoadedVariant:
@@ -135,7 +136,8 @@ def load_variant(
         one base; its fingerprint must match the adapter's base;
       - otherwise the base is loaded from the store's snapshot (or the manifest's base id).
     `manifest`: pass the manifest `store.verify` already returned to skip re-hashing the files
-    (the service verifies first, with the base it holds). `threads` sizes onnxruntime's pool.
+    (the service verifies first, with the base it holds). `threads` sizes onnxruntime's pool; `onnx_spin`
+    (models.loading.onnx_session) whether its idle workers spin.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
@@ -166,4 +168,6 @@ def load_variant(
         return LoadedVariant(tokenizer=tok, model=model, adapter=adapter, **common)
     # onnx, onnx-int8: onnxruntime on CPU, fp32 in and out whatever dtype was asked
     common.update(dtype="fp32", device="cpu")
-    return LoadedVariant(tokenizer=load_tokenizer(path), session=onnx_session(path, threads=threads), **common)
+    return LoadedVariant(
+        tokenizer=load_tokenizer(path), session=onnx_session(path, threads=threads, spin=onnx_spin), **common
+    )

@@ -298,7 +298,18 @@ class Runtime:
         m = self.store.verify(name)
         # full, merged, onnx, onnx-int8 through models.load_variant (ONNX: always CPU fp32, onnxruntime)
         v = load_variant(
-            self.store, name, dtype=self.weight_dtype, device=self.cfg.device, threads=self.cfg.threads, manifest=m
+            self.store,
+            name,
+            dtype=self.weight_dtype,
+            device=self.cfg.device,
+            manifest=m,
+            # ONNX sessions keep their threads for life: sized for a lone request (--lone-threads), and
+            # with sleeping workers so that under load they leave the front-ends' cores alone. Measured
+            # here (MiniLM fp32 store, 1 front-end; one session thread spinning -> two sleeping): 800
+            # test texts scored one 32-text request at a time 17.4 -> 8.9 s (onnx); wrk c=32 one-sentence
+            # body onnx-int8 658 / 816 -> 786-930 req/s, onnx 320 / 348 -> 386-425; c=1 p50 4.3 -> 4.0-4.2 ms.
+            threads=self.cfg.lone_threads,
+            onnx_spin=self.cfg.lone_threads <= self.cfg.threads,
         )
         entry = Entry(name, m, v.tokenizer, dir_bytes(self.store.path(name)), model=v.runner)
         self._check_golden(entry)
