@@ -25,10 +25,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from models.heads import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from models.store import VariantRefused
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # adapter_config.json fields that, when set, change the computation beyond plain LoRA
 UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "layer_replication", "trainable_token_indices")
@@ -50,12 +49,6 @@ class LoraWeights:
             {k: (cast(a), cast(b), s) for k, (a, b, s) in self.layers.items()},
             {k: (cast(w), cast(b)) for k, (w, b) in self.heads.items()},
         )
-
-    @property
-    def nbytes(self) -> int:
-        ts = [t for a, b, _ in self.layers.values() for t in (a, b)]
-        ts += [t for w, b in self.heads.values() for t in (w, b) if t is not None]
-        return sum(t.numel() * t.element_size() for t in ts)
 
 
 def _alpha_for(module: str, cfg: dict) -> float:

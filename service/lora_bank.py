@@ -39,17 +39,7 @@ class LoraBank:
         self.slots = 0
         self._layers: dict[str, dict[str, torch.Tensor]] = {}  # module path -> a, b, scale stacks
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # module path -> w, bias stacks
-        self._hooks: list[Any] = []
         self._rows: torch.Tensor | None = None  # slot of each batch row, set during a bank forward
-
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        return tuple(self.index)
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
 
     # ---- adding and removing ------------------------------------------------------------------
     @torch.no_grad()
@@ -125,7 +115,7 @@ class LoraBank:
             "scale": w.new_zeros(self.slots),
         }
         if s is None:
-            self._hooks.append(lin.register_forward_hook(self._lora_hook))
+            lin.register_forward_hook(self._lora_hook)
         else:  # a larger rank than this layer held: re-stack the others zero-padded
             new["a"][:, : s["a"].shape[1]].copy_(s["a"])
             new["b"][:, :, : s["b"].shape[2]].copy_(s["b"])
@@ -146,7 +136,7 @@ class LoraBank:
             "bias": bias.detach().expand(self.slots, -1).clone(),
         }
         self._heads[path] = s
-        self._hooks.append(lin.register_forward_hook(self._head_hook))
+        lin.register_forward_hook(self._head_hook)
         self.generation += 1
         return s
 
