@@ -456,13 +456,15 @@ def _line(r: dict[str, Any]) -> str:
 
 # ---- the experiment --------------------------------------------------------------------------
 def agnews_test_texts(data: str) -> list[str]:
-    """AG News test-split texts through the one AG News reader (training's, where it has landed)."""
-    try:
-        from training.data import read_split
-    except ImportError:  # the shared reader is moving into training/data.py
-        from benchmarks.common import load_split as read_split
-    texts, _ = read_split(Path(data) if Path(data).exists() else data, "test")
-    return list(texts)
+    """AG News test-split texts through the one AG News reader (benchmarks.common.load_split -> training's).
+
+    Until 2026-11-29 this function unpacked the reader's DataFrame as if it
+    were a (texts, labels) pair, so every load and ceiling run sent the four one-letter "texts" of the
+    column name 'text'. A load figure is only meaningful on real texts."""
+    from benchmarks.common import load_split
+
+    texts, _ = load_split(data, "test")
+    return texts
 
 
 class LoadSettings(Settings):

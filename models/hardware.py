@@ -4,11 +4,13 @@ One place for the capability probe, used by the service (`--precision auto`), tr
 (`precision: auto`) and every benchmark's `meta`. On CPU, bf16 pays only where the CPU computes it
 natively (avx512_bf16 or AMX): measured on this project's 2-core Xeons, bf16 is ~4x fp32 on one
 with avx512_bf16 and ~0.4x fp32 on one without. Tests fake only `cpu_flags` to exercise both.
+`CPU_NATIVE_BF16=0|1` overrides the probe (a CPU it misjudges; rehearsing a machine without bf16).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 # The flags a reader needs to compare CPU figures across machines.
@@ -29,7 +31,23 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+BF16_OVERRIDE_ENV = "CPU_NATIVE_BF16"
+
+
+def bf16_override() -> bool | None:
+    """`CPU_NATIVE_BF16=0|1` from the environment, or None when unset (then the flags decide)."""
+    value = os.environ.get(BF16_OVERRIDE_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("0", "1", "false", "true", "no", "yes"):
+        return value in ("1", "true", "yes")
+    raise ValueError(f"{BF16_OVERRIDE_ENV}={value!r}: use 0 or 1 (or leave it unset to use the CPU's flags)")
+
+
 def cpu_has_native_bf16() -> bool:
+    override = bf16_override()
+    if override is not None:
+        return override
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
@@ -53,6 +71,10 @@ def resolve_precision(requested: str, device: str) -> PrecisionChoice:
         if torch.cuda.is_bf16_supported():
             return PrecisionChoice("bf16", f"auto: {torch.cuda.get_device_name(0)} supports bf16", requested)
         return PrecisionChoice("fp16", f"auto: {torch.cuda.get_device_name(0)} lacks bf16; fp16", requested)
+    override = bf16_override()
+    if override is not None:
+        precision = "bf16" if override else "fp32"
+        return PrecisionChoice(precision, f"auto: {BF16_OVERRIDE_ENV}={int(override)} set; {precision}", requested)
     native = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
     if native:
         return PrecisionChoice("bf16", f"auto: CPU has native bf16 ({', '.join(native)})", requested)
@@ -67,6 +89,8 @@ def machine() -> dict[str, object]:
     flags = cpu_flags()
     info["cpu_flags"] = {flag: flag in flags for flag in CPU_FLAGS_OF_INTEREST}
     info["native_bf16"] = cpu_has_native_bf16()
+    if bf16_override() is not None:
+        info["native_bf16_from"] = f"{BF16_OVERRIDE_ENV} (the CPU's flags say {'yes' if any(f in flags for f in NATIVE_BF16_FLAGS) else 'no'})"
     try:
         import torch
 
@@ -84,4 +108,6 @@ def machine_label(info: dict[str, object]) -> str:
     if info.get("gpu"):
         return f"{info['gpu']} (+ {info.get('cpu', '?')})"
     bf16 = "yes" if info.get("native_bf16") else "no"
+    if info.get("native_bf16_from"):
+        bf16 += f" (forced by {info['native_bf16_from']})"
     return f"{info.get('cpu', '?')}, {info.get('cpu_count', '?')} cores, bf16 {bf16}"

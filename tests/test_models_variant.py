@@ -271,11 +271,14 @@ def test_one_metrics_function_with_one_key_spelling():
 
 def test_benchmarks_and_training_read_the_same_ag_news_file(tmp_path):
     from benchmarks.common import load_split
+    from benchmarks.loadgen import agnews_test_texts
     from training.data import read_split
 
     texts, labels = load_split(AGNEWS)
     df = read_split(AGNEWS, "test")
     assert texts == df["text"].tolist() and labels == df["label"].tolist() and len(texts) == 7600
+    # what every load / ceiling run sends (it once sent the letters of the column name 'text')
+    assert agnews_test_texts(str(AGNEWS)) == texts
     # Two candidate files: both readers must pick the same one (the first test* by name).
     d = tmp_path / "data"
     d.mkdir()
