@@ -90,7 +90,9 @@ def machine() -> dict[str, object]:
     info["cpu_flags"] = {flag: flag in flags for flag in CPU_FLAGS_OF_INTEREST}
     info["native_bf16"] = cpu_has_native_bf16()
     if bf16_override() is not None:
-        info["native_bf16_from"] = f"{BF16_OVERRIDE_ENV} (the CPU's flags say {'yes' if any(f in flags for f in NATIVE_BF16_FLAGS) else 'no'})"
+        info["native_bf16_from"] = (
+            f"{BF16_OVERRIDE_ENV} (the CPU's flags say {'yes' if any(f in flags for f in NATIVE_BF16_FLAGS) else 'no'})"
+        )
     try:
         import torch
 

@@ -225,6 +225,10 @@ def test_auto_precision_follows_the_cpu_probe(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx2"}))
     assert Engine(ServiceConfig(store=store.root), "ipc://unused").runtime.precision == "bf16"
+    monkeypatch.setenv("CPU_NATIVE_BF16", "0")  # rehearsing a CPU without bf16 on one that has it
+    choice = Engine(ServiceConfig(store=store.root), "ipc://unused").runtime.precision_choice
+    assert choice.precision == "fp32" and "CPU_NATIVE_BF16=0" in choice.reason
+    assert models.hardware.machine()["native_bf16"] is False
     engine.ctx.term()
 
 
