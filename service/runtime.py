@@ -146,7 +146,7 @@ class Runtime:
         self.graph_pool: Any = torch.cuda.graph_pool_handle() if self.graph_mode == "capture" else None
         self.gpu_lock = threading.Lock()  # the swap worker's GPU work vs a graph capture
         self.lora_graphed: GraphedForward | None = None
-        self._overheads: dict[str, float] = {}  # model -> fixed cost of a forward in tokens (_overhead_tokens)
+        self._costs: dict[str, tuple[float, float]] = {}  # model -> (fixed s, s per token) of a forward (_cost)
 
     # ---- precision -------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -404,13 +404,23 @@ class Runtime:
         return out.logits.float().cpu()
 
     def _overhead_tokens(self, entry: Entry) -> float:
-        """Fixed cost of one forward of `entry`'s model in token-equivalents, measured once per model.
+        """Fixed cost of one forward of `entry`'s model in token-equivalents (inf: never worth a split)."""
+        fixed, per_token = self._cost(entry)
+        return fixed / per_token if per_token > 0 else math.inf
 
-        Two timed forwards, 1 x 8 and 4 x 64 tokens (best of 3 each): cost = fixed + tokens x per-token.
-        A 2-layer model's fixed cost is worth thousands of tokens (it is never split); MiniLM's ~100.
+    def batch_cost_s(self, entries: list[Entry], rows: list[list[int]]) -> float:
+        """Estimated seconds of one padded forward of `rows` (before any split by length)."""
+        fixed, per_token = self._cost(entries[0])
+        return fixed + per_token * len(rows) * max(len(r) for r in rows)
+
+    def _cost(self, entry: Entry) -> tuple[float, float]:
+        """(fixed seconds, seconds per token) of a forward of `entry`'s model, measured once per model.
+
+        Two timed forwards, 1 x 8 and 4 x 64 tokens (best of 3 each), at the threads of the moment.
+        A 2-layer model's fixed cost is worth thousands of tokens (never split); MiniLM's ~100.
         """
         key = "lora-base" if entry.kind == "lora" else entry.name
-        if key not in self._overheads:
+        if key not in self._costs:
             pad = entry.tokenizer.pad_token_id or 0
             times = []
             for h, w in ((1, 8), (4, 64)):
@@ -421,13 +431,10 @@ class Runtime:
                     self._eager([entry] * h, rows)
                     best = min(best, time.perf_counter() - t0)
                 times.append(best)
-            per_token = (times[1] - times[0]) / (4 * 64 - 8)
-            fixed = times[0] - 8 * per_token
-            self._overheads[key] = fixed / per_token if per_token > 0 and fixed > 0 else math.inf
-            log.info(
-                "%s: a forward's fixed cost = %.0f tokens (batches split by length above)", key, self._overheads[key]
-            )
-        return self._overheads[key]
+            per_token = max(0.0, (times[1] - times[0]) / (4 * 64 - 8))
+            self._costs[key] = (max(0.0, times[0] - 8 * per_token), per_token)
+            log.info("%s: a forward costs %.2f ms + %.1f us per token", key, self._costs[key][0] * 1e3, per_token * 1e6)
+        return self._costs[key]
 
     def _mask(self, model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """On CUDA, the mask in the form that needs no host read (models.loading.model_mask); on CPU as is."""

@@ -56,11 +56,12 @@ def test_chunked_forward_equals_one_forward_per_row(tmp_path):
         rows = [entries[0].encode([t])[0] for t in texts]
         assert len({len(r) for r in rows}) > 2
         key = "lora-base" if entries[0].kind == "lora" else "full"
-        rt._overheads[key] = 0.0  # force the split: every distinct length its own forward
+        rt._costs[key] = (0.0, 1e-5)  # no fixed cost: every distinct length its own forward
         chunked = rt.forward(entries, rows)
         assert len(length_chunks([len(r) for r in rows], 0)) > 1
         alone = torch.cat([rt.forward([e], [r]) for e, r in zip(entries, rows, strict=True)])
         torch.testing.assert_close(chunked, alone, atol=1e-5, rtol=1e-4)
-    rt._overheads.clear()
-    assert rt._overhead_tokens(rt.entries["full"]) > 0  # the probe itself: two timed forwards
+    rt._costs.clear()
+    fixed, per_token = rt._cost(rt.entries["full"])  # the probe itself: two timed forwards
+    assert fixed > 0 and rt.batch_cost_s([rt.entries["full"]], rows) >= fixed
     engine.ctx.term()
