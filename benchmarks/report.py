@@ -401,14 +401,14 @@ def _at(runs: list[dict[str, Any]], target: str, concurrency: int | None = None)
 
 def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str:
     rows = []
-    runs = [r for _, d in groups["load"] for r in d["runs"]]
+    runs = [{**r, "machine": machine_of(d)} for _, d in groups["load"] for r in d["runs"]]
     svc, base = _at(runs, "service", 32) or _at(runs, "service"), _at(runs, "baseline", 32) or _at(runs, "baseline")
     if svc and base and svc["concurrency"] == base["concurrency"]:
         ratio = svc["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else None
         ok = ratio is not None and ratio >= 6 and svc["latency"]["p99_ms"] < base["latency"]["p50_ms"]
         rows.append(
             [
-                f"service vs naive baseline, same model, c={svc['concurrency']}",
+                f"service vs naive baseline, same model, c={svc['concurrency']} ({svc['machine']})",
                 "≥ 6× throughput, service p99 < baseline p50",
                 f"{_fmt(ratio, 2)}×; service p99 {_fmt(svc['latency']['p99_ms'])} ms vs baseline p50 {_fmt(base['latency']['p50_ms'])} ms",
                 _met(ok),
@@ -425,7 +425,8 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
         ok = r1 is not None and r1 >= 0.95 and (r2 is None or r2 >= 0.85)
         rows.append(
             [
-                f"{many['target']} at random vs one adapter{' vs merged' if merged else ''}, c={many['concurrency']}",
+                f"{many['target']} at random vs one adapter{' vs merged' if merged else ''}, c={many['concurrency']} "
+                f"({many['machine']})",
                 "≥ 0.95× one adapter, ≥ 0.85× merged",
                 f"{_fmt(r1, 2)}× one adapter"
                 + (f", {r2:.2f}× merged" if r2 is not None else "")
@@ -439,7 +440,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
             mx = max(sw["check"]["rows"], key=lambda r: r["adapters"])
             rows.append(
                 [
-                    f"memory, {mx['adapters']} resident adapters ({sw['via']})",
+                    f"memory, {mx['adapters']} resident adapters ({sw['via']}; {machine_of(d)})",
                     "≤ base + 1.2 × adapters' bytes",
                     f"{mx['rss_bytes'] / MiB:.1f} MiB vs limit {mx['limit_bytes'] / MiB:.1f} MiB "
                     f"(marginal ×{_fmt(sw['check'].get('marginal_over_adapter_bytes'), 2)} of adapter bytes)",
@@ -450,7 +451,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
         for r in d["runs"]:
             rows.append(
                 [
-                    f"hot-swap ({r['mode']}) under load",
+                    f"hot-swap ({r['mode']}) under load ({machine_of(d)})",
                     f"p50 ≤ {r['target']['p50_ms_max']:.0f} ms, 0 failed",
                     f"p50 {_fmt(r['swap_latency']['p50_ms'])} ms, {r['failed_requests']} failed requests, {r['failed_swaps']} failed swaps",
                     _met(r["target"]["passed"]),
@@ -469,7 +470,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
         ok = ratio >= 4 and agree is not None and agree >= 0.99
         rows.append(
             [
-                f"ONNX int8 vs PyTorch fp32 (CPU), c={i8['concurrency']}",
+                f"ONNX int8 vs PyTorch fp32 (CPU), c={i8['concurrency']} ({i8['machine']})",
                 "≥ 4× throughput, ≥ 99% argmax agreement",
                 f"{ratio:.2f}×; agreement {_fmt(agree * 100 if agree is not None else None, 2)}%",
                 _met(ok),

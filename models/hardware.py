@@ -111,5 +111,5 @@ def machine_label(info: dict[str, object]) -> str:
         return f"{info['gpu']} (+ {info.get('cpu', '?')})"
     bf16 = "yes" if info.get("native_bf16") else "no"
     if info.get("native_bf16_from"):
-        bf16 += f" (forced by {info['native_bf16_from']})"
+        bf16 += f", forced by {BF16_OVERRIDE_ENV}"
     return f"{info.get('cpu', '?')}, {info.get('cpu_count', '?')} cores, bf16 {bf16}"
