@@ -25,6 +25,9 @@ def auto_frontends(device: str, cores: int | None = None) -> int:
     CUDA, H200 host with 16 cores, RoBERTa-large bf16 at c=64: 1 front-end 1,128 req/s (its one core
       saturated), 4 front-ends 2,007 req/s (3,022 at c=128) — the GPU leaves the CPU cores to the front-ends.
     So: 1 on CPU; on CUDA one per 4 cores, at most 4 (more not measured).
+    Caveat: both measurements sent one-letter texts (the load-workload bug fixed on 2026-11-29); on real
+    texts a front-end spends ~130 us per request tokenising (30 % of its CPU at 1,685 req/s, 2-layer
+    model, py-spy) — the CUDA figure is to be re-measured.
     """
     if device == "cpu":
         return 1
@@ -40,6 +43,9 @@ def auto_threads(device: str, frontends: int, cores: int | None = None) -> int:
     11.0 vs 12.7 ms: a lone request loses the second core). torch's OpenMP workers spin-wait between
     operators (libgomp's default) on the core the front-end needs; OMP_WAIT_POLICY=PASSIVE instead made the
     2-layer model as fast (2,058 / 2,040 / 1,906) but MiniLM slower (434 / 430 / 478, c=1 12.9 ms).
+    Those runs sent one-letter texts (bug fixed 2026-11-29). On AG News texts, MiniLM c=32: bf16 1 thread
+    150.8 req/s vs 2 threads 151.6; fp32 77.3 vs 118.5 — so a batch whose measured cost exceeds 20 ms runs
+    on every core (--lone-threads; service/batcher.py), and light batches keep this count.
     """
     cores = cores or os.cpu_count() or 1
     return cores if device == "cuda" else max(1, cores - frontends)
@@ -81,7 +87,8 @@ class ServiceConfig(BaseModel):
     lone_threads: int | Literal["auto"] = Field(
         "auto",
         description="engine threads for a batch that is one request with nothing else queued (the front-ends "
-        "are idle then); auto = every core on CPU when --threads is auto, else --threads",
+        "are idle then) or whose measured cost exceeds 20 ms; auto = every core on CPU when --threads is auto, "
+        "else --threads",
     )
     # Measured on this project's CPU (avx512_bf16, 2 threads, batch 16x64): MiniLM fp32 1272 ms,
     # autocast 1871 ms, bf16 weights 208 ms; RoBERTa-base 3204 / 2115 / 1465 ms. Autocast pays a
