@@ -82,8 +82,8 @@ class Plan:
         # Measured 2026-11-29, this project's 2-core Xeon with CPU_NATIVE_BF16=0 (fp32, as a CPU without
         # bf16 runs it): full + LoRA r8 + LoRA r16, every variant scored: 30.1 min (training 16.2 min,
         # 5.3 min per model). The study's comparison is full vs LoRA r8, so the r16 run went, and the
-        # exports whose logits equal their source's (ONNX fp32, the merged fold — parity-checked at
-        # export, shown in the report) are served and load-tested but not re-scored (~2.5 min).
+        # exports whose logits equal their source's (ONNX fp32, the merged fold — parity-checked against
+        # their source at export, recorded in their manifests) are served and load-tested but not re-scored (~2.5 min).
         common = [f"max_steps={steps or 300}", "val_subset=500", "eval_test=false"]
         jobs = [(FULL, full_cfg, common), (R8, lora_cfg, common)]
         return cls(jobs=jobs, accuracy_limit=None, load_duration_s=10.0, warmup_s=2.0, concurrency=[1, 8, 32],

@@ -71,7 +71,7 @@ def pad_rows(
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def length_chunks(lengths: Sequence[int], overhead_tokens: int) -> list[np.ndarray]:
+def length_chunks(lengths: Sequence[int], overhead_tokens: float) -> list[np.ndarray]:
     """Split a batch into forwards of similar-length rows: the row indices of each, shortest first.
 
     A padded forward costs ~ rows x longest tokens plus a fixed cost per forward (`overhead_tokens`,
