@@ -44,11 +44,14 @@ def bf16_override() -> bool | None:
     raise ValueError(f"{BF16_OVERRIDE_ENV}={value!r}: use 0 or 1 (or leave it unset to use the CPU's flags)")
 
 
+def flags_native_bf16() -> list[str]:
+    """The CPU's flags that mean native bf16 (the probe, without the override)."""
+    return [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
+
+
 def cpu_has_native_bf16() -> bool:
     override = bf16_override()
-    if override is not None:
-        return override
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+    return bool(flags_native_bf16()) if override is None else override
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def resolve_precision(requested: str, device: str) -> PrecisionChoice:
     if override is not None:
         precision = "bf16" if override else "fp32"
         return PrecisionChoice(precision, f"auto: {BF16_OVERRIDE_ENV}={int(override)} set; {precision}", requested)
-    native = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
+    native = flags_native_bf16()
     if native:
         return PrecisionChoice("bf16", f"auto: CPU has native bf16 ({', '.join(native)})", requested)
     return PrecisionChoice("fp32", "auto: CPU lacks avx512_bf16/amx_bf16, where bf16 is slower than fp32", requested)
@@ -90,9 +93,7 @@ def machine() -> dict[str, object]:
     info["cpu_flags"] = {flag: flag in flags for flag in CPU_FLAGS_OF_INTEREST}
     info["native_bf16"] = cpu_has_native_bf16()
     if bf16_override() is not None:
-        info["native_bf16_from"] = (
-            f"{BF16_OVERRIDE_ENV} (the CPU's flags say {'yes' if any(f in flags for f in NATIVE_BF16_FLAGS) else 'no'})"
-        )
+        info["native_bf16_from"] = f"{BF16_OVERRIDE_ENV} (the CPU's flags say {'yes' if flags_native_bf16() else 'no'})"
     try:
         import torch
 
