@@ -104,9 +104,17 @@ class ServiceConfig(BaseModel):
     golden_check_texts: int = Field(
         8,
         ge=1,
-        description="golden-set texts re-run when a variant loads (evenly spread over the set, which training "
-        "orders by class); exports were already checked on the whole set. It dominates hot-swap latency: "
-        "32 texts took ~150 ms on MiniLM bf16 here, against ~20 ms for verify + attach",
+        description="golden-set texts re-run when a variant loads at startup (evenly spread over the set, which "
+        "training orders by class); exports were already checked on the whole set",
+    )
+    swap_check_texts: int = Field(
+        1,
+        ge=1,
+        description="golden-set texts re-run when a variant is loaded or replaced while serving (PUT "
+        "/v1/adapters): the check's forward is most of a hot-swap. The checksums prove the bytes; the check "
+        "proves this code reproduces what training recorded, and one text runs every adapted matrix. Measured "
+        "(MiniLM, 2-core Xeon, wrk c=4 background load): replace p50 48 ms fp32 / 42 ms bf16 with 1 text, "
+        "58 / 58 ms with 2, ~250 ms with 8",
     )
     log_level: str = Field("info", description="uvicorn log level")
     frontends: int | Literal["auto"] = Field(

@@ -70,6 +70,16 @@ class LoraBank:
         self.index[name] = slot
         return slot
 
+    def fits(self, w: LoraWeights) -> bool:
+        """Whether `add(w)` would only copy into a free slot: no stack reallocated, `generation` kept.
+        Only such an add may run while another thread's forward reads the stacks (Runtime.commit_beside)."""
+        if len(self.index) >= self.slots:
+            return False
+        layers_fit = all(
+            p in self._layers and self._layers[p]["a"].shape[1] >= a.shape[0] for p, (a, _, _) in w.layers.items()
+        )
+        return layers_fit and all(p in self._heads for p in w.heads)
+
     @torch.no_grad()
     def remove(self, name: str) -> None:
         """Free `name`'s slot: zero LoRA rows (they add nothing), the base's own head in its head rows."""

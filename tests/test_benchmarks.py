@@ -246,9 +246,14 @@ def test_report_renders_tables_figures_and_targets(tmp_path: Path):
         "failed_requests": 0,
         "failed_by_status": {},
         "swap_latency": latency_summary([20.0, 30.0, 40.0]),
-        "put_latency": latency_summary([10.0, 20.0, 30.0]),
-        "swap_rows": [{"servable_ms": x} for x in (20.0, 30.0, 40.0)],
-        "background_load": {"requests": 50},
+        "first_answer_latency": latency_summary([25.0, 35.0, 45.0]),
+        "swap_rows": [{"put_status": 200, "put_ms": x} for x in (20.0, 30.0, 40.0)],
+        "background_load": {
+            "client": "wrk",
+            "requests": 50,
+            "latency": latency_summary([5.0]),
+            "client_cpu_share": 0.05,
+        },
         "target": {"passed": True, "p50_ms_max": 50.0},
     }
     write_results(res / "hs.json", "hotswap", {"settings": {}, "runs": [hs]}, argv)

@@ -204,3 +204,38 @@ def test_graceful_shutdown_drains_the_queue(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_replacement_commits_beside_a_batch_and_frees_the_old_slot_between_batches(tmp_path):
+    """Runtime.commit_beside: the new version takes the name at once; rows formed with the old entry
+    still compute with the old weights until `settle` frees its slot (what the batcher runs between batches)."""
+    import torch
+
+    from service.config import ServiceConfig
+    from service.runtime import Runtime
+
+    store = make_store(tmp_path / "store", n_adapters=2, full=False)
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32"))
+    rt.load_base()
+    for name in ("lora-0", "lora-1"):
+        rt.load(name)
+    rows = [rt.entries["lora-0"].encode(GOLDEN_TEXTS[:3])[i] for i in range(3)]
+    old = rt.entries["lora-0"]
+    before = rt.forward([old] * 3, rows)
+    write_lora(store, "lora-0", seed=7)  # a new version in the store
+    # the bank is full (2 adapters, 2 slots): taking the new version would reallocate -> batcher commits
+    assert not rt.commit_beside(rt.prepare("lora-0"))
+    rt.commit(rt.prepare("lora-0"))  # grows the bank by one slot; frees the old version's
+    assert rt.bank.slots == 3 and len(rt.bank.index) == 2
+    old, version = rt.entries["lora-0"], rt.version
+    old_logits = rt.forward([old] * 3, rows)
+    write_lora(store, "lora-0", seed=8)
+    new = rt.prepare("lora-0")
+    assert rt.commit_beside(new)  # a free slot: committed without the batcher
+    assert rt.entries["lora-0"] is new and rt.version == version + 1 and rt.bank.slots == 3
+    assert old.adapter in rt.bank.index  # a batch formed before the swap still computes...
+    assert torch.equal(rt.forward([old] * 3, rows), old_logits)  # ...with the old version's weights
+    after = rt.forward([new] * 3, rows)
+    assert min((after - x).abs().max() for x in (before, old_logits)) > 1e-3  # the new one differs
+    rt.settle()
+    assert old.adapter not in rt.bank.index and new.adapter in rt.bank.index and len(rt.bank.index) == 2

@@ -54,8 +54,9 @@ async def _command(request: Request, op: str, name: str) -> dict:
     except ValueError as e:
         raise BadRequest(f"{e}") from None
     engine: EngineClient = request.app.state.engine
+    # the reply carries the engine's new state version: this front-end refreshes its cache in the
+    # background (EngineClient._read), and a request for a name it has not seen yet refreshes first
     reply = await engine.call(op, ADMIN_TIMEOUT_S, name=name)
-    await engine.refresh()  # this front-end serves the new state from its next request on
     return {k: reply[k] for k in AdapterOp.model_fields if k in reply}
 
 
