@@ -87,6 +87,7 @@ class Batcher:
         self.ready = threading.Event()
         self.startup_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._checking = 0
         # Verification and golden checks of new variants run here, beside the batches (Runtime.prepare),
         # on every core: MiniLM fp32 under wrk c=4, 2-core Xeon, a one-text check took 36 ms p50 on 1
         # thread and 27 ms on 2 (the batches lose as little: the check is a few ms of a core).
@@ -130,6 +131,7 @@ class Batcher:
     def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float) -> None:
         """Swap worker thread: verify + golden-check `name`, then commit it here when the bank has a free
         slot for it (Runtime.commit_beside), else hand it to the batcher to commit between batches."""
+        self._checking += 1
         try:
             entry = self.runtime.prepare(name)
             existed = name in self.runtime.entries
@@ -142,6 +144,8 @@ class Batcher:
             self.metrics.swaps.labels("load", "refused").inc()
             fut.set_exception(e)
             return
+        finally:
+            self._checking -= 1
         self._enqueue(("commit", entry, fut, t0))
 
     def _loaded(self, entry: Entry, existed: bool, t0: float, fut: concurrent.futures.Future) -> None:
@@ -339,7 +343,9 @@ class Batcher:
         # A light model's batches keep --threads, leaving the front-ends their core.
         lone = not self._rows and all(r.job is rows[0].job for r in rows)
         heavy = self.cfg.lone_threads > self.cfg.threads and self.runtime.batch_cost_s(entries, ids) > HEAVY_BATCH_S
-        threads = self.cfg.lone_threads if lone or heavy else self.cfg.threads
+        # While a swap worker checks a new variant (on every core) batches keep --threads: oversubscribed
+        # threads stall each other (MiniLM fp32, wrk c=4: replace p50 46-58 -> 41-49 ms).
+        threads = self.cfg.lone_threads if (lone or heavy) and not self._checking else self.cfg.threads
         if threads != self._threads:
             torch.set_num_threads(threads)
             self._threads = threads

@@ -13,7 +13,8 @@ Slots are stable: the stacks are reallocated only when they run out of slots, a 
 newly targeted layer arrives; each reallocation bumps `generation`. A CUDA graph captured over the
 bank (service/graphs.py) reads the stacks by address and stays valid until `generation` changes.
 With `doubling` (the service sets it on CUDA) slots double when they run out: N adapters cost
-log2(N) reallocations and at most 2x their memory; without it they grow exactly.
+log2(N) reallocations and at most 2x their memory; without it they grow to one more than needed,
+so that replacing an adapter (new version in before the old one is out) finds a free slot.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class LoraBank:
             raise ValueError(f"adapter {name!r} is already in the bank")
         free = sorted(set(range(self.slots)) - set(self.index.values()))
         if not free:
-            self._grow(max(1, 2 * self.slots) if self.doubling else self.slots + 1)
+            self._grow(max(1, 2 * self.slots) if self.doubling else self.slots + 2)
             free = sorted(set(range(self.slots)) - set(self.index.values()))
         slot = free[0]
         try:

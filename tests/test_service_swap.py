@@ -225,14 +225,14 @@ def test_a_replacement_commits_beside_a_batch_and_frees_the_old_slot_between_bat
     write_lora(store, "lora-0", seed=7)  # a new version in the store
     # the bank is full (2 adapters, 2 slots): taking the new version would reallocate -> batcher commits
     assert not rt.commit_beside(rt.prepare("lora-0"))
-    rt.commit(rt.prepare("lora-0"))  # grows the bank by one slot; frees the old version's
-    assert rt.bank.slots == 3 and len(rt.bank.index) == 2
+    rt.commit(rt.prepare("lora-0"))  # grows the bank (to a spare slot beyond); frees the old version's
+    assert rt.bank.slots == 4 and len(rt.bank.index) == 2
     old, version = rt.entries["lora-0"], rt.version
     old_logits = rt.forward([old] * 3, rows)
     write_lora(store, "lora-0", seed=8)
     new = rt.prepare("lora-0")
     assert rt.commit_beside(new)  # a free slot: committed without the batcher
-    assert rt.entries["lora-0"] is new and rt.version == version + 1 and rt.bank.slots == 3
+    assert rt.entries["lora-0"] is new and rt.version == version + 1 and rt.bank.slots == 4
     assert old.adapter in rt.bank.index  # a batch formed before the swap still computes...
     assert torch.equal(rt.forward([old] * 3, rows), old_logits)  # ...with the old version's weights
     after = rt.forward([new] * 3, rows)
