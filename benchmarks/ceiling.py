@@ -174,15 +174,37 @@ def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSetti
     return cmd + list(s.service_args)
 
 
+def engine_batches(url: str) -> tuple[float, float] | None:
+    """(rows, batches) the engine has run so far, from its /metrics (None from a server without them)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        for key in ("service_batch_size_rows_sum", "service_batch_size_rows_count"):
+            if line.startswith(key + " "):
+                found[key] = float(line.split()[1])
+    if len(found) < 2:
+        return None
+    return found["service_batch_size_rows_sum"], found["service_batch_size_rows_count"]
+
+
 def http_levels(
     url: str, pid: int, target: str, models: list[str], texts: list[str], s: CeilingSettings
 ) -> list[dict[str, Any]]:
     wl = Workload(texts, models, seed=s.seed)
     runs = []
     for c in s.concurrency:
+        before = engine_batches(url)
         r = run_level(
             url, wl, concurrency=c, duration_s=s.duration, warmup_s=s.warmup, timeout_s=s.timeout, server_pid=pid
         )
+        after = engine_batches(url)
+        # rows per batch the engine formed over the level (warm-up included): at c=32 a closed loop
+        # tends to alternate two half-full batches, which in-process batches of --max-batch-size never do
+        if before and after and after[1] > before[1]:
+            r["engine_mean_batch_rows"] = (after[0] - before[0]) / (after[1] - before[1])
         r.update(target=target, models=models)
         if r["ok"] == 0:
             from benchmarks.loadgen import _why_failed
@@ -192,7 +214,8 @@ def http_levels(
         print(
             f"[ceiling] {target:>14} c={c:<3} {r['throughput_rps']:8.1f} req/s  p50 {_ms(r['latency']['p50_ms'])}  "
             f"compute p50 {_ms(_compute_p50(r))}  client CPU {r['client_cpu_share']:.0%}  "
-            f"server CPU {_pct(r['server_cpu_share'])}  errors {r['errors_by_status'] or 0}",
+            f"server CPU {_pct(r['server_cpu_share'])}  errors {r['errors_by_status'] or 0}"
+            + (f"  engine batches {r['engine_mean_batch_rows']:.1f} rows" if r.get("engine_mean_batch_rows") else ""),
             flush=True,
         )
     return runs
@@ -355,6 +378,7 @@ def summary_rows(
                     "p50_minus_compute_ms": (p50 - compute) if r["concurrency"] == 1 and compute is not None else None,
                     "client_cpu_share": r["client_cpu_share"],
                     "server_cpu_share": r["server_cpu_share"],
+                    "engine_mean_batch_rows": r.get("engine_mean_batch_rows"),
                     "errors_by_status": r.get("errors_by_status") or {},
                 }
             )
@@ -411,13 +435,14 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                 r["p50_minus_compute_ms"],
                 _pct(r["client_cpu_share"]),
                 _pct(r["server_cpu_share"]),
+                r.get("engine_mean_batch_rows"),
                 ", ".join(f"{n} × {k}" for k, n in _errors(doc, r).items()) or "0",
             ]
             for r in doc["rows"]
         ]
         header = ["scenario", "level", "in-process rows/s", "service req/s", "naive req/s", "service / in-process"]
         header += ["service / naive", "p50 ms", "naive p50 ms", "c=1 p50 − compute ms", "client CPU", "server CPU"]
-        header += ["errors (req/s counts answers 200 only)"]
+        header += ["engine rows / batch", "errors (req/s counts answers 200 only)"]
         parts.append(table(header, rows))
         mem = [
             [
