@@ -155,6 +155,10 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
         assert r["service_over_naive"] == pytest.approx(r["service_rps"] / r["naive_rps"])
         assert r["p50_minus_compute_ms"] == pytest.approx(r["p50_ms"] - r["compute_p50_ms"])
         assert 0 < r["client_cpu_share"] <= 1 and r["server_cpu_share"] > 0
+        # c=1: the engine ran one row per batch, and in-process ran again at that batch for the comparison
+        assert r["engine_mean_batch_rows"] == pytest.approx(1.0) and r["matched_batch"] == 1
+        matched = sc["runs"][0]["in_process_at_engine_batch"]["rows_per_s"]
+        assert r["service_over_matched"] == pytest.approx(r["service_rps"] / matched)
     assert set(p["scenarios"]["adapters-3"]["runs"][0]["per_model_requests"]) == {"lora-0", "lora-1", "lora-2"}
     assert p["naive"]["model"] == "full" and p["naive"]["runs"][0]["ok"] > 0
     from benchmarks.report import collect
