@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     supervisor = EngineSupervisor(cfg, on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
     frontend_cfg = cfg.model_copy(update={"engine_address": supervisor.address})
+    if cfg.frontend_nice:
+        # nice is per thread on Linux and inherited: the supervisor's thread (which (re)starts the engine)
+        # already runs at 0; this thread, uvicorn's and any front-end worker processes get the niceness
+        os.nice(cfg.frontend_nice)
     # uvicorn re-raises the signal it caught once it has shut down; with this handler in place that
     # returns here (and the engine is drained below) instead of killing the process.
     signal.signal(signal.SIGTERM, lambda *_: None)

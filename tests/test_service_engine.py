@@ -251,3 +251,25 @@ def test_frontends_auto_from_device_and_cores():
     assert ServiceConfig(store="x").frontends == 1  # CPU: the model shares the cores with the front-end
     assert (auto_frontends("cuda", 16), auto_frontends("cuda", 2), auto_frontends("cuda", 64)) == (4, 1, 4)
     assert ServiceConfig(store="x", frontends="3").frontends == 3
+
+
+def _nice(pid: int, tid: int | None = None) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5): nice
+
+
+def test_frontend_nice_lowers_the_front_ends_priority_not_the_engines(tmp_path):
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    port = free_port()
+    proc = _serve(store.root, port, frontends=1, SERVICE_FRONTEND_NICE="7")
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        engine = next(p for p in _children(proc.pid) if b"service.engine" in Path(f"/proc/{p}/cmdline").read_bytes())
+        assert _nice(proc.pid) == 7 and _nice(engine) == 0
+        assert (
+            httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "lora-0", "inputs": ["x"]}).status_code
+            == 200
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
