@@ -152,7 +152,6 @@ class Batcher:
         load_s = time.perf_counter() - t0  # from the command's arrival to servable
         self.metrics.adapter_load.labels(entry.kind, "admin").observe(load_s)
         self.metrics.swaps.labels("load", "ok").inc()
-        self._update_gauges()
         fut.set_result(
             {
                 "name": entry.name,
@@ -161,6 +160,7 @@ class Batcher:
                 "load_ms": load_s * 1e3,
             }
         )
+        self._update_gauges()
 
     def queue_depth(self) -> int:
         return len(self._rows)

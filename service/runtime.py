@@ -343,7 +343,8 @@ class Runtime:
         return evicted
 
     def resident_adapters(self) -> int:
-        return sum(1 for e in self.entries.values() if e.kind == "lora" and e.resident)
+        # a snapshot (one C call): the swap worker counts while the batcher may load or unload
+        return sum(1 for e in list(self.entries.values()) if e.kind == "lora" and e.resident)
 
     def _build(self, name: str, check_texts: int) -> Entry:
         """Verify, load and golden-check `name` on `check_texts` of its golden texts."""
