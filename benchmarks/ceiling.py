@@ -67,6 +67,13 @@ class CeilingSettings(Settings):
         description="in-process torch / onnxruntime threads; the service keeps its default (--threads auto) "
         "unless --service-args sets it",
     )
+    lanes: int = Field(
+        1,
+        ge=1,
+        description="in-process: batches run on this many threads at once, each with threads/lanes torch "
+        "threads (inter-op parallelism: on a 2-core Xeon two 1-thread lanes gave ~2x one 2-thread lane); "
+        "the service runs one lane",
+    )
     naive: bool = Field(True, description="also measure the naive pipeline() server")
     service_args: list[str] = Field(
         [],
@@ -148,16 +155,20 @@ def in_process(
         # warm-up (allocations, ONNX / oneDNN kernel selection; on CUDA each bucket's graph capture)
         for b in batches[: 24 if cuda else 1]:
             one(b)
-        n_rows, n_batches, t0 = 0, 0, time.perf_counter()
-        while time.perf_counter() - t0 < s.duration or n_batches < 3:
-            n_rows += one(batches[n_batches % len(batches)])
-            n_batches += 1
+        if s.lanes == 1:
+            n_rows, n_batches, t0 = 0, 0, time.perf_counter()
+            while time.perf_counter() - t0 < s.duration or n_batches < 3:
+                n_rows += one(batches[n_batches % len(batches)])
+                n_batches += 1
+        else:
+            n_rows, n_batches, t0 = _lanes(one, batches, s.lanes, max(1, s.threads // s.lanes), s.duration)
         elapsed_s = time.perf_counter() - t0
         out: dict[str, Any] = {
             "rows_per_s": n_rows / elapsed_s,
             "rows": n_rows,
             "batches": n_batches,
             "batch_size": s.max_batch_size,
+            "lanes": s.lanes,
             "elapsed_s": elapsed_s,
         }
         if cuda:
@@ -167,6 +178,33 @@ def in_process(
         return out
     finally:  # the Runtime goes with this frame; the caller collects before the next scenario
         rt.entries.clear()
+
+
+def _lanes(one: Any, batches: list[Any], lanes: int, threads: int, duration_s: float) -> tuple[int, int, float]:
+    """(rows, batches, start) of `lanes` threads running batches at once, `threads` torch threads each."""
+    import threading
+
+    import torch
+
+    lock, done = threading.Lock(), [0, 0]
+    t0 = time.perf_counter()
+
+    def lane() -> None:
+        torch.set_num_threads(threads)  # per thread (OpenMP), like the batcher's
+        while time.perf_counter() - t0 < duration_s:
+            with lock:
+                k = done[1]
+                done[1] += 1
+            n = one(batches[k % len(batches)])
+            with lock:
+                done[0] += n
+
+    workers = [threading.Thread(target=lane) for _ in range(lanes)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return done[0], done[1], t0
 
 
 def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSettings, precision: str) -> list[str]:
@@ -451,7 +489,9 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
         gpu = f", GPU {doc['gpu']}" if doc.get("gpu") else ""
         parts.append(
             f"\nStore `{doc.get('shape') or doc['store']}`, {p['precision']} ({p['reason']}), {doc['device']}{gpu}; "
-            f"batches of {doc['settings']['max_batch_size']} in-process; wrk for the HTTP levels, "
+            f"batches of {doc['settings']['max_batch_size']} in-process"
+            + (f" on {doc['settings']['lanes']} lanes at once" if doc["settings"].get("lanes", 1) > 1 else "")
+            + "; wrk for the HTTP levels, "
             f"{doc['settings']['duration']} s each.\n"
         )
         rows = [

@@ -19,6 +19,7 @@ so that replacing an adapter (new version in before the old one is out) finds a 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -40,7 +41,9 @@ class LoraBank:
         self.slots = 0
         self._layers: dict[str, dict[str, torch.Tensor]] = {}  # module path -> a, b, scale stacks
         self._heads: dict[str, dict[str, torch.Tensor]] = {}  # module path -> w, bias stacks
-        self._rows: torch.Tensor | None = None  # slot of each batch row, set during a bank forward
+        # slot of each batch row, set during a bank forward; per thread, so that forwards on several
+        # threads (CPU lanes, benchmarks.ceiling --lanes) each apply their own rows' adapters
+        self._local = threading.local()
 
     # ---- adding and removing ------------------------------------------------------------------
     @torch.no_grad()
@@ -166,31 +169,31 @@ class LoraBank:
 
     def forward_slots(self, slots: torch.Tensor, **inputs: Any) -> Any:
         """`forward` with the rows' slots already on the device (a CUDA graph captures this call)."""
-        self._rows = slots
+        self._local.rows = slots
         try:
             return self.model(**inputs)
         finally:
-            self._rows = None
+            self._local.rows = None
 
     def view(self, name: str) -> BankView:
         """A module that runs every row through adapter `name` (for golden checks via models.variant)."""
         return BankView(self, name)
 
     def _lora_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
-        if self._rows is None:
+        rows = getattr(self._local, "rows", None)
+        if rows is None:
             return None  # a forward outside the bank: the plain base
         s = self._layers[self._paths[id(module)]]
-        rows = self._rows
         xa = torch.bmm(args[0].to(s["a"].dtype), s["a"][rows].transpose(1, 2))  # (b, L, r)
         xa = xa * s["scale"][rows].view(-1, 1, 1)
         return output + torch.bmm(xa, s["b"][rows].transpose(1, 2)).to(output.dtype)
 
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
-        if self._rows is None:
+        rows = getattr(self._local, "rows", None)
+        if rows is None:
             return None
         s = self._heads[self._paths[id(module)]]
         x = args[0]
-        rows = self._rows
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(s["w"].dtype)  # (b, T, in); T = 1 for pooled heads
         y = torch.bmm(x3, s["w"][rows].transpose(1, 2)) + s["bias"][rows].unsqueeze(1)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(output.dtype)

@@ -1,10 +1,10 @@
 """The side model: where a new or replacing LoRA adapter is golden-checked while the serving model serves.
 
-The check runs the adapter through a LoraBank (service/lora_bank.py) exactly as serving will. The
-serving bank's hooks read one "rows" attribute per forward, so a check on the serving model would
-race the batcher's forward; the side model is a second module tree over the *same weight tensors*
-as the serving base (deepcopy with every parameter and buffer in the memo), with a bank of its own:
-it costs module objects, not weights. The swap worker adds the adapter there, checks it, removes
+The check runs the adapter through a LoraBank (service/lora_bank.py) exactly as serving will, but
+not in the serving bank: an unchecked adapter never sits in a serving slot, and adding it could
+reallocate the serving stacks under a running batch. The side model is a second module tree over the
+*same weight tensors* as the serving base (deepcopy with every parameter and buffer in the memo),
+with a bank of its own: it costs module objects, not weights. The swap worker adds the adapter there, checks it, removes
 it; only the slot copy into the serving bank happens on the batcher thread, between batches.
 """
 

@@ -142,6 +142,7 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
         warmup=0,
         precision="fp32",
         max_batch_size=8,
+        lanes=2,  # in-process on two threads at once (the bank's rows are per thread)
     )
     code, doc = run_experiment(REGISTRY["ceiling"], settings, out=tmp_path / "ceiling.json", command=["ceiling"])
     assert code == 0, doc["error"]
@@ -150,7 +151,7 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
     assert [(r["scenario"], r["concurrency"]) for r in p["rows"]] == [("full", 1), ("adapters-3", 1)]
     for r in p["rows"]:
         sc = p["scenarios"][r["scenario"]]
-        assert sc["in_process"]["rows"] % 8 == 0 and sc["in_process"]["batches"] >= 3
+        assert sc["in_process"]["rows"] % 8 == 0 and sc["in_process"]["batches"] >= 3 and sc["in_process"]["lanes"] == 2
         assert r["service_over_in_process"] == pytest.approx(r["service_rps"] / sc["in_process"]["rows_per_s"])
         assert r["service_over_naive"] == pytest.approx(r["service_rps"] / r["naive_rps"])
         assert r["p50_minus_compute_ms"] == pytest.approx(r["p50_ms"] - r["compute_p50_ms"])

@@ -141,3 +141,26 @@ def test_a_failed_add_leaves_no_trace_in_the_slot(tmp_path: Path) -> None:
     with torch.inference_mode():
         ref = _peft(base, {"a1": paths["a1"]})(**enc, adapter_names=["a1"] * len(TEXTS)).logits
         assert torch.allclose(bank.forward(["a1"] * len(TEXTS), **enc).logits, ref, atol=1e-5)
+
+
+def test_bank_forwards_on_two_threads_apply_their_own_rows(tmp_path: Path) -> None:
+    """Each thread's forward applies its own rows' adapters (the rows are thread-local), as sequentially."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tiny_classifier("bert").eval()
+    paths = _adapters(tmp_path, base)
+    bank = LoraBank(copy.deepcopy(base))
+    for name, p in paths.items():
+        bank.add(name, read_lora(name, p, bank.model))
+    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    mixes = [["a0"] * 5, ["a1"] * 5, ["a2", "a0", "a1", "a2", "a0"]]
+    with torch.inference_mode():
+        alone = [bank.forward(m, **enc).logits for m in mixes]
+
+        def run(i: int) -> torch.Tensor:
+            return torch.stack([bank.forward(mixes[i % 3], **enc).logits for _ in range(20)])
+
+        with ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(run, range(6)))
+    for i, out in enumerate(outs):
+        assert torch.allclose(out, alone[i % 3].expand_as(out), atol=1e-5), i
