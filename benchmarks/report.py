@@ -511,6 +511,8 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
         p, where = d["payload"], machine_of(d)
         extra = " ".join(d["settings"].get("service_args") or [])
         where = f"{where}, service {extra}" if extra else where
+        lanes = d["settings"].get("lanes", 1)
+        where = f"{where}, in-process on {lanes} lanes" if lanes > 1 else where
         at = {(r["scenario"], r["concurrency"]): r for r in p["rows"]}
         hi = max((c for _, c in at), default=None)
         if p["shape"].startswith("tiny"):
