@@ -8,9 +8,9 @@ A probe `POST /v1/classify` for NAME is then sent; PUT -> its answer ("first ans
 beside it, together with the background requests' own latency: under a saturating load the probe
 waits its turn like any request, which is request latency, not swap cost.
 
-The background load runs on `wrk` (benchmarks/wrk.py) when it is installed: on this project's
-2-core machines the Python client took ~half a core from the server it was loading. Without wrk
-the asyncio httpx client runs it (recorded as the run's `background_load.client`).
+The background load runs on `wrk` (benchmarks/wrk.py) when it is installed: the client shares the
+server's cores, and wrk's share in the MiniLM runs on the 2-core Xeon was 0.6 % (the Python client's
+was not recorded). Without wrk the asyncio httpx client runs it (recorded as `background_load.client`).
 """
 
 from __future__ import annotations
