@@ -155,13 +155,7 @@ def in_process(
         # warm-up (allocations, ONNX / oneDNN kernel selection; on CUDA each bucket's graph capture)
         for b in batches[: 24 if cuda else 1]:
             one(b)
-        if s.lanes == 1:
-            n_rows, n_batches, t0 = 0, 0, time.perf_counter()
-            while time.perf_counter() - t0 < s.duration or n_batches < 3:
-                n_rows += one(batches[n_batches % len(batches)])
-                n_batches += 1
-        else:
-            n_rows, n_batches, t0 = _lanes(one, batches, s.lanes, max(1, s.threads // s.lanes), s.duration)
+        n_rows, n_batches, t0 = _lanes(one, batches, s.lanes, max(1, s.threads // s.lanes), s.duration)
         elapsed_s = time.perf_counter() - t0
         out: dict[str, Any] = {
             "rows_per_s": n_rows / elapsed_s,
@@ -180,8 +174,11 @@ def in_process(
         rt.entries.clear()
 
 
-def _lanes(one: Any, batches: list[Any], lanes: int, threads: int, duration_s: float) -> tuple[int, int, float]:
-    """(rows, batches, start) of `lanes` threads running batches at once, `threads` torch threads each."""
+def _lanes(
+    one: Any, batches: list[Any], lanes: int, threads: int, duration_s: float, min_batches: int = 3
+) -> tuple[int, int, float]:
+    """(rows, batches, start) of `lanes` threads running batches at once, `threads` torch threads each,
+    for `duration_s` and at least `min_batches` batches."""
     import threading
 
     import torch
@@ -191,8 +188,10 @@ def _lanes(one: Any, batches: list[Any], lanes: int, threads: int, duration_s: f
 
     def lane() -> None:
         torch.set_num_threads(threads)  # per thread (OpenMP), like the batcher's
-        while time.perf_counter() - t0 < duration_s:
+        while True:
             with lock:
+                if time.perf_counter() - t0 >= duration_s and done[1] >= min_batches:
+                    return
                 k = done[1]
                 done[1] += 1
             n = one(batches[k % len(batches)])
@@ -216,16 +215,20 @@ def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSetti
 
 def engine_batches(url: str) -> tuple[float, float] | None:
     """(rows, batches) the engine has run so far, from its /metrics (None from a server without them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
-    except httpx.HTTPError:
+        r = httpx.get(f"{url}/metrics", timeout=10)
+        r.raise_for_status()
+        found = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(r.text)
+            if family.name == "service_batch_size_rows"
+            for sample in family.samples
+        }
+    except (httpx.HTTPError, ValueError):  # no such endpoint (the naive server), or not Prometheus text
         return None
-    found = {}
-    for line in text.splitlines():
-        for key in ("service_batch_size_rows_sum", "service_batch_size_rows_count"):
-            if line.startswith(key + " "):
-                found[key] = float(line.split()[1])
-    if len(found) < 2:
+    if "service_batch_size_rows_count" not in found:
         return None
     return found["service_batch_size_rows_sum"], found["service_batch_size_rows_count"]
 

@@ -44,6 +44,11 @@ LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
 NO_GOLDEN = Golden.model_construct(texts=[], logits=[])  # what a served entry keeps of its golden set
 
 
+def tokenizer_key(tokenizer_json: str, max_length: int) -> str:
+    """Content hash of a serialised tokenizer and its truncation length (hashing MiniLM's takes ~8 ms)."""
+    return hashlib.sha256(f"{tokenizer_json}\0{max_length}".encode()).hexdigest()[:16]
+
+
 @dataclass
 class Entry:
     """One servable variant. `model` is a torch module or ONNX session; LoRA entries use `adapter`."""
@@ -73,8 +78,7 @@ class Entry:
     def tok_key(self) -> str:
         """Content hash of the tokenizer and truncation length: front-ends tokenise with the tokenizer of this key."""
         if self._tok_key is None:
-            spec = f"{self.tokenizer_json()}\0{self.manifest.max_length}"
-            self._tok_key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+            self._tok_key = tokenizer_key(self.tokenizer_json(), self.manifest.max_length)
         return self._tok_key
 
     def tokenizer_json(self) -> str:
@@ -187,7 +191,7 @@ class Runtime:
             self.store, m, dtype=self.weight_dtype, device=self.cfg.device
         )
         self.base_manifest = m
-        self.base_tok_key = Entry(m.name, m, self.base_tokenizer, 0).tok_key
+        self.base_tok_key = tokenizer_key(self.base_tokenizer.backend_tokenizer.to_str(), m.max_length)
         self.base.eval()
         # on CUDA the slots double as they run out: captured graphs survive most hot-swaps (lora_bank.py)
         self.bank = LoraBank(self.base, doubling=self.graph_mode == "capture")
@@ -214,8 +218,16 @@ class Runtime:
         m = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
         path = self.store.path(name)
         weights = self._read(name)
-        entry = Entry(name, m, self.base_tokenizer, dir_bytes(path), tok_lock=self.base_tok_lock, lora=weights)
-        entry._tok_key = self.base_tok_key  # every adapter shares the base's tokenizer (hashing it takes ~8 ms)
+        # every adapter shares the base's tokenizer, so its key too (not hashed again per swap)
+        entry = Entry(
+            name,
+            m,
+            self.base_tokenizer,
+            dir_bytes(path),
+            tok_lock=self.base_tok_lock,
+            lora=weights,
+            _tok_key=self.base_tok_key,
+        )
         view = self.side.add(weights)
         try:
             self._check_golden(entry, check_texts, model=view)
@@ -275,9 +287,15 @@ class Runtime:
         self.refused.pop(name, None)
         if old is not None:
             entry.request_count = old.request_count
-            self._retired.append(old) if beside else self._release(old)
+            if beside:
+                self._retired.append(old)
+            else:
+                self._release(old)
         if entry.kind == "lora":
-            self._fresh.add(name) if beside else self.evict_over_cap({name})
+            if beside:
+                self._fresh.add(name)
+            else:
+                self.evict_over_cap({name})
         return entry
 
     def settle(self) -> None:
@@ -322,21 +340,18 @@ class Runtime:
     def evict_over_cap(self, protect: set[str]) -> list[str]:
         """Evict least-recently-used adapters beyond --max-adapters (never those in `protect`)."""
         with self.lock:
-            return self._evict_over_cap(protect)
-
-    def _evict_over_cap(self, protect: set[str]) -> list[str]:
-        resident = sorted(
-            (e for e in self.entries.values() if e.kind == "lora" and e.resident), key=lambda e: e.last_used
-        )
-        evicted = []
-        for e in resident:
-            if len(resident) - len(evicted) <= self.cfg.max_adapters:
-                break
-            if e.name in protect:
-                continue
-            self._detach(e.adapter)
-            e.adapter, e.resident = None, False
-            evicted.append(e.name)
+            resident = sorted(
+                (e for e in self.entries.values() if e.kind == "lora" and e.resident), key=lambda e: e.last_used
+            )
+            evicted = []
+            for e in resident:
+                if len(resident) - len(evicted) <= self.cfg.max_adapters:
+                    break
+                if e.name in protect:
+                    continue
+                self._detach(e.adapter)
+                e.adapter, e.resident = None, False
+                evicted.append(e.name)
         if evicted:
             log.info("evicted %s (over --max-adapters %d)", ", ".join(evicted), self.cfg.max_adapters)
             self.on_evict(len(evicted))
