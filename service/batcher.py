@@ -1,14 +1,22 @@
-"""One batcher thread per device (in the engine process): owns the runtime, forms token-budget batches.
+"""One batcher per device (in the engine process): owns the runtime, forms token-budget batches.
 
-Loop: apply pending admin commands (commit a prepared load / unload) -> if rows of more than one
-request wait, wait up to --max-wait-ms for company (a lone request runs at once) -> take the oldest
-row's group (all LoRA adapters form one group; each other variant is its own) -> add rows of that
-group shortest-first while rows x longest <= --max-batch-tokens -> one forward -> answer each
-finished request through its `done` callback. Loads are verified and golden-checked on a swap
-worker thread beside this loop (Runtime.prepare). An adapter that fits a free bank slot is then
-committed right there, beside a running batch (Runtime.commit_beside); anything else commits here,
-between batches. Either way a batch is formed under the runtime's lock, so it sees one version of
-every model, and a replaced version is freed only between batches (Runtime.settle).
+Loop (the batcher thread): apply pending admin commands (commit a prepared load / unload) -> if
+rows of more than one request wait, or a batch is running, wait up to --max-wait-ms for company (a
+lone request with nothing running goes at once) -> take the oldest row's group (all LoRA adapters
+form one group; each other variant is its own) -> add rows of that group shortest-first while rows x
+longest <= --max-batch-tokens -> one forward -> answer each finished request through its `done`
+callback.
+
+Lanes (CPU): a compute-heavy torch model's batches run on lane threads, up to --lanes at once with
+--lone-threads/lanes torch threads each (Runtime.lane_parallel); everything else runs on this thread,
+one batch at a time. Whatever changes the models (commands, cold reloads, freeing replaced versions,
+eviction) waits until no batch runs, so a running batch never loses its weights.
+
+Loads are verified and golden-checked on a swap worker thread beside the batches (Runtime.prepare).
+An adapter that fits a free bank slot is then committed right there, beside running batches
+(Runtime.commit_beside); anything else commits here, between batches. Either way a batch is formed
+under the runtime's lock, so it sees one version of every model, and a replaced version is freed
+only when no batch runs (Runtime.settle).
 """
 
 from __future__ import annotations
@@ -88,6 +96,18 @@ class Batcher:
         self.startup_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._checking = 0
+        # Lanes: see the module docstring. Measured in-process (2-core Xeon, MiniLM): two 1-thread lanes
+        # gave 1.45x (fp32) to 2x (bf16) the rows/s of one 2-thread forward (benchmarks ceiling --lanes).
+        self._lanes_by_cost = self.cfg.lanes == "auto"  # else every torch model's batches use the lanes
+        self.lanes = self.cfg.lanes if isinstance(self.cfg.lanes, int) else self.cfg.lone_threads
+        if self.cfg.device != "cpu":
+            self.lanes = 1
+        self._lane_threads = max(1, self.cfg.lone_threads // self.lanes)
+        self._busy = 0  # batches running on lane threads (changes under _cond)
+        self._lane_pool = (
+            concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="lane") if self.lanes > 1 else None
+        )
+        self._answer_lock = threading.Lock()  # rows of one request may finish on two lanes at once
         # Verification and golden checks of new variants run here, beside the batches (Runtime.prepare),
         # on every core: MiniLM fp32 under wrk c=4, 2-core Xeon, a one-text check took 36 ms p50 on 1
         # thread and 27 ms on 2 (the batches lose as little: the check is a few ms of a core).
@@ -206,7 +226,6 @@ class Batcher:
     # ---- the batcher thread ----------------------------------------------------------------
     def _run(self) -> None:
         torch.set_num_threads(self.cfg.threads)
-        self._threads = self.cfg.threads
         try:
             self._startup()
         except Exception as e:  # the server stays up and /readyz says why
@@ -219,8 +238,9 @@ class Batcher:
                 self._apply_commands()
                 batch = self._next_batch()
                 if batch:
-                    self._execute(batch)
+                    self._dispatch(batch)
                 elif self._stopping and not self._rows:
+                    self._wait_idle()
                     return
             except Exception:  # never a dead batcher: log, fail nothing else, keep going
                 log.exception("batcher loop error")
@@ -244,8 +264,20 @@ class Batcher:
         self._update_gauges()
         log.info("serving %s", ", ".join(sorted(rt.entries)) or "nothing")
 
+    def _wait_idle(self) -> None:
+        """Until no batch runs on a lane (the models may change then)."""
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+
     def _apply_commands(self) -> None:
-        self.runtime.settle()
+        rt = self.runtime
+        if not (self._commands or rt.unsettled() or (rt.bank is not None and rt.over_cap())):
+            return
+        self._wait_idle()
+        rt.settle()
+        if rt.evict_over_cap(set()):  # a batch needed more adapters than --max-adapters at once
+            self._update_gauges()
         while self._commands:
             with self._cond:
                 op, target, fut, t0 = self._commands.popleft()
@@ -266,14 +298,17 @@ class Batcher:
 
     def _next_batch(self) -> list[tuple[Row, Entry]] | None:
         with self._cond:
+            while self._busy >= self.lanes:  # every lane runs a batch: rows gather meanwhile
+                self._cond.wait()
             if not self._rows and not self._commands:
                 self._cond.wait(IDLE_POLL_S)
             if not self._rows or self._commands:
                 return None
             first_s = self._rows[0].job.enqueued_s
-            # Wait for company only while another request is in flight (rows of one request are
-            # contiguous): a lone request never pays --max-wait-ms, so c=1 latency is compute only.
-            alone = self._rows[0].job is self._rows[-1].job
+            # Wait for company only while another request is in flight (queued - rows of one request
+            # are contiguous - or in a running batch): a lone request never pays --max-wait-ms, so c=1
+            # latency is compute only, while a lane's batch does not leave with the first row back.
+            alone = self._rows[0].job is self._rows[-1].job and not self._busy
         # Wait for company until the oldest row has waited max_wait_ms or the budget is full.
         deadline = first_s if alone else first_s + self.cfg.max_wait_ms / 1e3
         while time.perf_counter() < deadline and not self._commands:
@@ -330,25 +365,51 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._rows))
         return [(r, entries[r.job.variant]) for r in chosen]
 
-    def _execute(self, batch: list[tuple[Row, Entry]]) -> None:
+    def _dispatch(self, batch: list[tuple[Row, Entry]]) -> None:
+        """Run `batch` on a free lane, or here (see the module docstring)."""
         start_s = time.perf_counter()
         batch = self._make_resident(batch)
         if not batch:
             return
         rows, entries = [r for r, _ in batch], [e for _, e in batch]
         ids = [self._ids_for(r, e) for r, e in batch]
-        # Every core (--lone-threads) for a lone request (nothing else queued: the front-ends are idle)
-        # and for a batch whose measured cost dwarfs the front-ends' share of the CPU (~1 ms a request):
-        # 2-core Xeon, MiniLM fp32, c=32, AG News texts: 1 engine thread 77 req/s, 2 threads 119 req/s.
-        # A light model's batches keep --threads, leaving the front-ends their core.
-        lone = not self._rows and all(r.job is rows[0].job for r in rows)
+        # Every core (--lone-threads) for a lone request (nothing else queued or running: the front-ends
+        # are idle) and, without lanes, for a batch whose measured cost dwarfs the front-ends' share of the
+        # CPU (~1 ms a request): 2-core Xeon, MiniLM fp32, c=32, AG News texts: 1 engine thread 77 req/s,
+        # 2 threads 119 req/s. A light model's batches keep --threads, leaving the front-ends their core.
+        lone = not self._rows and not self._busy and all(r.job is rows[0].job for r in rows)
+        if (
+            self._lane_pool is not None
+            and not lone
+            and self.runtime.lane_parallel(entries[0], by_cost=self._lanes_by_cost)
+        ):
+            with self._cond:
+                self._busy += 1
+            self._lane_pool.submit(self._on_lane, rows, entries, ids, start_s)
+            return
         heavy = self.cfg.lone_threads > self.cfg.threads and self.runtime.batch_cost_s(entries, ids) > HEAVY_BATCH_S
         # While a swap worker checks a new variant (on every core) batches keep --threads: oversubscribed
         # threads stall each other (MiniLM fp32, wrk c=4: replace p50 46-58 -> 41-49 ms).
         threads = self.cfg.lone_threads if (lone or heavy) and not self._checking else self.cfg.threads
-        if threads != self._threads:
+        self._wait_idle()
+        self._execute(rows, entries, ids, start_s, threads)
+
+    def _on_lane(self, rows: list[Row], entries: list[Entry], ids: list[list[int]], start_s: float) -> None:
+        try:
+            self._execute(rows, entries, ids, start_s, self._lane_threads)
+        except Exception:  # never a lost lane: log; the batch's requests were answered or failed
+            log.exception("lane error")
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    def _execute(
+        self, rows: list[Row], entries: list[Entry], ids: list[list[int]], start_s: float, threads: int
+    ) -> None:
+        """One forward of the batch on this thread with `threads` torch threads, then the answers."""
+        if torch.get_num_threads() != threads:  # per thread: each lane keeps its own count
             torch.set_num_threads(threads)
-            self._threads = threads
         try:
             logits = self.runtime.forward(entries, ids)
         except Exception as e:
@@ -363,6 +424,12 @@ class Batcher:
         self.metrics.batch_size.observe(len(rows))
         self.metrics.batch_tokens.observe(len(rows) * width)
         self.metrics.batch_adapters.observe(len({e.name for e in entries}))
+        with self._answer_lock:
+            self._answer(rows, entries, rows_logits, start_s, compute_s)
+
+    def _answer(
+        self, rows: list[Row], entries: list[Entry], rows_logits: np.ndarray, start_s: float, compute_s: float
+    ) -> None:
         seen: set[int] = set()
         now = time.time()
         for row, entry, p in zip(rows, entries, rows_logits, strict=True):
@@ -376,17 +443,18 @@ class Batcher:
                 seen.add(id(job))
                 job.compute_ms += compute_s * 1e3
             entry.last_used = now
-            if job.remaining == 0:
+            if job.remaining == 0 and not job.cancelled:
                 entry.request_count += 1
                 job.done(job, None)
-        if self.runtime.evict_over_cap(set()):
-            self._update_gauges()
 
     def _make_resident(self, batch: list[tuple[Row, Entry]]) -> list[tuple[Row, Entry]]:
         """Transparently reload LRU-evicted adapters needed by this batch (a cold load)."""
         names = {e.name for _, e in batch}
         failed: set[str] = set()
-        for name in sorted({e.name for _, e in batch if not e.resident}):
+        cold = sorted({e.name for _, e in batch if not e.resident})
+        if cold:
+            self._wait_idle()  # a reload may grow the bank's stacks and evict what a running batch reads
+        for name in cold:
             t0 = time.perf_counter()
             try:
                 self.runtime.ensure_resident(name, protect=names)
@@ -413,9 +481,10 @@ class Batcher:
         return row.job.rows[row.index]
 
     def _fail(self, job: Job, error: Exception) -> None:
-        if not job.cancelled:
-            job.cancelled = True
-            job.done(job, error)
+        with self._answer_lock:  # exactly one answer, whichever lane gets there first
+            if not job.cancelled:
+                job.cancelled = True
+                job.done(job, error)
 
     def _update_gauges(self) -> None:
         self.metrics.loaded_adapters.set(self.runtime.resident_adapters())

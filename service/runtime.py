@@ -41,6 +41,7 @@ from service.side import SideModel
 
 log = logging.getLogger("service")
 LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
+LANE_ROW_S = 0.002  # a row costing more runs on CPU lanes (Runtime.lane_parallel)
 NO_GOLDEN = Golden.model_construct(texts=[], logits=[])  # what a served entry keeps of its golden set
 
 
@@ -298,9 +299,13 @@ class Runtime:
                 self.evict_over_cap({name})
         return entry
 
+    def unsettled(self) -> bool:
+        """Whether `settle` has versions to free or fresh adapters to count against the cap."""
+        return bool(self._retired or self._fresh)
+
     def settle(self) -> None:
-        """Batcher thread, between batches: free versions replaced beside a batch, evict over the cap."""
-        if not (self._retired or self._fresh):
+        """Batcher thread, no batch running: free versions replaced beside a batch, evict over the cap."""
+        if not self.unsettled():
             return
         with self.lock:
             retired, self._retired = self._retired, []
@@ -356,6 +361,10 @@ class Runtime:
             log.info("evicted %s (over --max-adapters %d)", ", ".join(evicted), self.cfg.max_adapters)
             self.on_evict(len(evicted))
         return evicted
+
+    def over_cap(self) -> bool:
+        """More adapters resident than --max-adapters (a batch needed them all at once)."""
+        return self.resident_adapters() > self.cfg.max_adapters
 
     def resident_adapters(self) -> int:
         # a snapshot (one C call): the swap worker counts while the batcher may load or unload
@@ -471,6 +480,19 @@ class Runtime:
             else:
                 out = model(input_ids=ids, attention_mask=mask)
         return out.logits.float().cpu()
+
+    def lane_parallel(self, entry: Entry, *, by_cost: bool = True) -> bool:
+        """Whether batches of `entry` may run on CPU lanes beside each other (service/batcher.py): a torch
+        model (ONNX sessions keep their own thread pools) and, `by_cost`, one whose typical row (64 tokens,
+        in a batch of 16) costs over LANE_ROW_S. A light model's rows cost less than the front-end's
+        share of them, so its batches run one at a time and leave the front-ends a core (measured, 2-core
+        Xeon, 1 thread: MiniLM ~7 ms a row bf16 / ~15 ms fp32, the 2-layer model ~0.3 ms)."""
+        if self.device.type != "cpu" or entry.kind in ("onnx", "onnx-int8"):
+            return False
+        if not by_cost:
+            return True
+        fixed, per_token = self._cost(entry)
+        return fixed / 16 + 64 * per_token > LANE_ROW_S
 
     def _overhead_tokens(self, entry: Entry) -> float:
         """Fixed cost of one forward of `entry`'s model in token-equivalents (inf: never worth a split)."""
