@@ -392,11 +392,11 @@ class Batcher:
         # threads stall each other (MiniLM fp32, wrk c=4: replace p50 46-58 -> 41-49 ms).
         threads = self.cfg.lone_threads if (lone or heavy) and not self._checking else self.cfg.threads
         self._wait_idle()
-        self._execute(rows, entries, ids, start_s, threads)
+        self._execute(rows, entries, ids, start_s, threads, "batcher")
 
     def _on_lane(self, rows: list[Row], entries: list[Entry], ids: list[list[int]], start_s: float) -> None:
         try:
-            self._execute(rows, entries, ids, start_s, self._lane_threads)
+            self._execute(rows, entries, ids, start_s, self._lane_threads, "lane")
         except Exception:  # never a lost lane: log; the batch's requests were answered or failed
             log.exception("lane error")
         finally:
@@ -405,7 +405,7 @@ class Batcher:
                 self._cond.notify_all()
 
     def _execute(
-        self, rows: list[Row], entries: list[Entry], ids: list[list[int]], start_s: float, threads: int
+        self, rows: list[Row], entries: list[Entry], ids: list[list[int]], start_s: float, threads: int, where: str
     ) -> None:
         """One forward of the batch on this thread with `threads` torch threads, then the answers."""
         if torch.get_num_threads() != threads:  # per thread: each lane keeps its own count
@@ -421,6 +421,7 @@ class Batcher:
         rows_logits = logits.numpy()
         width = max(len(i) for i in ids)
         self.metrics.compute.labels(entries[0].group).observe(compute_s)
+        self.metrics.batches.labels(where).inc()
         self.metrics.batch_size.observe(len(rows))
         self.metrics.batch_tokens.observe(len(rows) * width)
         self.metrics.batch_adapters.observe(len({e.name for e in entries}))

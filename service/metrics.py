@@ -72,6 +72,12 @@ class EngineMetrics:
         self.compute = Histogram(
             "service_compute_seconds", "Forward time of one batch", ["group"], buckets=LATENCY_BUCKETS_S, registry=r
         )
+        self.batches = Counter(
+            "service_batches",
+            "Batches run, by where: 'lane' (a CPU lane, beside other batches) or 'batcher' (one at a time)",
+            ["where"],
+            registry=r,
+        )
         self.batch_size = Histogram("service_batch_size_rows", "Rows per batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram(
             "service_batch_tokens",

@@ -213,6 +213,8 @@ def test_config_layers_env_and_cli():
         ([], {}),
         (["--store", "/s", "--precision", "fp16"], {}),
         (["--store", "/s"], {"SERVICE_PORT": "x"}),
+        (["--store", "/s", "--lanes", "0"], {}),
+        (["--store", "/s", "--device", "cuda", "--lanes", "2"], {}),
     ]:
         with pytest.raises(SystemExit):
             load_config(argv, env=env)

@@ -239,3 +239,50 @@ def test_a_replacement_commits_beside_a_batch_and_frees_the_old_slot_between_bat
     assert min((after - x).abs().max() for x in (before, old_logits)) > 1e-3  # the new one differs
     rt.settle()
     assert old.adapter not in rt.bank.index and new.adapter in rt.bank.index and len(rt.bank.index) == 2
+
+
+def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
+    """--lanes 2 (given, so every torch model's batches run on two lane threads at once): concurrent
+    traffic mixing the full model with more adapters than --max-adapters, while one adapter is
+    replaced, is answered exactly as each variant alone; cold reloads, evictions and frees of replaced
+    versions wait until no lane runs (service/batcher.py)."""
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=4, full=True)
+    names = ["full", "lora-0", "lora-1", "lora-2", "lora-3"]
+    expected = {n: golden_probs(store, n) for n in names}
+    with running(store.root, lanes=2, lone_threads=2, max_adapters=3, max_wait_ms=2) as srv:
+        stop = threading.Event()
+        failures: list[str] = []
+        answered = [0]
+
+        def client(offset: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                i = offset
+                while not stop.is_set():
+                    name = names[i % len(names)]
+                    i += 1
+                    k = 1 + i % len(GOLDEN_TEXTS)
+                    r = c.post("/v1/classify", json={"model": name, "inputs": GOLDEN_TEXTS[:k]})
+                    if r.status_code != 200:
+                        failures.append(f"{name}: {r.status_code} {r.text}")
+                        continue
+                    got = [{x["label"]: x["score"] for x in p} for p in r.json()["predictions"]]
+                    probs = [[s[lab] for lab in ("World", "Sports", "Business", "Sci/Tech")] for s in got]
+                    if not np.allclose(probs, expected[name][:k], atol=TOL):
+                        failures.append(f"{name}: {probs} != {expected[name][:k]}")
+                    answered[0] += 1
+
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(client, n) for n in range(6)]
+            for _ in range(6):  # same files: every answer stays exact whichever version serves it
+                assert srv.admin.put("/v1/adapters/lora-1").json()["status"] == "replaced"
+                time.sleep(0.2)
+            stop.set()
+            for f in futures:
+                f.result()
+        text = srv.client.get("/metrics").text
+    assert not failures, failures[:3]
+    assert answered[0] >= 60
+    lane = next(ln for ln in text.splitlines() if ln.startswith('service_batches_total{where="lane"}'))
+    assert float(lane.split()[-1]) > 0
+    cold = next(ln for ln in text.splitlines() if ln.startswith("service_adapter_evictions_total"))
+    assert float(cold.split()[-1]) > 0
