@@ -1,7 +1,8 @@
 """The models: one shared base with LoRA adapters, full/merged torch models, ONNX sessions.
 
 The batcher thread calls the mutating methods (`load`, `commit`, `unload`, `ensure_resident`,
-`settle`, `forward`). `prepare` (verify + golden check of a new variant) runs on the swap worker
+`settle`, `evict_over_cap`) only while no batch runs; `forward` runs on the batcher thread or on
+CPU lane threads, several at once (service/batcher.py; the bank keeps each thread's rows). `prepare` (verify + golden check of a new variant) runs on the swap worker
 thread and touches only new objects and the side model (service/side.py); the swap worker may then
 `commit_beside` a running batch, into a bank slot no running row reads, under `lock` (which the
 batcher holds while it forms a batch), so a swap never tears a batch. The engine's socket thread
