@@ -273,7 +273,7 @@ class Batcher:
 
     def _apply_commands(self) -> None:
         rt = self.runtime
-        if not (self._commands or rt.unsettled() or (rt.bank is not None and rt.over_cap())):
+        if not (self._commands or rt.unsettled() or rt.over_cap()):
             return
         self._wait_idle()
         rt.settle()
@@ -393,8 +393,9 @@ class Batcher:
             self._lane_pool.submit(self._on_lane, rows, entries, ids, start_s)
             return
         heavy = self.cfg.lone_threads > self.cfg.threads and self.runtime.batch_cost_s(entries, ids) > HEAVY_BATCH_S
-        # While a swap worker checks a new variant (on every core) batches keep --threads: oversubscribed
-        # threads stall each other (MiniLM fp32, wrk c=4: replace p50 46-58 -> 41-49 ms).
+        # While a swap worker checks a new variant (on the cores a lane leaves; every core without lanes)
+        # batches keep --threads: oversubscribed threads stall each other (MiniLM fp32, wrk c=4: replace
+        # p50 46-58 -> 41-49 ms).
         threads = self.cfg.lone_threads if (lone or heavy) and not self._checking else self.cfg.threads
         self._wait_idle()
         self._execute(rows, entries, ids, start_s, threads, "batcher")

@@ -2,11 +2,12 @@
 
 The batcher thread calls the mutating methods (`load`, `commit`, `unload`, `ensure_resident`,
 `settle`, `evict_over_cap`) only while no batch runs; `forward` runs on the batcher thread or on
-CPU lane threads, several at once (service/batcher.py; the bank keeps each thread's rows). `prepare` (verify + golden check of a new variant) runs on the swap worker
-thread and touches only new objects and the side model (service/side.py); the swap worker may then
-`commit_beside` a running batch, into a bank slot no running row reads, under `lock` (which the
-batcher holds while it forms a batch), so a swap never tears a batch. The engine's socket thread
-only reads `entries` (dict reads are atomic under the GIL; entries are replaced whole).
+CPU lane threads, several at once (service/batcher.py; the bank keeps each thread's rows).
+`prepare` (verify + golden check of a new variant) runs on the swap worker thread and touches only
+new objects and the side model (service/side.py); the swap worker may then `commit_beside` a
+running batch, into a bank slot no running row reads, under `lock` (which the batcher holds while
+it forms a batch), so a swap never tears a batch. The engine's socket thread only reads `entries`
+(dict reads are atomic under the GIL; entries are replaced whole).
 """
 
 from __future__ import annotations
@@ -364,8 +365,9 @@ class Runtime:
         return evicted
 
     def over_cap(self) -> bool:
-        """More adapters resident than --max-adapters (a batch needed them all at once)."""
-        return self.resident_adapters() > self.cfg.max_adapters
+        """More adapters in the bank than --max-adapters: a batch needed them all at once, or replaced
+        versions wait for `settle`. One length per batcher loop, not a walk over every entry."""
+        return self.bank is not None and len(self.bank.index) > self.cfg.max_adapters
 
     def resident_adapters(self) -> int:
         # a snapshot (one C call): the swap worker counts while the batcher may load or unload

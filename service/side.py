@@ -2,10 +2,11 @@
 
 The check runs the adapter through a LoraBank (service/lora_bank.py) exactly as serving will, but
 not in the serving bank: an unchecked adapter never sits in a serving slot, and adding it could
-reallocate the serving stacks under a running batch. The side model is a second module tree over the
-*same weight tensors* as the serving base (deepcopy with every parameter and buffer in the memo),
-with a bank of its own: it costs module objects, not weights. The swap worker adds the adapter there, checks it, removes
-it; only the slot copy into the serving bank happens on the batcher thread, between batches.
+reallocate the serving stacks under a running batch. The side model is a second module tree over
+the *same weight tensors* as the serving base (deepcopy with every parameter and buffer in the
+memo), with a bank of its own: it costs module objects, not weights. The swap worker adds the
+adapter there, checks it, removes it; then only a slot copy into the serving bank remains
+(Runtime.commit_beside, or the batcher between batches when the stacks must grow).
 """
 
 from __future__ import annotations
