@@ -93,8 +93,8 @@ def _autocast_dtypes(monkeypatch) -> list[torch.dtype]:
     seen: list[torch.dtype] = []
     real_build = loop.build_model
 
-    def build(cfg, tok):
-        model = real_build(cfg, tok)
+    def build(cfg, tok, **kwargs):
+        model = real_build(cfg, tok, **kwargs)
         model.classifier.register_forward_hook(lambda m, i, out: seen.append(out.dtype) if m.training else None)
         return model
 

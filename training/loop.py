@@ -39,16 +39,23 @@ from models.store import dir_bytes
 from models.writing import write_variant
 from training.config import TrainConfig, arch_config
 from training.data import Encoded, collate, encode, epoch_batches, eval_batches, golden_texts, load_splits, shard
+from training.dropout import use_cpu_dropout
 from training.methods import METHODS, trainable_counts
 from training.metrics import classification_metrics
 
 CKPT_STATE = "state.pt"
 CKPT_TRAINABLE = "trainable.safetensors"
 CKPT_BEST = "best.safetensors"
+# On CPU: eager attention (training SDPA falls back to the same math there, with its dropout
+# inside), so that every dropout, attention probabilities' too, is a module CPUDropout replaces.
+CPU_ATTENTION = "eager"
 
 
-def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
-    """The sequence classifier to fine-tune: pretrained weights, or a published architecture at random."""
+def build_model(cfg: TrainConfig, tokenizer: Any, attention: str | None = None) -> nn.Module:
+    """The sequence classifier to fine-tune: pretrained weights, or a published architecture at random.
+
+    `attention`: transformers' attn_implementation (None: its default, SDPA where the model has it).
+    """
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -60,11 +67,13 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
     if cfg.init == "random":
         arch = arch_config(cfg, tokenizer)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch, **labels)
-        return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier newly initialized" is the point of fine-tuning
     try:
-        return AutoModelForSequenceClassification.from_pretrained(cfg.base_model, torch_dtype=torch.float32, **labels)
+        return AutoModelForSequenceClassification.from_pretrained(
+            cfg.base_model, torch_dtype=torch.float32, attn_implementation=attention, **labels
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -331,12 +340,14 @@ def _train(
     shape = {"rows": cfg.batch_size, "length_multiple": bucket_tokens(cfg.max_length)} if compiled else {}
 
     # ---- model: build, fingerprint the base before any wrap, apply the method ----
-    model = build_model(cfg, tokenizer)
+    on_cpu = device.type == "cpu"
+    model = build_model(cfg, tokenizer, attention=CPU_ATTENTION if on_cpu else None)
     base_name = cfg.base_model if cfg.init == "pretrained" else (cfg.arch_preset or cfg.base_model)
     base_fp = fingerprint(model)
     if method.kind == "lora" and is_main and cfg.save_variant:  # adapters reference a base stored once
         save_base_snapshot(store, model, tokenizer, base_name, cfg.init)
     model = method.prepare(model, cfg).to(device)
+    cpu_dropouts = use_cpu_dropout(model) if on_cpu else 0  # after prepare: LoRA's dropouts too
     model.train()
     counts = trainable_counts(model)
     if rank:  # same initial weights everywhere (seeded above); dropout masks of their own per process
@@ -526,6 +537,7 @@ def _train(
         "lr": lr,
         "precision": precision.as_dict(),
         "compile": {"enabled": compiled, "reason": compile_reason, **({"mode": cfg.compile_mode} if compiled else {})},
+        "cpu_dropout_modules": cpu_dropouts,
         "num_processes": world,
         "global_batch_size": global_batch * cfg.grad_accum,  # rows per optimizer step
         "train_rows": len(train_data),
