@@ -173,24 +173,34 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return load_file(str(ckpt_dir / CKPT_TRAINABLE)), best, state
 
 
-def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]:
-    """Whether to torch.compile the training step, and why.
+CPU_COMPILE_PAYS_SAMPLES = 50_000  # see resolve_compile
 
-    CPU, measured (2-core Xeon shared with other jobs, torch 2.13 inductor, batch 16 x 64 tokens,
-    forward+loss compiled, backward through AOTAutograd; /tmp script, rough figures):
-      2-layer width-32:  eager 40 ms/step, compiled 39 ms/step, first compiled step 90 s;
-      6-layer width-384 (MiniLM shape): eager 678 ms/step, compiled 632 ms/step (-7 %), 63 s to compile.
-    One dynamic-shape compilation serves every padded width, but on CPU its time is only won back
-    after ~10k steps: off by default. Nothing here depends on this CPU's bf16/AMX.
+
+def resolve_compile(requested: str | bool, device_type: str, samples: int) -> tuple[bool, str]:
+    """Whether to torch.compile the training step of a run that trains `samples` rows, and why.
+
+    CPU, measured (2-core Xeon with AMX, shared with other jobs, torch 2.13 inductor, forward+loss
+    compiled, backward through AOTAutograd, one dynamic-shape graph for every padded width):
+      MiniLM full, bf16 autocast, batch 16 of AG News (length-grouped, CPUDropout): eager 42.2,
+      compiled 53.2 samples/s (1.26x) after ~140 s of compiling (/tmp/ours2.py 60 [compile=true]):
+      it pays back after ~28k samples (~1,800 steps of 16); fp32 (6-layer width-384, batch 16 x 64):
+      678 vs 632 ms/step, 63 s to compile: ~22k samples. So on CPU: compile a run of at least
+      CPU_COMPILE_PAYS_SAMPLES rows (a 3-epoch run of the 20k sample; not the demo's 9,600).
     On CUDA eager mode is launch-bound (thousands of small kernels per step, issue 9's 233 ms/step at
-    batch 64 vs 204 at 16) and compiling fuses them: on by default (not measured in this repo yet).
+    batch 64 vs 204 at 16) and compiling fuses them: on by default.
     """
     if isinstance(requested, bool):
         return requested, f"compile={str(requested).lower()} requested explicitly"
     if device_type == "cuda":
         return True, "auto: on CUDA a compiled step fuses kernels and launches far fewer of them"
+    if samples >= CPU_COMPILE_PAYS_SAMPLES:
+        return True, (
+            f"auto: {samples:,} training rows on CPU, where compiling (~2 min) pays back after ~30k "
+            "(1.26x per step, measured; see resolve_compile)"
+        )
     return False, (
-        "auto: on CPU, compiling costs minutes per padded length and gains little (measured, see resolve_compile)"
+        f"auto: {samples:,} training rows on CPU, fewer than the {CPU_COMPILE_PAYS_SAMPLES:,} after which "
+        "compiling (~2 min, 1.26x per step) pays back (measured; see resolve_compile)"
     )
 
 
@@ -325,7 +335,6 @@ def _train(
     # fp16 only (GPUs without bf16): the loss scaler reads its found-inf flag once per step, the one
     # per-step sync left, inherent to fp16; bf16 and fp32 need no scaler (disabled = pass-through).
     scaler = torch.amp.GradScaler(device.type, enabled=precision.precision == "fp16")
-    compiled, compile_reason = resolve_compile(cfg.compile, device.type)
 
     # ---- data: load, validate, split, tokenise once ----
     tokenizer = load_tokenizer(cfg.tokenizer_path)
@@ -336,6 +345,10 @@ def _train(
     golden = golden_texts(golden_source, cfg.golden_per_class, len(cfg.labels))
     pad_id = tokenizer.pad_token_id
     lengths = train_data.lengths  # host-side: token counts never come from the device
+    global_batch = cfg.batch_size * world  # rows per micro-step over all processes
+    batches_per_epoch = math.ceil(len(train_data) / global_batch)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    compiled, compile_reason = resolve_compile(cfg.compile, device.type, total_steps * global_batch * cfg.grad_accum)
     # A compiled step sees fixed-height batches padded to a few widths; eager pads to the longest text.
     shape = {"rows": cfg.batch_size, "length_multiple": bucket_tokens(cfg.max_length)} if compiled else {}
 
@@ -354,9 +367,6 @@ def _train(
         torch.manual_seed(cfg.seed + rank)
 
     # ---- optimisation: AdamW, warmup + linear decay; each step takes one global batch per micro-step ----
-    global_batch = cfg.batch_size * world  # rows per micro-step over all processes
-    batches_per_epoch = math.ceil(len(train_data) / global_batch)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     # fused AdamW: one kernel per step instead of a Python loop over tensors (~2.7x faster on this CPU)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=lr, fused=True)
