@@ -168,10 +168,13 @@ class EngineClient:
 
     async def tokenize(self, tok_key: str, texts: list[str], timeout_s: float) -> list[list[int]]:
         tok = self._tokenizers.get(tok_key) or await self._fetch_tokenizer(tok_key, timeout_s)
+        # encode_batch_fast: the same ids without character offsets (nobody here reads them); py-spy of a
+        # front-end at ~1,100 req/s (2-layer model) had tokenising at 32 % of its CPU; AG News texts:
+        # 120 vs 132 us a text on this project's 2-core Xeon
         if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-            encs = tok.encode_batch(texts)
+            encs = tok.encode_batch_fast(texts)
         else:  # long inputs: off the event loop (the Rust tokenizer releases the GIL)
-            encs = await run_in_threadpool(tok.encode_batch, texts)
+            encs = await run_in_threadpool(tok.encode_batch_fast, texts)
         return [e.ids for e in encs]
 
     async def infer(self, name: str, entry: dict[str, Any], texts: list[str], timeout_s: float) -> Result:
