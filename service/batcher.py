@@ -22,6 +22,7 @@ only when no batch runs (Runtime.settle).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import threading
@@ -82,10 +83,17 @@ class Row:
 class Batcher:
     """See the module docstring. `submit` and `command` are called from the event loop."""
 
-    def __init__(self, runtime: Runtime, metrics: EngineMetrics):
+    def __init__(
+        self,
+        runtime: Runtime,
+        metrics: EngineMetrics,
+        answering: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         self.runtime = runtime
         self.cfg = runtime.cfg
         self.metrics = metrics
+        # entered around the answers of one batch: the engine sends them as one message per front-end
+        self._answering = answering
         self._rows: deque[Row] = deque()
         # (op, name or prepared Entry, future, when the command arrived)
         self._commands: deque[tuple[str, Any, concurrent.futures.Future, float]] = deque()
@@ -431,7 +439,7 @@ class Batcher:
         self.metrics.batch_size.observe(len(rows))
         self.metrics.batch_tokens.observe(len(rows) * width)
         self.metrics.batch_adapters.observe(len({e.name for e in entries}))
-        with self._answer_lock:
+        with self._answer_lock, self._answering():
             self._answer(rows, entries, rows_logits, start_s, compute_s)
 
     def _answer(

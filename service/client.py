@@ -86,12 +86,13 @@ class EngineClient:
     # ---- background tasks ----------------------------------------------------------------------
     async def _read(self) -> None:
         while True:
-            msg = unpack(await self.sock.recv())
-            fut = self._pending.pop(msg.get("id"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            if self._version is not None and (msg.get("e"), msg.get("v")) != self._version:
-                self._schedule_refresh()
+            for raw in await self.sock.recv_multipart():  # one reply per frame (a batch's answers together)
+                msg = unpack(raw)
+                fut = self._pending.pop(msg.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                if self._version is not None and (msg.get("e"), msg.get("v")) != self._version:
+                    self._schedule_refresh()
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         while True:

@@ -3,6 +3,8 @@
 Front-end (DEALER) -> engine (ROUTER): {"id": int, "op": str, ...fields}. The engine answers
 each request once with {"id": int, ...result} or {"id": int, "error": {...}}, plus the engine's
 identity "e" and state version "v" so a front-end notices when its cached state is stale.
+A ZeroMQ message may carry several of them, one per frame (the engine sends a batch's answers to a
+front-end together; see service/engine.py).
 
     infer    variant, rows (token ids), texts, tok (tokenizer key), deadline_s (unix time)
              -> logits (float32 bytes, rows x labels), labels, queue_ms, compute_ms, tokens

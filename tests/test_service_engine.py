@@ -273,3 +273,66 @@ def test_frontend_nice_lowers_the_front_ends_priority_not_the_engines(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_batch_is_answered_in_one_message_per_front_end(tmp_path):
+    """Requests in one multipart message; their batch's answers come back together, each exactly once,
+    equal to the variant's golden logits (the frames of both directions: service/protocol.py)."""
+    import zmq
+
+    from service.config import ServiceConfig
+    from service.engine import Engine
+    from service.protocol import pack, unpack
+
+    store = make_store(tmp_path / "store", n_adapters=0)
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(ServiceConfig(store=store.root, precision="fp32", max_wait_ms=50), address)
+    serving = threading.Thread(target=engine.serve, daemon=True)
+    serving.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    try:
+        sock.send(pack({"id": -1, "op": "state"}))
+        while True:  # the engine loads its variants in the background; infer waits for "ready"
+            state = unpack(sock.recv())
+            if state.get("ready"):
+                break
+            time.sleep(0.05)
+            sock.send(pack({"id": -1, "op": "state"}))
+        tok = state["entries"]["full"]["tok"]
+        rows = [engine.runtime.entries["full"].encode([t])[0] for t in GOLDEN_TEXTS]
+        n = 3 * len(GOLDEN_TEXTS)
+        sock.send_multipart(
+            [
+                pack(
+                    {
+                        "id": i,
+                        "op": "infer",
+                        "variant": "full",
+                        "rows": [rows[i % 4]],
+                        "texts": [GOLDEN_TEXTS[i % 4]],
+                        "tok": tok,
+                        "deadline_s": time.time() + 30,
+                    }
+                )  # fmt: skip
+                for i in range(n)
+            ]
+        )
+        answers, messages = {}, 0
+        while len(answers) < n:
+            assert sock.poll(30_000), f"answers for {sorted(answers)} only"
+            frames = sock.recv_multipart()
+            messages += 1
+            for raw in frames:
+                msg = unpack(raw)
+                assert msg["id"] not in answers and "error" not in msg, msg
+                answers[msg["id"]] = np.frombuffer(msg["logits"], dtype=np.float32)
+        assert messages < n  # answers of a batch share a message
+        golden = store.manifest("full").golden.logits
+        for i, logits in answers.items():
+            np.testing.assert_allclose(logits, golden[i % 4], atol=1e-3)
+    finally:
+        engine.request_stop()
+        serving.join(30)
+        ctx.destroy(linger=0)
