@@ -181,11 +181,13 @@ def resolve_compile(requested: str | bool, device_type: str, samples: int) -> tu
 
     CPU, measured (2-core Xeon with AMX, shared with other jobs, torch 2.13 inductor, forward+loss
     compiled, backward through AOTAutograd, one dynamic-shape graph for every padded width):
-      MiniLM full, bf16 autocast, batch 16 of AG News (length-grouped, CPUDropout): eager 42.2,
-      compiled 53.2 samples/s (1.26x) after ~140 s of compiling (/tmp/ours2.py 60 [compile=true]):
-      it pays back after ~28k samples (~1,800 steps of 16); fp32 (6-layer width-384, batch 16 x 64):
-      678 vs 632 ms/step, 63 s to compile: ~22k samples. So on CPU: compile a run of at least
-      CPU_COMPILE_PAYS_SAMPLES rows (a 3-epoch run of the 20k sample; not the demo's 9,600).
+      MiniLM full, bf16 autocast, batch 16 of AG News (length-grouped, CPUDropout), steady samples/s
+      of `python -m training train configs/demo-minilm-full.yaml --set max_steps=60 batch_size=16
+      log_every=20 save_variant=false compile=false|true`: eager 42.2, compiled 53.2 (1.26x) after
+      ~140 s of compiling: it pays back after ~28k samples (~1,800 steps of 16); fp32 (6-layer
+      width-384, batch 16 x 64): 678 vs 632 ms/step, 63 s to compile: ~22k samples. So on CPU: compile
+      a run of at least CPU_COMPILE_PAYS_SAMPLES rows, with a margin (a 3-epoch run of the 20k sample;
+      not the demo's 9,600).
     On CUDA eager mode is launch-bound (thousands of small kernels per step, issue 9's 233 ms/step at
     batch 64 vs 204 at 16) and compiling fuses them: on by default.
     """
@@ -195,12 +197,12 @@ def resolve_compile(requested: str | bool, device_type: str, samples: int) -> tu
         return True, "auto: on CUDA a compiled step fuses kernels and launches far fewer of them"
     if samples >= CPU_COMPILE_PAYS_SAMPLES:
         return True, (
-            f"auto: {samples:,} training rows on CPU, where compiling (~2 min) pays back after ~30k "
+            f"auto: {samples:,} training rows on CPU, where compiling (~2 min) pays back after ~28k "
             "(1.26x per step, measured; see resolve_compile)"
         )
     return False, (
-        f"auto: {samples:,} training rows on CPU, fewer than the {CPU_COMPILE_PAYS_SAMPLES:,} after which "
-        "compiling (~2 min, 1.26x per step) pays back (measured; see resolve_compile)"
+        f"auto: {samples:,} training rows on CPU, under the {CPU_COMPILE_PAYS_SAMPLES:,} from which compiling "
+        "is on (~2 min of compiling won back after ~28k rows at 1.26x per step, measured; see resolve_compile)"
     )
 
 
