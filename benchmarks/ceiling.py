@@ -17,17 +17,22 @@ Per scenario (the variants the store has: `full`, `adapter-1`, `adapters-N` mixe
   matched     in-process again with batches of the rows per batch the engine formed at each level
               (from its /metrics): what the serving path itself costs, apart from batch formation.
 Printed: service / in-process, service / matched, service / naive, client CPU share and, at c=1,
-the median latency minus the server's median compute_ms (what the serving path adds). Phases run one after another
-(never two at once: on a small machine they would compete for the same cores). Without --store a
+the median latency minus the server's median compute_ms (what the serving path adds). Measurements run one
+at a time (on a small machine they would compete for the same cores) but in --rounds: each round runs
+every in-process loop, every HTTP level of the service and of the naive server for --duration /
+--rounds seconds, so a noisy machine's drift hits all figures alike; latency percentiles are the
+median of the rounds'. Without --store a
 synthetic store (benchmarks/synthetic.py) is built under --scratch: speed does not depend on
 training. --device cuda measures the GPU (and GPU memory per scenario, in-process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,7 +60,13 @@ class CeilingSettings(Settings):
     onnx_int8: bool = Field(True, description="synthetic store: also export full to onnx-int8")
     concurrency: list[int] = Field([1, 32], description="wrk concurrency levels, e.g. 1,32")
     duration: float = Field(10.0, gt=0, description="measured seconds per level (and for the in-process loop)")
-    warmup: float = Field(2.0, ge=0, description="unmeasured seconds before each HTTP level")
+    warmup: float = Field(2.0, ge=0, description="unmeasured seconds before each HTTP level (each round)")
+    rounds: int = Field(
+        3,
+        ge=1,
+        description="every in-process loop and HTTP level runs in this many slices of --duration / --rounds, "
+        "in turn, so that drift of a noisy machine hits every figure alike",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="service and in-process precision; auto = bf16 only where native"
     )
@@ -114,68 +125,96 @@ def scenarios_of(names: set[str], n_adapters: int) -> dict[str, list[str]]:
     return out
 
 
+class InProcess:
+    """One scenario's variants in the service's own Runtime (same loader, precision, LoRA bank, ONNX
+    session), loaded and warmed up once; `timed` runs batches drawn like the HTTP requests, tokenising in
+    the loop. On CUDA the GPU memory the scenario loads and peaks at is taken at load and warm-up."""
+
+    def __init__(self, store_root: Path, models: list[str], texts: list[str], s: CeilingSettings, precision: str):
+        import torch
+
+        from models import Store
+        from service.config import ServiceConfig
+        from service.runtime import Runtime
+
+        torch.set_num_threads(s.threads)
+        cfg = ServiceConfig(
+            store=store_root,
+            precision=precision,
+            device=s.device,
+            threads=s.threads,
+            variants=",".join(models),
+            max_batch_size=s.max_batch_size,
+        )
+        self.s = s
+        cuda = s.device == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            mem0 = torch.cuda.memory_allocated()
+        self.rt = rt = Runtime(Store(store_root), cfg)
+        if any(Store(store_root).manifest(m).kind == "lora" for m in models):
+            rt.load_base()
+        self.entries = entries = {m: rt.load(m) for m in models}
+        self.memory: dict[str, Any] = {}
+        if cuda:
+            self.memory["gpu_memory_loaded_bytes"] = torch.cuda.memory_allocated() - mem0
+        seq = Workload(texts, models, seed=s.seed).stream(max(s.max_batch_size * 64, 4096))
+        bs = s.max_batch_size
+        self.batches = [seq[i : i + bs] for i in range(0, len(seq) - bs + 1, bs)]
+        # warm-up (allocations, ONNX / oneDNN kernel selection; on CUDA each bucket's graph capture)
+        for b in self.batches[: 24 if cuda else 1]:
+            self.one(b)
+        if cuda:
+            self.memory["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated() - mem0
+        self.lanes = s.lanes if all(rt.lane_parallel(e, by_cost=False) for e in entries.values()) else 1
+        self.next = 0  # rounds go on through the batch list rather than repeat its start
+
+    def one(self, batch: list[tuple[str, list[str]]]) -> int:
+        ents = [self.entries[m] for m, _ in batch]
+        rows = ents[0].encode(
+            [inputs[0] for _, inputs in batch]
+        )  # one tokenizer per group (a LoRA mix shares the base's)
+        self.rt.forward(ents, rows)  # returns host fp32 logits: the device work is finished
+        return len(rows)
+
+    def timed(self, duration_s: float) -> tuple[int, int, float]:
+        """(rows, batches, seconds) of batches on `lanes` threads at once for `duration_s`."""
+        threads = max(1, self.s.threads // self.lanes)
+        rows, n, t0 = _lanes(
+            self.one, self.batches[self.next :] + self.batches[: self.next], self.lanes, threads, duration_s
+        )
+        self.next = (self.next + n) % len(self.batches)
+        return rows, n, time.perf_counter() - t0
+
+    def summary(self, rounds: list[tuple[int, int, float]]) -> dict[str, Any]:
+        rows, n, elapsed_s = (sum(r[i] for r in rounds) for i in range(3))
+        out: dict[str, Any] = {
+            "rows_per_s": rows / elapsed_s,
+            "rows": rows,
+            "batches": n,
+            "batch_size": self.s.max_batch_size,
+            "lanes": self.lanes,
+            "elapsed_s": elapsed_s,
+            "rounds_rows_per_s": [r / e for r, _, e in rounds],
+            **self.memory,
+        }
+        if self.s.device == "cuda":
+            out["cuda_graphs"] = self.rt.graph_state()  # buckets captured, replays, eager batches, why not
+        return out
+
+    def close(self) -> None:
+        self.rt.entries.clear()
+
+
 def in_process(
     store_root: Path, models: list[str], texts: list[str], s: CeilingSettings, precision: str
 ) -> dict[str, Any]:
-    """Rows/s of the service's Runtime on batches drawn like the HTTP requests, tokenising in the loop."""
-    import torch
-
-    from models import Store
-    from service.config import ServiceConfig
-    from service.runtime import Runtime
-
-    torch.set_num_threads(s.threads)
-    cfg = ServiceConfig(
-        store=store_root,
-        precision=precision,
-        device=s.device,
-        threads=s.threads,
-        variants=",".join(models),
-        max_batch_size=s.max_batch_size,
-    )
-    cuda = s.device == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        mem0 = torch.cuda.memory_allocated()
-    rt = Runtime(Store(store_root), cfg)
+    """Rows/s of a fresh InProcess over --duration seconds (one round)."""
+    ip = InProcess(store_root, models, texts, s, precision)
     try:
-        if any(Store(store_root).manifest(m).kind == "lora" for m in models):
-            rt.load_base()
-        entries = {m: rt.load(m) for m in models}
-        mem_loaded = torch.cuda.memory_allocated() - mem0 if cuda else None
-        seq = Workload(texts, models, seed=s.seed).stream(max(s.max_batch_size * 64, 4096))
-        batches = [seq[i : i + s.max_batch_size] for i in range(0, len(seq) - s.max_batch_size + 1, s.max_batch_size)]
-
-        def one(batch: list[tuple[str, list[str]]]) -> int:
-            ents = [entries[m] for m, _ in batch]
-            rows = ents[0].encode(
-                [inputs[0] for _, inputs in batch]
-            )  # one tokenizer per group (a LoRA mix shares the base's)
-            rt.forward(ents, rows)  # returns host fp32 logits: the device work is finished
-            return len(rows)
-
-        # warm-up (allocations, ONNX / oneDNN kernel selection; on CUDA each bucket's graph capture)
-        for b in batches[: 24 if cuda else 1]:
-            one(b)
-        lanes = s.lanes if all(rt.lane_parallel(e, by_cost=False) for e in entries.values()) else 1
-        n_rows, n_batches, t0 = _lanes(one, batches, lanes, max(1, s.threads // lanes), s.duration)
-        elapsed_s = time.perf_counter() - t0
-        out: dict[str, Any] = {
-            "rows_per_s": n_rows / elapsed_s,
-            "rows": n_rows,
-            "batches": n_batches,
-            "batch_size": s.max_batch_size,
-            "lanes": lanes,
-            "elapsed_s": elapsed_s,
-        }
-        if cuda:
-            out["gpu_memory_loaded_bytes"] = mem_loaded
-            out["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated() - mem0
-            out["cuda_graphs"] = rt.graph_state()  # buckets captured, replays, eager batches, why not
-        return out
-    finally:  # the Runtime goes with this frame; the caller collects before the next scenario
-        rt.entries.clear()
+        return ip.summary([ip.timed(s.duration)])
+    finally:
+        ip.close()
 
 
 def _lanes(
@@ -237,35 +276,83 @@ def engine_batches(url: str) -> tuple[float, float] | None:
     return found["service_batch_size_rows_sum"], found["service_batch_size_rows_count"]
 
 
-def http_levels(
-    url: str, pid: int, target: str, models: list[str], texts: list[str], s: CeilingSettings
-) -> list[dict[str, Any]]:
+def http_level(
+    url: str, pid: int, target: str, models: list[str], texts: list[str], s: CeilingSettings, c: int, duration_s: float
+) -> dict[str, Any]:
+    """One wrk level (closed loop at concurrency `c`) with the rows per batch the engine formed meanwhile."""
     wl = Workload(texts, models, seed=s.seed)
-    runs = []
-    for c in s.concurrency:
-        before = engine_batches(url)
-        r = run_level(
-            url, wl, concurrency=c, duration_s=s.duration, warmup_s=s.warmup, timeout_s=s.timeout, server_pid=pid
-        )
-        after = engine_batches(url)
-        # rows per batch the engine formed over the level (warm-up included): at c=32 a closed loop
-        # tends to alternate two half-full batches, which in-process batches of --max-batch-size never do
-        if before and after and after[1] > before[1]:
-            r["engine_mean_batch_rows"] = (after[0] - before[0]) / (after[1] - before[1])
-        r.update(target=target, models=models)
-        if r["ok"] == 0:
-            from benchmarks.loadgen import _why_failed
+    before = engine_batches(url)
+    r = run_level(url, wl, concurrency=c, duration_s=duration_s, warmup_s=s.warmup, timeout_s=s.timeout, server_pid=pid)
+    after = engine_batches(url)
+    # rows per batch the engine formed over the level (warm-up included): at c=32 a closed loop
+    # tends to alternate two half-full batches, which in-process batches of --max-batch-size never do
+    if before and after and after[1] > before[1]:
+        r["engine_rows_batches"] = [after[0] - before[0], after[1] - before[1]]
+        r["engine_mean_batch_rows"] = (after[0] - before[0]) / (after[1] - before[1])
+    r.update(target=target, models=models)
+    if r["ok"] == 0:
+        from benchmarks.loadgen import _why_failed
 
-            r["failure"] = _why_failed(url, wl, r)
-        runs.append(r)
-        print(
-            f"[ceiling] {target:>14} c={c:<3} {r['throughput_rps']:8.1f} req/s  p50 {_ms(r['latency']['p50_ms'])}  "
-            f"compute p50 {_ms(_compute_p50(r))}  client CPU {r['client_cpu_share']:.0%}  "
-            f"server CPU {_pct(r['server_cpu_share'])}  errors {r['errors_by_status'] or 0}"
-            + (f"  engine batches {r['engine_mean_batch_rows']:.1f} rows" if r.get("engine_mean_batch_rows") else ""),
-            flush=True,
-        )
-    return runs
+        r["failure"] = _why_failed(url, wl, r)
+    print(
+        f"[ceiling] {target:>14} c={c:<3} {r['throughput_rps']:8.1f} req/s  p50 {_ms(r['latency']['p50_ms'])}  "
+        f"compute p50 {_ms(_compute_p50(r))}  client CPU {r['client_cpu_share']:.0%}  "
+        f"server CPU {_pct(r['server_cpu_share'])}  errors {r['errors_by_status'] or 0}"
+        + (f"  engine batches {r['engine_mean_batch_rows']:.1f} rows" if r.get("engine_mean_batch_rows") else ""),
+        flush=True,
+    )
+    return r
+
+
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's rounds as one result. Counts, throughput, CPU shares and rows per batch are over all
+    rounds (exact); latency and server-timing percentiles are the median of the rounds' own (each exact),
+    max the max; every round's throughput and p50 stay in `rounds`."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[-1])
+    for k in ("requests", "ok", "errors", "completed_outside_window", "window_s"):
+        out[k] = sum(r.get(k) or 0 for r in runs)
+    window_s = max(out["window_s"], 1e-9)
+    out["throughput_rps"] = out["ok"] / window_s
+    errors: dict[str, int] = {}
+    per_model: dict[str, int] = {}
+    for r in runs:
+        for k, n in (r.get("errors_by_status") or {}).items():
+            errors[k] = errors.get(k, 0) + n
+        for k, n in (r.get("per_model_requests") or {}).items():
+            per_model[k] = per_model.get(k, 0) + n
+    out["errors_by_status"], out["per_model_requests"] = errors, per_model
+    if all(r.get("tokens_per_s") is not None for r in runs):
+        out["tokens_per_s"] = sum(r["tokens_per_s"] * r["window_s"] for r in runs) / window_s
+
+    def median_of(dicts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        dicts = [d for d in dicts if d and d.get("p50_ms") is not None]
+        if not dicts:
+            return None
+        return {
+            k: (max if k == "max_ms" else statistics.median)(d[k] for d in dicts if d.get(k) is not None)
+            for k in dicts[0]
+        }
+
+    out["latency"] = median_of([r["latency"] for r in runs]) or runs[-1]["latency"]
+    if any(r.get("server_timing") for r in runs):
+        out["server_timing"] = {
+            k: median_of([(r.get("server_timing") or {}).get(k) for r in runs]) for k in ("queue", "compute")
+        }
+    for k in ("client_cpu_share", "server_cpu_share"):
+        shares = [(r[k], r["window_s"]) for r in runs if r.get(k) is not None]
+        out[k] = sum(v * w for v, w in shares) / max(sum(w for _, w in shares), 1e-9) if shares else None
+    eb = [r["engine_rows_batches"] for r in runs if r.get("engine_rows_batches")]
+    if eb:
+        out["engine_rows_batches"] = [sum(e[0] for e in eb), sum(e[1] for e in eb)]
+        out["engine_mean_batch_rows"] = out["engine_rows_batches"][0] / out["engine_rows_batches"][1]
+    out["rounds"] = [{"throughput_rps": r["throughput_rps"], "p50_ms": r["latency"]["p50_ms"]} for r in runs]
+    failures = [r["failure"] for r in runs if r.get("failure")]
+    out.pop("failure", None)
+    if out["ok"] == 0 and failures:
+        out["failure"] = failures[0]
+    return out
 
 
 def _ms(v: float | None) -> str:
@@ -309,38 +396,74 @@ def run(s: CeilingSettings) -> dict[str, Any]:
     failed: dict[str, str] = {}
     print(f"[ceiling] precision {precision} ({choice.reason}), device {s.device}, threads {s.threads}", flush=True)
 
-    # 1. in-process, each scenario in a fresh Runtime (GPU memory per scenario is then its own)
-    ceiling: dict[str, dict[str, Any]] = {}
+    # 1. in-process: one Runtime per scenario (GPU memory per scenario is taken as each loads)
+    live: dict[str, InProcess] = {}
     for name, models in scenarios.items():
         try:
-            ceiling[name] = in_process(store_root, models, texts, s, precision)
+            live[name] = InProcess(store_root, models, texts, s, precision)
         except Exception as e:  # noqa: BLE001 - a refused variant is recorded, the other scenarios still run
             failed[f"{name} in-process"] = f"{type(e).__name__}: {e}"
-            continue
-        finally:
-            gc.collect()
-            if s.device == "cuda":
-                torch.cuda.empty_cache()
-        graphs = ceiling[name].get("cuda_graphs")
-        print(
-            f"[ceiling] {name:>14} in-process {ceiling[name]['rows_per_s']:8.1f} rows/s"
-            + (f"  CUDA graphs {json.dumps(graphs)[:300]}" if graphs else ""),
-            flush=True,
-        )
 
-    # 2. the service, once, serving every scenario's variants
+    # 2. the service serving every scenario's variants, and the naive pipeline() server on one model
     all_models = sorted({m for ms in scenarios.values() for m in ms})
+    naive_model = next((m for m in ("full", "lora-0") if m in all_models), None) if s.naive else None
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    service: dict[str, list[dict[str, Any]]] = {}
+    naive_port = next(p for p in iter(free_port, None) if p != port)
+    url, naive_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{naive_port}"
     cmd = _service_cmd(store_root, port, all_models, s, precision)
+    naive_cmd = [sys.executable, "-m", "benchmarks", "baseline-server", "--model", str(naive_model)]
+    naive_cmd += ["--store", str(store_root), "--port", str(naive_port), "--device", s.device]
+
+    # 3. rounds: every in-process loop, every HTTP level of the service, then the naive server's, in turn,
+    # --duration / --rounds seconds each, so that a noisy machine's drift hits every figure alike (one
+    # phase after another, it once made 32 mixed adapters read 0.85x one adapter where the same ops run)
+    slice_s = s.duration / s.rounds
+    ip_rounds: dict[str, list[tuple[int, int, float]]] = {name: [] for name in live}
+    http: dict[tuple[str, int], list[dict[str, Any]]] = {}
     service_graphs = None
-    with running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()) as proc:
-        for name, models in scenarios.items():
-            service[name] = http_levels(url, proc.pid, name, models, texts, s)
+    with contextlib.ExitStack() as servers:
+        proc = servers.enter_context(running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()))
+        naive_proc = (
+            servers.enter_context(
+                running_server(naive_cmd, f"{naive_url}/readyz", timeout_s=s.start_timeout, env=offline_env())
+            )
+            if naive_model
+            else None
+        )
+        for k in range(s.rounds):
+            print(f"[ceiling] round {k + 1}/{s.rounds}", flush=True)
+            for name, ip in live.items():
+                ip_rounds[name].append(ip.timed(slice_s))
+                rows, _, el = ip_rounds[name][-1]
+                print(f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s", flush=True)
+            targets = [(url, proc.pid, name, models) for name, models in scenarios.items()]
+            if naive_proc:
+                targets.append((naive_url, naive_proc.pid, "naive", [naive_model]))
+            for u, pid, name, models in targets:
+                for c in s.concurrency:
+                    http.setdefault((name, c), []).append(http_level(u, pid, name, models, texts, s, c, slice_s))
         if s.device == "cuda":  # did the service replay graphs, or fall back to eager (and why)?
             service_graphs = httpx.get(f"{url}/v1/models", timeout=30).json().get("cuda_graphs")
             print(f"[ceiling] service CUDA graphs: {json.dumps(service_graphs)[:2000]}", flush=True)
+    ceiling = {name: ip.summary(ip_rounds[name]) for name, ip in live.items()}
+    for name, ip in live.items():
+        ip.close()
+        graphs = ceiling[name].get("cuda_graphs")
+        print(
+            f"[ceiling] {name:>14} in-process {ceiling[name]['rows_per_s']:8.1f} rows/s over {s.rounds} round(s)"
+            + (f"  CUDA graphs {json.dumps(graphs)[:300]}" if graphs else ""),
+            flush=True,
+        )
+    live.clear()
+    gc.collect()
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+    service = {name: [merge_rounds(http[(name, c)]) for c in s.concurrency] for name in scenarios}
+    naive = (
+        {"model": naive_model, "runs": [merge_rounds(http[("naive", c)]) for c in s.concurrency]}
+        if naive_model
+        else None
+    )
 
     # 2b. in-process again at the rows per batch the engine formed at each level: the service cannot
     # beat its own batches (a closed loop of c=32 settles into two alternating half batches), so
@@ -364,17 +487,6 @@ def run(s: CeilingSettings) -> dict[str, Any]:
                 finally:
                     gc.collect()
             r["in_process_at_engine_batch"] = {"batch_size": bs, "rows_per_s": matched[(name, bs)]}
-
-    # 3. the naive pipeline() server on one model
-    naive: dict[str, Any] | None = None
-    naive_model = next((m for m in ("full", "lora-0") if m in all_models), None)
-    if s.naive and naive_model:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "benchmarks", "baseline-server", "--model", naive_model]
-        cmd += ["--store", str(store_root), "--port", str(port), "--device", s.device]
-        with running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()) as proc:
-            naive = {"model": naive_model, "runs": http_levels(url, proc.pid, "naive", [naive_model], texts, s)}
 
     rows = summary_rows(scenarios, ceiling, service, naive)
     for r in rows:
@@ -499,7 +611,13 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
             f"batches of {doc['settings']['max_batch_size']} in-process"
             + (f" on {doc['settings']['lanes']} lanes at once" if doc["settings"].get("lanes", 1) > 1 else "")
             + "; wrk for the HTTP levels, "
-            f"{doc['settings']['duration']} s each.\n"
+            f"{doc['settings']['duration']} s each"
+            + (
+                f", in {doc['settings']['rounds']} interleaved rounds (latency: median of the rounds')"
+                if doc["settings"].get("rounds", 1) > 1
+                else " (one phase after another)"
+            )
+            + ".\n"
         )
         rows = [
             [

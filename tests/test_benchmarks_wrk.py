@@ -138,7 +138,8 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
         adapters=3,
         scenarios=["full", "adapters-3"],
         concurrency=[1],
-        duration=1,
+        duration=2,
+        rounds=2,  # each measurement in two slices, in turn with the others
         warmup=0,
         precision="fp32",
         max_batch_size=8,
@@ -151,7 +152,18 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
     assert [(r["scenario"], r["concurrency"]) for r in p["rows"]] == [("full", 1), ("adapters-3", 1)]
     for r in p["rows"]:
         sc = p["scenarios"][r["scenario"]]
-        assert sc["in_process"]["rows"] % 8 == 0 and sc["in_process"]["batches"] >= 3 and sc["in_process"]["lanes"] == 2
+        ip = sc["in_process"]
+        assert ip["rows"] % 8 == 0 and ip["batches"] >= 6 and ip["lanes"] == 2 and len(ip["rounds_rows_per_s"]) == 2
+        assert ip["rows_per_s"] == pytest.approx(ip["rows"] / ip["elapsed_s"])
+        # the HTTP level's two rounds merge into one: throughput over both, each round's kept
+        run = sc["runs"][0]
+        assert [x["throughput_rps"] > 0 for x in run["rounds"]] == [True, True]
+        assert r["service_rps"] == pytest.approx(run["ok"] / run["window_s"])
+        assert (
+            min(x["throughput_rps"] for x in run["rounds"])
+            <= r["service_rps"]
+            <= max(x["throughput_rps"] for x in run["rounds"])
+        )
         assert r["service_over_in_process"] == pytest.approx(r["service_rps"] / sc["in_process"]["rows_per_s"])
         assert r["service_over_naive"] == pytest.approx(r["service_rps"] / r["naive_rps"])
         assert r["p50_minus_compute_ms"] == pytest.approx(r["p50_ms"] - r["compute_p50_ms"])
@@ -161,7 +173,9 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
         matched = sc["runs"][0]["in_process_at_engine_batch"]["rows_per_s"]
         assert r["service_over_matched"] == pytest.approx(r["service_rps"] / matched)
     assert set(p["scenarios"]["adapters-3"]["runs"][0]["per_model_requests"]) == {"lora-0", "lora-1", "lora-2"}
-    assert p["naive"]["model"] == "full" and p["naive"]["runs"][0]["ok"] > 0
+    assert (
+        p["naive"]["model"] == "full" and p["naive"]["runs"][0]["ok"] > 0 and len(p["naive"]["runs"][0]["rounds"]) == 2
+    )
     from benchmarks.report import collect
 
     docs, _ = collect([tmp_path / "ceiling.json"])
