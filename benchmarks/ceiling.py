@@ -179,12 +179,22 @@ class InProcess:
 
     def timed(self, duration_s: float) -> tuple[int, int, float]:
         """(rows, batches, seconds) of batches on `lanes` threads at once for `duration_s`."""
+        import torch
+
+        cuda = self.s.device == "cuda"
+        if cuda:  # the other scenarios' Runtimes are resident too: count only what this one adds
+            torch.cuda.reset_peak_memory_stats()
+            mem0 = torch.cuda.memory_allocated()
         threads = max(1, self.s.threads // self.lanes)
         rows, n, t0 = _lanes(
             self.one, self.batches[self.next :] + self.batches[: self.next], self.lanes, threads, duration_s
         )
+        elapsed_s = time.perf_counter() - t0
         self.next = (self.next + n) % len(self.batches)
-        return rows, n, time.perf_counter() - t0
+        if cuda:
+            peak = self.memory["gpu_memory_loaded_bytes"] + torch.cuda.max_memory_allocated() - mem0
+            self.memory["gpu_memory_peak_bytes"] = max(self.memory["gpu_memory_peak_bytes"], peak)
+        return rows, n, elapsed_s
 
     def summary(self, rounds: list[tuple[int, int, float]]) -> dict[str, Any]:
         rows, n, elapsed_s = (sum(r[i] for r in rounds) for i in range(3))

@@ -39,7 +39,7 @@ if [ "$PART" = 1 ]; then
   # 2026-11-28 (H200): ceiling 175 s, train-speed 6 runs > 110 s, recipe-compare with compile auto spent
   # its 90 s compiling (hence compile=false here: eager vs the Trainer; compiled runs are PART 2).
   step ceiling 230 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
-    --scenarios full,adapters-32 --concurrency 1,32,64 --duration $DUR --warmup 1 --out "$OUT/ceiling-gpu.json"
+    --scenarios full,adapters-32 --concurrency 1,32,64 --duration $DUR --warmup 1 --rounds 2 --out "$OUT/ceiling-gpu.json"
   step train-speed 150 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full,lora --batch-sizes $BATCHES \
     --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu.json"
   step recipe-compare 80 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 60 --batch-size 16 \
@@ -53,7 +53,7 @@ elif [ "$PART" = 2 ]; then
   step train-compiled 300 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes 16,64 \
     --compile true --steps 40 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-compiled.json"
   step frontends 100 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
-    --scenarios full,adapters-32 --concurrency 64,128 --duration $DUR --warmup 1 --no-naive \
+    --scenarios full,adapters-32 --concurrency 64,128 --duration $DUR --warmup 1 --rounds 2 --no-naive \
     --service-args=--frontends,4 --out "$OUT/ceiling-gpu-frontends4.json"
 else
   { nvidia-smi || true; $py -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"; nproc; which wrk; } > "$OUT/env.txt" 2>&1
@@ -66,7 +66,7 @@ else
     --study-precision bf16 --steady-after 10 --test-samples 32 \
     --overrides $RC_SET,compile=true,compile_mode=reduce-overhead --out "$OUT/recipe-compare-gpu.json"
   step ceiling 190 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
-    --scenarios full,adapters-32 --concurrency 1,32,64 --duration 4 --warmup 1 --out "$OUT/ceiling-gpu.json"
+    --scenarios full,adapters-32 --concurrency 1,32,64 --duration 4 --warmup 1 --rounds 2 --out "$OUT/ceiling-gpu.json"
   step memory 120 $py -m benchmarks memory --store $STORE --variants full,lora-0 --counts 1,8,32,128 \
     "${DEV[@]}" --precision bf16 --out "$OUT/memory-gpu.json"
 fi
