@@ -377,6 +377,126 @@ def _compute_p50(r: dict[str, Any]) -> float | None:
     return ((r.get("server_timing") or {}).get("compute") or {}).get("p50_ms")
 
 
+def _load_in_process(
+    store_root: Path,
+    scenarios: dict[str, list[str]],
+    texts: list[str],
+    s: CeilingSettings,
+    precision: str,
+    failed: dict[str, str],
+) -> dict[str, InProcess]:
+    """One Runtime per scenario, loaded and warmed up (GPU memory per scenario is taken as each loads)."""
+    live: dict[str, InProcess] = {}
+    for name, models in scenarios.items():
+        try:
+            live[name] = InProcess(store_root, models, texts, s, precision)
+        except Exception as e:  # noqa: BLE001 - a refused variant is recorded, the other scenarios still run
+            failed[f"{name} in-process"] = f"{type(e).__name__}: {e}"
+    return live
+
+
+def _rounds(
+    store_root: Path,
+    scenarios: dict[str, list[str]],
+    live: dict[str, InProcess],
+    texts: list[str],
+    s: CeilingSettings,
+    precision: str,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]], dict[str, Any] | None, Any]:
+    """The service (every scenario's variants) and the naive pipeline() server (one model) up together;
+    then --rounds rounds of every in-process loop, every HTTP level of the service, then the naive
+    server's, --duration / --rounds seconds each, so that a noisy machine's drift hits every figure alike
+    (one phase after another, it once made 32 mixed adapters read 0.85x one adapter where the same ops run).
+    Returns (in-process, service levels, naive levels, the service's CUDA-graph state); closes `live`."""
+    import torch
+
+    all_models = sorted({m for ms in scenarios.values() for m in ms})
+    naive_model = next((m for m in ("full", "lora-0") if m in all_models), None) if s.naive else None
+    port = free_port()
+    naive_port = next(p for p in iter(free_port, None) if p != port)
+    url, naive_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{naive_port}"
+    cmd = _service_cmd(store_root, port, all_models, s, precision)
+    naive_cmd = [sys.executable, "-m", "benchmarks", "baseline-server", "--model", str(naive_model)]
+    naive_cmd += ["--store", str(store_root), "--port", str(naive_port), "--device", s.device]
+    slice_s = s.duration / s.rounds
+    ip_rounds: dict[str, list[tuple[int, int, float]]] = {name: [] for name in live}
+    http: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    service_graphs = None
+    with contextlib.ExitStack() as servers:
+        proc = servers.enter_context(running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()))
+        targets = [(url, proc.pid, name, models) for name, models in scenarios.items()]
+        if naive_model:
+            naive_proc = servers.enter_context(
+                running_server(naive_cmd, f"{naive_url}/readyz", timeout_s=s.start_timeout, env=offline_env())
+            )
+            targets.append((naive_url, naive_proc.pid, "naive", [naive_model]))
+        for k in range(s.rounds):
+            print(f"[ceiling] round {k + 1}/{s.rounds}", flush=True)
+            for name, ip in live.items():
+                ip_rounds[name].append(ip.timed(slice_s))
+                rows, _, el = ip_rounds[name][-1]
+                print(f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s", flush=True)
+            for u, pid, name, models in targets:
+                for c in s.concurrency:
+                    http.setdefault((name, c), []).append(http_level(u, pid, name, models, texts, s, c, slice_s))
+        if s.device == "cuda":  # did the service replay graphs, or fall back to eager (and why)?
+            service_graphs = httpx.get(f"{url}/v1/models", timeout=30).json().get("cuda_graphs")
+            print(f"[ceiling] service CUDA graphs: {json.dumps(service_graphs)[:2000]}", flush=True)
+    ceiling = {name: ip.summary(ip_rounds[name]) for name, ip in live.items()}
+    for name, ip in live.items():
+        ip.close()
+        graphs = ceiling[name].get("cuda_graphs")
+        print(
+            f"[ceiling] {name:>14} in-process {ceiling[name]['rows_per_s']:8.1f} rows/s over {s.rounds} round(s)"
+            + (f"  CUDA graphs {json.dumps(graphs)[:300]}" if graphs else ""),
+            flush=True,
+        )
+    live.clear()
+    gc.collect()
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+    service = {name: [merge_rounds(http[(name, c)]) for c in s.concurrency] for name in scenarios}
+    naive = (
+        {"model": naive_model, "runs": [merge_rounds(http[("naive", c)]) for c in s.concurrency]}
+        if naive_model
+        else None
+    )
+    return ceiling, service, naive, service_graphs
+
+
+def _matched(
+    store_root: Path,
+    scenarios: dict[str, list[str]],
+    service: dict[str, list[dict[str, Any]]],
+    texts: list[str],
+    s: CeilingSettings,
+    precision: str,
+    failed: dict[str, str],
+) -> None:
+    """In-process again at the rows per batch the engine formed at each level (recorded in the level):
+    the service cannot beat its own batches (a closed loop of c=32 settles into two alternating half
+    batches), so service / this isolates what the serving path itself costs. Runs after the rounds."""
+    matched: dict[tuple[str, int], float] = {}
+    for name, runs in service.items():
+        for r in runs:
+            bs = round(r.get("engine_mean_batch_rows") or 0)
+            if not 1 <= bs < s.max_batch_size:
+                continue
+            if (name, bs) not in matched:
+                try:
+                    res = in_process(
+                        store_root, scenarios[name], texts, s.model_copy(update={"max_batch_size": bs}), precision
+                    )
+                    matched[(name, bs)] = res["rows_per_s"]
+                    print(f"[ceiling] {name:>14} in-process at batch {bs}: {res['rows_per_s']:8.1f} rows/s", flush=True)
+                except Exception as e:  # noqa: BLE001 - recorded; the other figures stand
+                    failed[f"{name} in-process at batch {bs}"] = f"{type(e).__name__}: {e}"
+                    continue
+                finally:
+                    gc.collect()
+            r["in_process_at_engine_batch"] = {"batch_size": bs, "rows_per_s": matched[(name, bs)]}
+
+
 def run(s: CeilingSettings) -> dict[str, Any]:
     import torch
 
@@ -406,97 +526,9 @@ def run(s: CeilingSettings) -> dict[str, Any]:
     failed: dict[str, str] = {}
     print(f"[ceiling] precision {precision} ({choice.reason}), device {s.device}, threads {s.threads}", flush=True)
 
-    # 1. in-process: one Runtime per scenario (GPU memory per scenario is taken as each loads)
-    live: dict[str, InProcess] = {}
-    for name, models in scenarios.items():
-        try:
-            live[name] = InProcess(store_root, models, texts, s, precision)
-        except Exception as e:  # noqa: BLE001 - a refused variant is recorded, the other scenarios still run
-            failed[f"{name} in-process"] = f"{type(e).__name__}: {e}"
-
-    # 2. the service serving every scenario's variants, and the naive pipeline() server on one model
-    all_models = sorted({m for ms in scenarios.values() for m in ms})
-    naive_model = next((m for m in ("full", "lora-0") if m in all_models), None) if s.naive else None
-    port = free_port()
-    naive_port = next(p for p in iter(free_port, None) if p != port)
-    url, naive_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{naive_port}"
-    cmd = _service_cmd(store_root, port, all_models, s, precision)
-    naive_cmd = [sys.executable, "-m", "benchmarks", "baseline-server", "--model", str(naive_model)]
-    naive_cmd += ["--store", str(store_root), "--port", str(naive_port), "--device", s.device]
-
-    # 3. rounds: every in-process loop, every HTTP level of the service, then the naive server's, in turn,
-    # --duration / --rounds seconds each, so that a noisy machine's drift hits every figure alike (one
-    # phase after another, it once made 32 mixed adapters read 0.85x one adapter where the same ops run)
-    slice_s = s.duration / s.rounds
-    ip_rounds: dict[str, list[tuple[int, int, float]]] = {name: [] for name in live}
-    http: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    service_graphs = None
-    with contextlib.ExitStack() as servers:
-        proc = servers.enter_context(running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()))
-        naive_proc = (
-            servers.enter_context(
-                running_server(naive_cmd, f"{naive_url}/readyz", timeout_s=s.start_timeout, env=offline_env())
-            )
-            if naive_model
-            else None
-        )
-        for k in range(s.rounds):
-            print(f"[ceiling] round {k + 1}/{s.rounds}", flush=True)
-            for name, ip in live.items():
-                ip_rounds[name].append(ip.timed(slice_s))
-                rows, _, el = ip_rounds[name][-1]
-                print(f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s", flush=True)
-            targets = [(url, proc.pid, name, models) for name, models in scenarios.items()]
-            if naive_proc:
-                targets.append((naive_url, naive_proc.pid, "naive", [naive_model]))
-            for u, pid, name, models in targets:
-                for c in s.concurrency:
-                    http.setdefault((name, c), []).append(http_level(u, pid, name, models, texts, s, c, slice_s))
-        if s.device == "cuda":  # did the service replay graphs, or fall back to eager (and why)?
-            service_graphs = httpx.get(f"{url}/v1/models", timeout=30).json().get("cuda_graphs")
-            print(f"[ceiling] service CUDA graphs: {json.dumps(service_graphs)[:2000]}", flush=True)
-    ceiling = {name: ip.summary(ip_rounds[name]) for name, ip in live.items()}
-    for name, ip in live.items():
-        ip.close()
-        graphs = ceiling[name].get("cuda_graphs")
-        print(
-            f"[ceiling] {name:>14} in-process {ceiling[name]['rows_per_s']:8.1f} rows/s over {s.rounds} round(s)"
-            + (f"  CUDA graphs {json.dumps(graphs)[:300]}" if graphs else ""),
-            flush=True,
-        )
-    live.clear()
-    gc.collect()
-    if s.device == "cuda":
-        torch.cuda.empty_cache()
-    service = {name: [merge_rounds(http[(name, c)]) for c in s.concurrency] for name in scenarios}
-    naive = (
-        {"model": naive_model, "runs": [merge_rounds(http[("naive", c)]) for c in s.concurrency]}
-        if naive_model
-        else None
-    )
-
-    # 2b. in-process again at the rows per batch the engine formed at each level: the service cannot
-    # beat its own batches (a closed loop of c=32 settles into two alternating half batches), so
-    # service / this isolates what the serving path itself costs
-    matched: dict[tuple[str, int], float] = {}
-    for name, runs in service.items():
-        for r in runs:
-            bs = round(r.get("engine_mean_batch_rows") or 0)
-            if not 1 <= bs < s.max_batch_size:
-                continue
-            if (name, bs) not in matched:
-                try:
-                    res = in_process(
-                        store_root, scenarios[name], texts, s.model_copy(update={"max_batch_size": bs}), precision
-                    )
-                    matched[(name, bs)] = res["rows_per_s"]
-                    print(f"[ceiling] {name:>14} in-process at batch {bs}: {res['rows_per_s']:8.1f} rows/s", flush=True)
-                except Exception as e:  # noqa: BLE001 - recorded; the other figures stand
-                    failed[f"{name} in-process at batch {bs}"] = f"{type(e).__name__}: {e}"
-                    continue
-                finally:
-                    gc.collect()
-            r["in_process_at_engine_batch"] = {"batch_size": bs, "rows_per_s": matched[(name, bs)]}
+    live = _load_in_process(store_root, scenarios, texts, s, precision, failed)
+    ceiling, service, naive, service_graphs = _rounds(store_root, scenarios, live, texts, s, precision)
+    _matched(store_root, scenarios, service, texts, s, precision, failed)
 
     rows = summary_rows(scenarios, ceiling, service, naive)
     for r in rows:
