@@ -8,7 +8,8 @@ longest <= --max-batch-tokens -> one forward -> answer each finished request thr
 callback.
 
 Lanes (CPU): a compute-heavy torch model's batches run on lane threads, up to --lanes at once with
---lone-threads/lanes torch threads each (Runtime.lane_parallel); everything else runs on this thread,
+--lone-threads/lanes torch threads each (Runtime.lane_parallel), at niceness +--lane-nice so that
+front-ends and the swap worker run first when they wake; everything else runs on this thread,
 one batch at a time. Whatever changes the models (commands, cold reloads, freeing replaced versions,
 eviction) waits until no batch runs, so a running batch never loses its weights.
 
@@ -25,6 +26,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -113,7 +115,11 @@ class Batcher:
         self._lane_threads = max(1, self.cfg.lone_threads // self.lanes)
         self._busy = 0  # batches running on lane threads (changes under _cond)
         self._lane_pool = (
-            concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="lane") if self.lanes > 1 else None
+            concurrent.futures.ThreadPoolExecutor(
+                self.lanes, thread_name_prefix="lane", initializer=_nice_thread, initargs=(self.cfg.lane_nice,)
+            )
+            if self.lanes > 1
+            else None
         )
         self._answer_lock = threading.Lock()  # rows of one request may finish on two lanes at once
         # Verification and golden checks of new variants run here, beside the batches (Runtime.prepare), on
@@ -504,3 +510,10 @@ class Batcher:
     def _update_gauges(self) -> None:
         self.metrics.loaded_adapters.set(self.runtime.resident_adapters())
         self.metrics.loaded_variants.set(len(self.runtime.entries))
+
+
+def _nice_thread(nice: int) -> None:
+    """Raise this thread's niceness by `nice` (Linux sets it per thread; elsewhere a no-op)."""
+    if nice:
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)

@@ -98,6 +98,20 @@ class ServiceConfig(BaseModel):
         "(2-core Xeon, MiniLM in-process): two 1-thread lanes gave 1.45x (fp32) to 2x (bf16) the rows/s of one "
         "2-thread lane",
     )
+    # Lanes run one batch each on one thread, so a lane preempted by a waking front-end stalls only its own
+    # batch (unlike one batch on every core, where one preempted OpenMP thread stalls it: see frontend_nice).
+    # Measured, 2-core Xeon (avx512_bf16), MiniLM bf16, interleaved runs of 0 vs 10:
+    #   hot-swap (demo store, wrk c=4, 20 swaps, 3 pairs): replace p50 54.2/45.1/52.0 -> 48.1/46.5/45.9 ms,
+    #   reload 54.3/57.5/49.0 -> 44.7/45.1/50.9 ms, background requests served 1,521 -> 1,582 per run, 0 failed;
+    #   ceiling c=32 (2 pairs, 6 s in 2 rounds): service / in-process full 0.66/0.64 -> 0.77/0.91, 32 mixed
+    #   adapters 0.60/0.57 -> 0.62/0.66; c=1 unchanged (a lone request runs on the batcher thread).
+    lane_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="niceness added to the lane threads (Linux: per thread; 0 = off): the front-ends, the engine's "
+        "socket loop and a hot-swap's golden check run first when they wake, the lanes take the rest of the CPU",
+    )
     # Measured on this project's CPU (avx512_bf16, 2 threads, batch 16x64): MiniLM fp32 1272 ms,
     # autocast 1871 ms, bf16 weights 208 ms; RoBERTa-base 3204 / 2115 / 1465 ms. Autocast pays a
     # cast per op, so casting the weights once is the default.

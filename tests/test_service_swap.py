@@ -249,7 +249,7 @@ def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
     store = make_store(tmp_path / "store", arch="bert", n_adapters=4, full=True)
     names = ["full", "lora-0", "lora-1", "lora-2", "lora-3"]
     expected = {n: golden_probs(store, n) for n in names}
-    with running(store.root, lanes=2, lone_threads=2, max_adapters=3, max_wait_ms=2) as srv:
+    with running(store.root, lanes=2, lone_threads=2, max_adapters=3, max_wait_ms=2, lane_nice=7) as srv:
         stop = threading.Event()
         failures: list[str] = []
         answered = [0]
@@ -280,6 +280,12 @@ def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
             for f in futures:
                 f.result()
         text = srv.client.get("/metrics").text
+        # the lane threads run at niceness +7 (Linux: per thread), the engine's other threads at 0
+        pid = srv.app.state.supervisor.pid
+        nices = sorted(
+            int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in Path(f"/proc/{pid}/task").iterdir()
+        )
+    assert nices.count(7) == 2 and nices[0] == 0, nices
     assert not failures, failures[:3]
     assert answered[0] >= 60
     lane = next(ln for ln in text.splitlines() if ln.startswith('service_batches_total{where="lane"}'))
