@@ -100,11 +100,13 @@ class ServiceConfig(BaseModel):
     )
     # Lanes run one batch each on one thread, so a lane preempted by a waking front-end stalls only its own
     # batch (unlike one batch on every core, where one preempted OpenMP thread stalls it: see frontend_nice).
-    # Measured, 2-core Xeon (avx512_bf16), MiniLM bf16, interleaved runs of 0 vs 10:
-    #   hot-swap (demo store, wrk c=4, 20 swaps, 3 pairs): replace p50 54.2/45.1/52.0 -> 48.1/46.5/45.9 ms,
-    #   reload 54.3/57.5/49.0 -> 44.7/45.1/50.9 ms, background requests served 1,521 -> 1,582 per run, 0 failed;
-    #   ceiling c=32 (2 pairs, 6 s in 2 rounds): service / in-process full 0.66/0.64 -> 0.77/0.91, 32 mixed
-    #   adapters 0.60/0.57 -> 0.62/0.66; c=1 unchanged (a lone request runs on the batcher thread).
+    # Measured, 2-core Xeon (avx512_bf16), MiniLM bf16, interleaved runs of 0 vs 10, order alternated:
+    #   hot-swap (demo store, wrk c=4, 20 swaps, 5 pairs): replace p50 54.2/45.1/52.0/54.7/67.5 ->
+    #   48.1/46.5/45.9/50.5/48.2 ms (mean 54.7 -> 47.8), reload 54.3/57.5/49.0/46.9/62.3 -> 44.7/45.1/
+    #   50.9/49.0/43.6 ms (54.0 -> 46.7); 0 failed swaps and requests either way;
+    #   ceiling c=32 (4 pairs, 6 s in 2 rounds), service / in-process: full 0.66/0.64/0.86/0.66 ->
+    #   0.77/0.91/0.75/0.65 (no clear effect), adapters 0.60/0.57/0.61/0.51 -> 0.62/0.66/0.62/0.60;
+    #   c=1 unchanged (a lone request runs on the batcher thread, which keeps niceness 0).
     lane_nice: int = Field(
         10,
         ge=0,
