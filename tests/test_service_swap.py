@@ -280,12 +280,17 @@ def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
             for f in futures:
                 f.result()
         text = srv.client.get("/metrics").text
-        # the lane threads run at niceness +7 (Linux: per thread), the engine's other threads at 0
+        # the lane threads run 7 nicer (Linux: per thread) than the engine's other threads
         pid = srv.app.state.supervisor.pid
-        nices = sorted(
-            int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in Path(f"/proc/{pid}/task").iterdir()
-        )
-    assert nices.count(7) == 2 and nices[0] == 0, nices
+        nices = {
+            int(t.name): int((t / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for t in Path(f"/proc/{pid}/task").iterdir()
+        }
+    base = nices[pid]  # the engine's main thread: whatever niceness the test process runs at
+    # lane batches ran (checked below), so a lane thread exists; the pool starts its second one only
+    # when two batches overlap
+    nicer = [n for n in nices.values() if n != base]
+    assert 1 <= len(nicer) <= 2 and set(nicer) == {min(base + 7, 19)}, nices
     assert not failures, failures[:3]
     assert answered[0] >= 60
     lane = next(ln for ln in text.splitlines() if ln.startswith('service_batches_total{where="lane"}'))
