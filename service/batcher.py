@@ -513,7 +513,8 @@ class Batcher:
 
 
 def _nice_thread(nice: int) -> None:
-    """Raise this thread's niceness by `nice` (Linux sets it per thread; elsewhere a no-op)."""
+    """Raise this thread's niceness by `nice` (os.nice acts on the calling thread on Linux, as for
+    --frontend-nice in service/__main__.py; where it does not exist this is a no-op)."""
     if nice:
         with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            os.nice(nice)
