@@ -206,6 +206,7 @@ class InProcess:
             "lanes": self.lanes,
             "elapsed_s": elapsed_s,
             "rounds_rows_per_s": [r / e for r, _, e in rounds],
+            "precision": sorted({self.rt.entry_precision(e) for e in self.entries.values()}),
             **self.memory,
         }
         if self.s.device == "cuda":
@@ -402,12 +403,12 @@ def _rounds(
     texts: list[str],
     s: CeilingSettings,
     precision: str,
-) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]], dict[str, Any] | None, Any]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]], dict[str, Any] | None, dict[str, Any]]:
     """The service (every scenario's variants) and the naive pipeline() server (one model) up together;
     then --rounds rounds of every in-process loop, every HTTP level of the service, then the naive
     server's, --duration / --rounds seconds each, so that a noisy machine's drift hits every figure alike
     (one phase after another, it once made 32 mixed adapters read 0.85x one adapter where the same ops run).
-    Returns (in-process, service levels, naive levels, the service's CUDA-graph state); closes `live`."""
+    Returns (in-process, service levels, naive levels, the service's /v1/models at the end); closes `live`."""
     import torch
 
     all_models = sorted({m for ms in scenarios.values() for m in ms})
@@ -421,7 +422,6 @@ def _rounds(
     slice_s = s.duration / s.rounds
     ip_rounds: dict[str, list[tuple[int, int, float]]] = {name: [] for name in live}
     http: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    service_graphs = None
     with contextlib.ExitStack() as servers:
         proc = servers.enter_context(running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()))
         targets = [(url, proc.pid, name, models) for name, models in scenarios.items()]
@@ -439,9 +439,11 @@ def _rounds(
             for u, pid, name, models in targets:
                 for c in s.concurrency:
                     http.setdefault((name, c), []).append(http_level(u, pid, name, models, texts, s, c, slice_s))
-        if s.device == "cuda":  # did the service replay graphs, or fall back to eager (and why)?
-            service_graphs = httpx.get(f"{url}/v1/models", timeout=30).json().get("cuda_graphs")
-            print(f"[ceiling] service CUDA graphs: {json.dumps(service_graphs)[:2000]}", flush=True)
+        # what the service computed in, and on CUDA whether it replayed graphs or fell back to eager (and why)
+        service_models = httpx.get(f"{url}/v1/models", timeout=30).json()
+        print(f"[ceiling] service precision: {json.dumps(service_models.get('precision'))[:1000]}", flush=True)
+        if s.device == "cuda":
+            print(f"[ceiling] service CUDA graphs: {json.dumps(service_models.get('cuda_graphs'))[:2000]}", flush=True)
     ceiling = {name: ip.summary(ip_rounds[name]) for name, ip in live.items()}
     for name, ip in live.items():
         ip.close()
@@ -461,7 +463,7 @@ def _rounds(
         if naive_model
         else None
     )
-    return ceiling, service, naive, service_graphs
+    return ceiling, service, naive, service_models
 
 
 def _matched(
@@ -515,7 +517,9 @@ def run(s: CeilingSettings) -> dict[str, Any]:
         store_root = build_store(shape_store, s.shape, n_adapters=s.adapters, onnx_int8=s.onnx_int8)
         print(f"[ceiling] synthetic {s.shape} store at {store_root} ({time.perf_counter() - t0:.0f} s)", flush=True)
     choice = resolve_precision(s.precision, s.device)
-    precision = choice.precision
+    # the service and the in-process Runtime both get the requested precision and resolve it alike (auto
+    # on a CPU with native bf16 measures bf16 against fp32 per model at load: service/runtime.py)
+    precision = s.precision
     available = scenarios_of(set(Store(store_root).names()), s.adapters)
     wanted = s.scenarios or list(available)
     unknown = [w for w in wanted if w not in available]
@@ -524,10 +528,12 @@ def run(s: CeilingSettings) -> dict[str, Any]:
     scenarios = {k: available[k] for k in wanted}
     texts = agnews_test_texts(s.data)
     failed: dict[str, str] = {}
-    print(f"[ceiling] precision {precision} ({choice.reason}), device {s.device}, threads {s.threads}", flush=True)
+    print(
+        f"[ceiling] precision {choice.precision} ({choice.reason}), device {s.device}, threads {s.threads}", flush=True
+    )
 
     live = _load_in_process(store_root, scenarios, texts, s, precision, failed)
-    ceiling, service, naive, service_graphs = _rounds(store_root, scenarios, live, texts, s, precision)
+    ceiling, service, naive, service_models = _rounds(store_root, scenarios, live, texts, s, precision)
     _matched(store_root, scenarios, service, texts, s, precision, failed)
 
     rows = summary_rows(scenarios, ceiling, service, naive)
@@ -558,9 +564,10 @@ def run(s: CeilingSettings) -> dict[str, Any]:
         "store": str(store_root),
         "shape": None if s.store else s.shape,
         "precision": choice.as_dict(),
+        "service_precision": service_models.get("precision"),  # with each architecture's measurement, if any
         "device": s.device,
         "gpu": torch.cuda.get_device_name(0) if s.device == "cuda" else None,
-        "service_cuda_graphs": service_graphs,
+        "service_cuda_graphs": service_models.get("cuda_graphs"),
         "scenarios": {
             k: {"models": v, "in_process": ceiling.get(k), "runs": service.get(k, [])} for k, v in scenarios.items()
         },
@@ -661,6 +668,16 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
             )
             + ".\n"
         )
+        per_model = (doc.get("service_precision") or {}).get("per_model") or {}
+        if per_model:
+            parts.append(
+                "Per model, measured by the service at load: "
+                + "; ".join(
+                    f"`{k}` {m['precision']} (bf16 {m['bf16_ms']:.1f} ms vs fp32 {m['fp32_ms']:.1f} ms)"
+                    for k, m in per_model.items()
+                )
+                + ".\n"
+            )
         rows = [
             [
                 r["scenario"],

@@ -10,8 +10,12 @@ with avx512_bf16 and ~0.4x fp32 on one without. Tests fake only `cpu_flags` to e
 from __future__ import annotations
 
 import functools
+import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # The flags a reader needs to compare CPU figures across machines.
 CPU_FLAGS_OF_INTEREST = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx512f", "avx2")
@@ -82,6 +86,54 @@ def resolve_precision(requested: str, device: str) -> PrecisionChoice:
     if native:
         return PrecisionChoice("bf16", f"auto: CPU has native bf16 ({', '.join(native)})", requested)
     return PrecisionChoice("fp32", "auto: CPU lacks avx512_bf16/amx_bf16, where bf16 is slower than fp32", requested)
+
+
+# Shapes a per-model precision probe times (rows x tokens): a lone short request, and a lane's batch
+# of AG News-like texts (service/batcher.py forms ~8-16 rows a lane under load on 2 cores).
+PROBE_SHAPES = ((1, 48), (12, 64))
+
+
+def model_key(model: Any) -> str:
+    """What a per-model precision decision is cached by: the architecture (one measurement serves
+    every variant, and every replacement, of the same shape)."""
+    c = getattr(model, "config", None)
+    if c is None:
+        return f"{type(model).__name__}:{sum(p.numel() for p in model.parameters())}"
+    dims = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+    return f"{c.model_type}:" + "x".join(str(getattr(c, d, "?")) for d in dims)
+
+
+def faster_precision(forward: Callable[[str, Any, Any], Any], pad_id: int, rounds: int = 2) -> dict[str, Any]:
+    """Time `forward(precision, input_ids, attention_mask)` on CPU in "fp32" and "bf16" at PROBE_SHAPES;
+    the faster precision wins.
+
+    Why per model: native bf16 (AMX / avx512_bf16) pays for a model's large matmuls, but each bf16
+    oneDNN call has a fixed cost that a small model's tiny matmuls do not earn back. Measured on this
+    project's 2-core Xeon with AMX, one thread, in-process: MiniLM (width 384) bf16 ~2x fp32 at every
+    batch; the 2-layer width-32 model fp32 2.2x bf16 for one row (1.0 vs 2.3 ms) and 1.07x at 12 rows.
+    Rounds alternate the order (drift on a shared machine hits both); the best of each counts, the
+    first run of each being its warm-up.
+    """
+    import torch
+
+    best = {"fp32": [math.inf] * len(PROBE_SHAPES), "bf16": [math.inf] * len(PROBE_SHAPES)}
+    for k, (rows, width) in enumerate(PROBE_SHAPES):
+        ids = torch.full((rows, width), pad_id, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        for r in range(rounds + 1):
+            for precision in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    forward(precision, ids, mask)
+                best[precision][k] = min(best[precision][k], time.perf_counter() - t0)
+    fp32_ms, bf16_ms = (sum(best[p]) * 1e3 for p in ("fp32", "bf16"))
+    shapes = " + ".join(f"{r}x{w}" for r, w in PROBE_SHAPES)
+    return {
+        "precision": "bf16" if bf16_ms < fp32_ms else "fp32",
+        "fp32_ms": round(fp32_ms, 3),
+        "bf16_ms": round(bf16_ms, 3),
+        "reason": f"measured at load: forwards of {shapes} tokens took {bf16_ms:.1f} ms in bf16, {fp32_ms:.1f} ms in fp32",
+    }
 
 
 def machine() -> dict[str, object]:

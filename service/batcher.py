@@ -207,13 +207,14 @@ class Batcher:
         return {
             "ready": self.ready.is_set(),
             "startup_error": self.startup_error,
-            "precision": self.runtime.precision_choice.as_dict(),
+            "precision": self.runtime.precision_state(),
             "cuda_graphs": self.runtime.graph_state(),
             "refused": dict(self.runtime.refused),
             "queue_rows": self.queue_depth(),
             "entries": {
                 name: {
                     "kind": e.kind,
+                    "precision": self.runtime.entry_precision(e),
                     "labels": e.manifest.labels,
                     "tok": e.tok_key,
                     "resident": e.resident,

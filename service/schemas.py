@@ -105,6 +105,9 @@ class ModelInfo(BaseModel):
     bytes: int | None
     last_used: float | None = Field(description="unix time of the last request, None if never")
     request_count: int
+    precision: str | None = Field(
+        None, description="what it computes in while loaded (auto on a CPU with native bf16: measured per model)"
+    )
     error: str | None = Field(None, description="why it is not loaded, when it was refused")
 
 
@@ -112,6 +115,11 @@ class PrecisionInfo(BaseModel):
     precision: str = Field(description="compute precision of torch variants: fp32, bf16 or fp16")
     requested: str = Field(description="what --precision asked for (auto or a precision)")
     reason: str = Field(description="why this precision (auto: what the hardware probe found)")
+    per_model: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="auto on a CPU with native bf16: per architecture, bf16 vs fp32 forward times at load "
+        "and the faster precision its variants compute in",
+    )
 
 
 class GraphsInfo(BaseModel):

@@ -196,11 +196,19 @@ def test_bf16_server_matches_fp32_within_tolerance(bert):
 
     with running(bert.store.root, precision="bf16", variants="lora-0,lora-1,full") as fast:
         chosen = fast.admin.get("/v1/models").json()["precision"]
-        assert chosen == {"precision": "bf16", "requested": "bf16", "reason": "bf16 requested explicitly"}
+        # explicit: taken as is, nothing measured per model
+        assert chosen == {
+            "precision": "bf16",
+            "requested": "bf16",
+            "reason": "bf16 requested explicitly",
+            "per_model": None,
+        }
         for name in ["lora-0", "lora-1", "full"]:
             np.testing.assert_allclose(fast.probs(name, GOLDEN_TEXTS), golden_probs(bert.store, name), atol=0.03)
         models = {m["name"]: m for m in fast.admin.get("/v1/models").json()["data"]}
         assert models["lora-0"]["loaded"] and not models["lora-2"]["loaded"]  # --variants selects
+        assert {models[n]["precision"] for n in ("lora-0", "lora-1", "full")} == {"bf16"}
+        assert models["lora-2"]["precision"] is None  # not loaded
 
 
 def test_config_layers_env_and_cli():

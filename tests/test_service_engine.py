@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import free_port, golden_probs, running, write_lora
 from tiny import GOLDEN_TEXTS, LABELS, make_store
@@ -229,6 +230,66 @@ def test_auto_precision_follows_the_cpu_probe(tmp_path, monkeypatch):
     choice = Engine(ServiceConfig(store=store.root), "ipc://unused").runtime.precision_choice
     assert choice.precision == "fp32" and "CPU_NATIVE_BF16=0" in choice.reason
     assert models.hardware.machine()["native_bf16"] is False
+    engine.ctx.term()
+
+
+@pytest.mark.parametrize("bf16_mode", ["weights", "autocast"])
+def test_auto_precision_per_model_on_a_cpu_with_native_bf16(tmp_path, monkeypatch, bf16_mode):
+    """auto on a bf16 CPU: each architecture is timed once in fp32 and bf16 at load and computes in the
+    faster one (weights cast, or autocast), shown per variant; both outcomes serve within tolerance."""
+    import torch
+
+    import models.hardware
+    import service.runtime
+    from benchmarks import synthetic
+    from models import Store
+    from service.config import ServiceConfig
+    from service.engine import Engine
+
+    store = Store(synthetic.build_store(tmp_path / "store", "tiny", n_adapters=1, onnx_int8=True))
+    monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    measured = models.hardware.faster_precision
+    calls = []
+
+    def probe(forward, pad_id, winner=None):
+        calls.append(winner)
+        m = measured(forward, pad_id, rounds=1)  # the real timing runs (both precisions' forwards)
+        assert m["fp32_ms"] > 0 and m["bf16_ms"] > 0
+        if winner is None:  # the real decision: whichever was faster
+            assert m["precision"] == ("bf16" if m["bf16_ms"] < m["fp32_ms"] else "fp32")
+        return {**m, "precision": winner or m["precision"]}
+
+    rows = [[101, 2000 + i, 2010, 102] for i in range(3)]
+    for winner in (None, "bf16", "fp32"):
+        monkeypatch.setattr(service.runtime, "faster_precision", lambda f, p, w=winner: probe(f, p, w))
+        engine = Engine(ServiceConfig(store=store.root, threads=1, bf16_mode=bf16_mode), f"ipc://{tmp_path}/u.sock")
+        rt = engine.runtime
+        rt.load_base()
+        for name in ("full", "lora-0", "onnx-int8"):
+            rt.load(name)  # each golden-checked at the tolerance of the precision it computes in
+        state = engine.state()
+        (key, m), *others = state["precision"]["per_model"].items()
+        assert not others, "base and full share one architecture: measured once"
+        chosen = m["precision"]
+        assert "per model" in state["precision"]["reason"] and m["reason"].startswith("measured at load")
+        entries = state["entries"]
+        assert entries["full"]["precision"] == entries["lora-0"]["precision"] == chosen
+        assert entries["onnx-int8"]["precision"] == "onnxruntime (int8 graph)"
+        weights = torch.bfloat16 if chosen == "bf16" and bf16_mode == "weights" else torch.float32
+        assert next(rt.entries["full"].model.parameters()).dtype == weights
+        assert next(rt.base.parameters()).dtype == weights
+        full = rt.forward([rt.entries["full"]], rows)
+        assert full.dtype == torch.float32 and torch.isfinite(full).all()
+        lora = rt.forward([rt.entries["lora-0"]] * len(rows), rows)
+        assert lora.shape == full.shape and torch.isfinite(lora).all()
+        engine.ctx.term()
+    assert calls == [None, "bf16", "fp32"]  # once per engine: the base's architecture serves "full" too
+
+    monkeypatch.setattr(service.runtime, "faster_precision", lambda *a: pytest.fail("explicit bf16 measured"))
+    engine = Engine(ServiceConfig(store=store.root, precision="bf16"), f"ipc://{tmp_path}/u.sock")
+    engine.runtime.load_base()
+    assert engine.runtime.precision_state()["per_model"] is None
+    assert next(engine.runtime.base.parameters()).dtype == torch.bfloat16
     engine.ctx.term()
 
 

@@ -39,6 +39,7 @@ async def list_models(request: Request) -> ModelList:
                 bytes=e["bytes"] if e else None,
                 last_used=(e["last_used"] or None) if e else None,
                 request_count=e["request_count"] if e else 0,
+                precision=e.get("precision") if e else None,
                 error=None if e else (state["refused"].get(name) or (info.error if info else None)),
             )
         )
