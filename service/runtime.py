@@ -141,7 +141,7 @@ class Runtime:
         # auto on a CPU with native bf16: each torch model computes in bf16 only where that measured faster
         # for its architecture at its first load (models.hardware.faster_precision); an explicit
         # --precision is taken as is. Measured (2-core Xeon with AMX): MiniLM keeps bf16 (~2x fp32); the
-        # 2-layer width-32 model computes in fp32: ceiling c=32 1,326 -> 1,485 req/s, c=1 p50 4.6 -> 3.7 ms.
+        # 2-layer width-32 model computes in fp32: ceiling c=32 1,326 -> 1,486 req/s, c=1 p50 4.7 -> 3.7 ms.
         self.per_model = cfg.precision == "auto" and self.device.type == "cpu" and self.precision == "bf16"
         self.model_precision: dict[str, dict[str, Any]] = {}  # model_key -> faster_precision's measurement
         # per model, torch models load in fp32 and become bf16 (weights or autocast) where bf16 won
