@@ -226,7 +226,7 @@ class Runtime:
             return model
         if self.model_precision[key]["precision"] == "fp32":
             if bf16_model is not None:
-                del bf16_model
+                bf16_model = forward = None  # the timing copy goes now
                 release_freed_memory()
             return model
         return bf16_model if bf16_model is not None else model.to(torch.bfloat16)
