@@ -440,7 +440,11 @@ def _rounds(
                 for c in s.concurrency:
                     http.setdefault((name, c), []).append(http_level(u, pid, name, models, texts, s, c, slice_s))
         # what the service computed in, and on CUDA whether it replayed graphs or fell back to eager (and why)
-        service_models = httpx.get(f"{url}/v1/models", timeout=30).json()
+        try:  # a figure source, never a reason to lose the measured rounds
+            service_models = httpx.get(f"{url}/v1/models", timeout=30).raise_for_status().json()
+        except (httpx.HTTPError, ValueError) as e:
+            service_models = {}
+            print(f"[ceiling] service /v1/models unreadable ({type(e).__name__}: {e})", flush=True)
         print(f"[ceiling] service precision: {json.dumps(service_models.get('precision'))[:1000]}", flush=True)
         if s.device == "cuda":
             print(f"[ceiling] service CUDA graphs: {json.dumps(service_models.get('cuda_graphs'))[:2000]}", flush=True)
