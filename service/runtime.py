@@ -211,7 +211,8 @@ class Runtime:
         cast = self.weight_dtype == "bf16"  # --bf16-mode weights: bf16 is a bf16 copy of the weights
         bf16_model = None
         if key not in self.model_precision:
-            # a bf16 copy to time (freed again if fp32 wins): briefly 1.5x the fp32 model's memory
+            # a bf16 copy to time (freed again if fp32 wins): deepcopy makes it from an fp32 copy, so the
+            # first load of an architecture briefly holds up to 2x the fp32 weights (RoBERTa-large ~1.4 GB more)
             bf16_model = copy.deepcopy(model).to(torch.bfloat16) if cast else model
 
             def forward(precision: str, ids: torch.Tensor, mask: torch.Tensor) -> Any:
