@@ -35,7 +35,7 @@ from models.hardware import PrecisionChoice, faster_precision, model_key, resolv
 from models.loading import length_chunks, load_base, model_mask, onnx_logits, pad_rows
 from models.lora_weights import LoraWeights, read_lora
 from models.manifest import Golden
-from models.variant import LoadedVariant, load_variant
+from models.variant import ONNX_KINDS, LoadedVariant, load_variant
 from service.config import ServiceConfig
 from service.errors import ModelNotFound, Refused
 from service.graphs import GraphedForward
@@ -203,9 +203,13 @@ class Runtime:
 
     def entry_precision(self, entry: Entry) -> str:
         """What a loaded variant computes in, as /v1/models shows it."""
-        if entry.kind in ("onnx", "onnx-int8"):
+        if entry.kind in ONNX_KINDS:
             return "onnxruntime (fp32 graph)" if entry.kind == "onnx" else "onnxruntime (int8 graph)"
-        return self.precision_of(self.base if entry.kind == "lora" else entry.model)
+        return self.precision_of(self._computes(entry))
+
+    def _computes(self, entry: Entry) -> Any:
+        """The model a forward of `entry` runs: the shared base for an adapter (through the bank)."""
+        return self.base if entry.kind == "lora" else entry.model
 
     def precision_state(self) -> dict[str, Any]:
         """The service's precision choice, and what each architecture measured (auto, CPU with native bf16)."""
@@ -500,7 +504,7 @@ class Runtime:
         view = LoadedVariant.wrap(
             entry.manifest, self.store.path(entry.name), entry.tokenizer, model if model is not None else entry.model
         )
-        computes = self.base if entry.kind == "lora" else entry.model  # what decides its precision
+        computes = self._computes(entry)  # what decides its precision
         with entry.tok_lock, self.autocast(computes):
             result = check_golden(view, subset=texts, precision=self.precision_of(computes))
         if not result.passed:
@@ -514,7 +518,7 @@ class Runtime:
         if self.graph_mode != "off":
             if first.kind == "lora":
                 return self._graphed_lora()(rows, self.bank.slots_of([e.adapter for e in entries]))
-            if first.kind not in ("onnx", "onnx-int8"):
+            if first.kind not in ONNX_KINDS:
                 return self._graphed_model(first)(rows)
             return self._eager(entries, rows)
         # Eager (CPU): one padded forward, or several over rows of similar length when the padding
@@ -537,7 +541,7 @@ class Runtime:
     def _eager(self, entries: list[Entry], rows: list[list[int]]) -> torch.Tensor:
         """One padded forward of `rows` (ONNX, or torch without graphs)."""
         first = entries[0]
-        if first.kind in ("onnx", "onnx-int8"):
+        if first.kind in ONNX_KINDS:
             ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0)
             return onnx_logits(
                 first.model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
@@ -545,7 +549,7 @@ class Runtime:
         lora = first.kind == "lora"
         ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        model = self.base if lora else first.model
+        model = self._computes(first)
         mask = self._mask(model)(mask)
         with self.autocast(model):
             if lora:
@@ -560,7 +564,7 @@ class Runtime:
         in a batch of 16) costs over LANE_ROW_S. A light model's rows cost less than the front-end's
         share of them, so its batches run one at a time and leave the front-ends a core (measured, 2-core
         Xeon, 1 thread: MiniLM ~7 ms a row bf16 / ~15 ms fp32, the 2-layer model ~0.3 ms)."""
-        if self.device.type != "cpu" or entry.kind in ("onnx", "onnx-int8"):
+        if self.device.type != "cpu" or entry.kind in ONNX_KINDS:
             return False
         if not by_cost:
             return True
