@@ -48,6 +48,13 @@ ONNX_FILE = "model.onnx"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def padded_width(longest: int, multiple: int, cap: int | None = None) -> int:
+    """`longest` rounded up to `multiple` tokens, never past `cap` (the positions the model was built
+    for / the truncation length) unless the longest row itself is longer."""
+    target = -(-longest // multiple) * multiple
+    return target if cap is None else min(target, max(longest, cap))
+
+
 def pad_rows(
     rows: Sequence[Sequence[int]], pad_id: int, *, height: int | None = None, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,8 @@ import torch
 
 from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
 from models.golden import check_golden
-from models.hardware import PrecisionChoice, faster_precision, model_key, resolve_precision
-from models.loading import length_chunks, load_base, model_mask, onnx_logits, pad_rows
+from models.hardware import PrecisionChoice, faster_precision, model_key, resolve_precision, width_multiple
+from models.loading import length_chunks, load_base, model_mask, onnx_logits, pad_rows, padded_width
 from models.lora_weights import LoraWeights, read_lora
 from models.manifest import Golden
 from models.variant import ONNX_KINDS, LoadedVariant, load_variant
@@ -547,9 +547,11 @@ class Runtime:
                 first.model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
             )
         lora = first.kind == "lora"
-        ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0)
-        ids, mask = ids.to(self.device), mask.to(self.device)
         model = self._computes(first)
+        multiple = width_multiple(self.device.type, self.precision_of(model))  # 16 for bf16 on CPU
+        width = padded_width(max(len(r) for r in rows), multiple, first.manifest.max_length)
+        ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0, width=width)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         mask = self._mask(model)(mask)
         with self.autocast(model):
             if lora:

@@ -278,10 +278,20 @@ def test_auto_precision_per_model_on_a_cpu_with_native_bf16(tmp_path, monkeypatc
         weights = torch.bfloat16 if chosen == "bf16" and bf16_mode == "weights" else torch.float32
         assert next(rt.entries["full"].model.parameters()).dtype == weights
         assert next(rt.base.parameters()).dtype == weights
+        for name in ("full", "lora-0"):  # the runtime's own cost measurements (1x8, 4x64) run first
+            rt.forward([rt.entries[name]] * 2, rows[:2])
+        widths = []  # what each forward was handed: bf16 on CPU pads to a multiple of 16 tokens
+        hooks = [
+            m.register_forward_pre_hook(lambda _, a, kw, w=widths: w.append(kw["input_ids"].shape[1]), with_kwargs=True)
+            for m in (rt.entries["full"].model, rt.base)
+        ]
         full = rt.forward([rt.entries["full"]], rows)
         assert full.dtype == torch.float32 and torch.isfinite(full).all()
         lora = rt.forward([rt.entries["lora-0"]] * len(rows), rows)
         assert lora.shape == full.shape and torch.isfinite(lora).all()
+        assert widths and set(widths) == {16 if chosen == "bf16" else len(rows[0])}
+        for h in hooks:
+            h.remove()
         engine.ctx.term()
     assert calls == [None, "bf16", "fp32"]  # once per engine: the base's architecture serves "full" too
 

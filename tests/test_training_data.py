@@ -123,3 +123,20 @@ def test_length_grouped_batches_pad_far_less(rows):
 def test_golden_texts_are_fixed_rows_per_class(rows):
     texts = golden_texts(rows, 2, 4)
     assert texts == [t for lab in range(4) for t in rows.loc[rows["label"] == lab, "text"].head(2)]
+
+
+def test_widths_pad_to_the_multiple_a_bf16_cpu_forward_wants_never_past_max_length(rows):
+    from models.hardware import width_multiple
+    from models.loading import padded_width
+
+    assert width_multiple("cpu", "bf16") == 16
+    assert width_multiple("cpu", "fp32") == width_multiple("cuda", "bf16") == 1  # MKL / graph buckets
+    assert [padded_width(n, 16, 128) for n in (1, 16, 17, 120, 128, 130)] == [16, 16, 32, 128, 128, 130]
+    assert padded_width(50, 16, 40) == 50  # a row longer than the cap keeps its width
+    tok = tokenizer()
+    data = encode(rows, tok, 20)
+    idx = np.argsort(data.lengths)[:5]
+    batch = collate(data, idx, tok.pad_token_id, length_multiple=16, max_length=20)
+    longest = int(data.lengths[idx].max())
+    assert batch["input_ids"].shape[1] == min(-(-longest // 16) * 16, 20)
+    assert batch["attention_mask"].sum().item() == data.lengths[idx].sum()  # the padding is masked

@@ -120,7 +120,7 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16(tmp_path, data_dir, mo
     assert seen == [torch.bfloat16, torch.bfloat16]
     info = res["train_info"]
     assert (info["num_processes"], info["global_batch_size"]) == (1, 8)
-    assert info["compile"] == {"enabled": False, "reason": loop.resolve_compile("auto", "cpu", 2 * 8)[1]}
+    assert info["compile"] == {"enabled": False, "reason": loop.resolve_compile("auto", "cpu")[1]}
 
 
 def test_compiled_shapes_are_a_few_buckets_not_one_per_batch(data_dir):
@@ -156,11 +156,10 @@ def test_a_small_last_batch_leaves_no_process_without_a_batch(data_dir):
 
 
 def test_resolve_compile():
-    assert loop.resolve_compile(True, "cpu", 16)[0] is True
-    assert loop.resolve_compile(False, "cuda", 10**6)[0] is False
-    assert loop.resolve_compile("auto", "cuda", 16)[0] is True
-    assert loop.resolve_compile("auto", "cpu", 9_600)[0] is False  # the demo's run: compiling would not pay
-    assert loop.resolve_compile("auto", "cpu", 3 * 19_000)[0] is True  # 3 epochs of the 20k sample
+    assert loop.resolve_compile(True, "cpu")[0] is True
+    assert loop.resolve_compile(False, "cuda")[0] is False
+    assert loop.resolve_compile("auto", "cuda")[0] is True
+    assert loop.resolve_compile("auto", "cpu")[0] is False  # measured no faster on CPU (see its docstring)
 
 
 def test_step_overhead_benchmark_compares_the_same_work():

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.loading import pad_rows
+from models.loading import pad_rows, padded_width
 from training.config import TrainConfig
 
 OFFLINE_HINT = "--set data=../shared/data/ag_news"
@@ -311,9 +311,7 @@ def collate(
     real = len(idx) if real is None else real
     idx += [idx[0]] * (rows - len(idx))
     longest = max(len(data.input_ids[i]) for i in idx)
-    target = -(-longest // length_multiple) * length_multiple
-    if max_length is not None:
-        target = min(target, max(longest, max_length))
+    target = padded_width(longest, length_multiple, max_length)
     ids, mask = pad_rows([data.input_ids[i] for i in idx], pad_id, width=target)
     labels = torch.tensor([data.labels[i] for i in idx[:real]] + [-100] * (len(idx) - real), dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -32,7 +32,7 @@ from torch import nn
 
 from models import Store
 from models.atomic import atomic_dir
-from models.hardware import resolve_precision
+from models.hardware import resolve_precision, width_multiple
 from models.loading import fingerprint, load_tokenizer, model_mask, save_base_snapshot
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
 from models.store import dir_bytes
@@ -89,9 +89,18 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, data: Encoded, batch_size: int, pad_id: int, autocast: Any, rank: int = 0, world: int = 1
+    model: nn.Module,
+    data: Encoded,
+    batch_size: int,
+    pad_id: int,
+    autocast: Any,
+    rank: int = 0,
+    world: int = 1,
+    **shape: Any,
 ) -> np.ndarray:
     """fp32 logits for every row of `data`, in row order (batches are length-sorted).
+
+    `shape`: collate's padding (length_multiple, max_length), as the training batches are padded.
 
     With several processes each computes every `world`-th batch and the logits are gathered, so
     every process ends with the same full array (and makes the same "best" decision).
@@ -103,7 +112,7 @@ def predict(
     device = next(model.parameters()).device
     parts = []
     for idx in list(eval_batches(data, batch_size))[rank::world]:
-        batch = collate(data, idx, pad_id)
+        batch = collate(data, idx, pad_id, **shape)
         with autocast():
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         parts.append((idx, out.logits.float().cpu().numpy()))
@@ -173,36 +182,24 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return load_file(str(ckpt_dir / CKPT_TRAINABLE)), best, state
 
 
-CPU_COMPILE_PAYS_SAMPLES = 50_000  # see resolve_compile
+def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]:
+    """Whether to torch.compile the training step, and why.
 
-
-def resolve_compile(requested: str | bool, device_type: str, samples: int) -> tuple[bool, str]:
-    """Whether to torch.compile the training step of a run that trains `samples` rows, and why.
-
-    CPU, measured (2-core Xeon with AMX, shared with other jobs, torch 2.13 inductor, forward+loss
-    compiled, backward through AOTAutograd, one dynamic-shape graph for every padded width):
-      MiniLM full, bf16 autocast, batch 16 of AG News (length-grouped, CPUDropout), steady samples/s
-      of `python -m training train configs/demo-minilm-full.yaml --set max_steps=60 batch_size=16
-      log_every=20 save_variant=false compile=false|true`: eager 42.2, compiled 53.2 (1.26x) after
-      ~140 s of compiling: it pays back after ~28k samples (~1,800 steps of 16); fp32 (6-layer
-      width-384, batch 16 x 64): 678 vs 632 ms/step, 63 s to compile: ~22k samples. So on CPU: compile
-      a run of at least CPU_COMPILE_PAYS_SAMPLES rows, with a margin (a 3-epoch run of the 20k sample;
-      not the demo's 9,600).
     On CUDA eager mode is launch-bound (thousands of small kernels per step, issue 9's 233 ms/step at
     batch 64 vs 204 at 16) and compiling fuses them: on by default.
+    On CPU it does not pay, measured (2-core Xeon with AMX, torch 2.13 inductor, MiniLM full, batch 16
+    of length-grouped AG News, CPUDropout; one process, 6 alternating rounds of 10 steps, compiled
+    forward+loss with one dynamic-shape graph for every padded width): bf16 autocast, eager padded to
+    multiples of 16 (models.hardware.width_multiple) 288 vs compiled 304 ms a step (0.95x); fp32, eager
+    at exact widths 424 vs compiled 468 (0.91x); and compiling takes ~1-2 min. (Before CPUDropout and
+    the bf16 width multiple, compiling won 1.26x: it had fused away torch's slow CPU dropout masks.)
     """
     if isinstance(requested, bool):
         return requested, f"compile={str(requested).lower()} requested explicitly"
     if device_type == "cuda":
         return True, "auto: on CUDA a compiled step fuses kernels and launches far fewer of them"
-    if samples >= CPU_COMPILE_PAYS_SAMPLES:
-        return True, (
-            f"auto: {samples:,} training rows on CPU, where compiling (~2 min) pays back after ~28k "
-            "(1.26x per step, measured; see resolve_compile)"
-        )
     return False, (
-        f"auto: {samples:,} training rows on CPU, under the {CPU_COMPILE_PAYS_SAMPLES:,} from which compiling "
-        "is on (~2 min of compiling won back after ~28k rows at 1.26x per step, measured; see resolve_compile)"
+        "auto: on CPU a compiled step measured no faster than eager (0.95x bf16, 0.91x fp32; see resolve_compile)"
     )
 
 
@@ -350,9 +347,13 @@ def _train(
     global_batch = cfg.batch_size * world  # rows per micro-step over all processes
     batches_per_epoch = math.ceil(len(train_data) / global_batch)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
-    compiled, compile_reason = resolve_compile(cfg.compile, device.type, total_steps * global_batch * cfg.grad_accum)
-    # A compiled step sees fixed-height batches padded to a few widths; eager pads to the longest text.
-    shape = {"rows": cfg.batch_size, "length_multiple": bucket_tokens(cfg.max_length)} if compiled else {}
+    compiled, compile_reason = resolve_compile(cfg.compile, device.type)
+    # A compiled step sees fixed-height batches padded to a few widths; eager pads to the longest text,
+    # rounded up to the multiple its kernels want (16 for bf16 on CPU: models.hardware.width_multiple).
+    eval_shape = {"max_length": cfg.max_length, "length_multiple": width_multiple(device.type, precision.precision)}
+    shape = eval_shape
+    if compiled:
+        shape = {**eval_shape, "rows": cfg.batch_size, "length_multiple": bucket_tokens(cfg.max_length)}
 
     # ---- model: build, fingerprint the base before any wrap, apply the method ----
     on_cpu = device.type == "cpu"
@@ -432,7 +433,7 @@ def _train(
 
     def evaluate_val() -> None:
         nonlocal best, best_f1, best_step
-        logits = predict(unwrapped, val_data, cfg.eval_batch_size, pad_id, autocast, rank, world)
+        logits = predict(unwrapped, val_data, cfg.eval_batch_size, pad_id, autocast, rank, world, **eval_shape)
         m = classification_metrics(val_data.labels, logits.argmax(-1), cfg.labels)
         curve.append({"step": step, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
         writer.add_scalar("val/macro_f1", m["macro_f1"], step)
@@ -462,7 +463,7 @@ def _train(
         step_rows = sum(len(b) for b in step_batches)  # global rows in this step
         for k, rows in enumerate(step_batches):
             idx, real = shard(rows, rank, world)
-            batch = collate(train_data, idx, pad_id, real=real, max_length=cfg.max_length, **shape)
+            batch = collate(train_data, idx, pad_id, real=real, **shape)
             batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
             # gradients are all-reduced once per step, on its last micro-batch
             with accelerator.no_sync(model) if k < len(step_batches) - 1 else contextlib.nullcontext():
@@ -549,6 +550,7 @@ def _train(
         "lr": lr,
         "precision": precision.as_dict(),
         "compile": {"enabled": compiled, "reason": compile_reason, **({"mode": cfg.compile_mode} if compiled else {})},
+        "length_multiple": shape["length_multiple"],  # batch widths padded to a multiple of this
         "cpu_dropout_modules": cpu_dropouts,
         "num_processes": world,
         "global_batch_size": global_batch * cfg.grad_accum,  # rows per optimizer step
@@ -569,7 +571,7 @@ def _train(
     if cfg.eval_test and splits.test is not None:
         test_data = encode(splits.test, tokenizer, cfg.max_length)
         t0 = time.perf_counter()
-        logits = predict(unwrapped, test_data, cfg.eval_batch_size, pad_id, autocast, rank, world)
+        logits = predict(unwrapped, test_data, cfg.eval_batch_size, pad_id, autocast, rank, world, **eval_shape)
         info["test_eval_time_s"] = time.perf_counter() - t0
         test = classification_metrics(test_data.labels, logits.argmax(-1), cfg.labels)
         info["test"] = test
