@@ -85,7 +85,7 @@ def run(s: LoraMixSettings) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from models.hardware import resolve_precision
+    from models.hardware import resolve_precision, width_multiple
     from models.heads import head_modules
     from models.lora_weights import read_lora
     from service.lora_bank import LoraBank
@@ -118,8 +118,16 @@ def run(s: LoraMixSettings) -> dict[str, Any]:
 
     texts, _ = load_split(s.data, "test")
     texts = sorted(texts[: s.batch * s.batches], key=len)  # length-sorted chunks, as the batcher forms them
+    multiple = width_multiple("cpu", choice.precision)  # padded as the service's runtime pads
     batches = [
-        tok(texts[i : i + s.batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        tok(
+            texts[i : i + s.batch],
+            padding=True,
+            pad_to_multiple_of=multiple,
+            truncation=True,
+            max_length=128,
+            return_tensors="pt",
+        )
         for i in range(0, len(texts), s.batch)
     ]
     rows = sum(b["input_ids"].shape[0] for b in batches)

@@ -70,7 +70,7 @@ def minimal_loop(cfg: Any) -> dict[str, Any]:
 
     import torch
 
-    from models.hardware import resolve_precision
+    from models.hardware import resolve_precision, width_multiple
     from models.loading import load_tokenizer
     from training.data import collate, encode, epoch_batches, load_splits
     from training.dropout import use_cpu_dropout
@@ -90,9 +90,10 @@ def minimal_loop(cfg: Any) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision, "cpu").precision
     amp = {"fp32": None, "bf16": torch.bfloat16}[precision]
     losses = torch.zeros(len(batches))  # on the device; read once, after the timed steps
+    shape = {"length_multiple": width_multiple("cpu", precision), "max_length": cfg.max_length}  # as `training` pads
     t0 = time.perf_counter()
     for i, idx in enumerate(batches):
-        batch = collate(data, idx, tokenizer.pad_token_id)
+        batch = collate(data, idx, tokenizer.pad_token_id, **shape)
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             loss = model(**batch).loss
         loss.backward()
