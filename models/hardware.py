@@ -146,9 +146,8 @@ def width_multiple(device_type: str, precision: str) -> int:
     bf16 on CPU runs oneDNN's JIT kernels (AMX / avx512_bf16 brgemm), made and cached per matmul shape:
     every new (rows x width) costs kernel generation (a few ms per matmul, oneDNN's
     `ONEDNN_VERBOSE=profile_create`), and widths off a multiple of 16 (AMX tiles hold 16 rows) ran slower
-    even once their kernels were cached. Exact widths
-    give a served stream thousands of shapes (more than oneDNN's 1,024-entry cache holds); multiples of
-    16 give 8 up to 128 tokens. Measured on this project's 2-core Xeon with AMX (MiniLM bf16 weights,
+    even once their kernels were cached. Exact widths give a served stream thousands of shapes (more
+    than oneDNN's 1,024-entry cache holds); multiples of 16 give 8 up to 128 tokens. Measured on this project's 2-core Xeon with AMX (MiniLM bf16 weights,
     one process per setting, 600 batches of 6-12 random AG News test texts): exact widths 134-172 rows/s,
     multiples of 16 171-247; one 9-row batch already cached, 93 tokens 69-85 ms vs 96 tokens 51-65 ms;
     training batches of 16 (bf16 autocast) 272 vs 249 ms a step, means of 6 runs each.

@@ -186,10 +186,10 @@ class Runtime:
         self._costs: dict[str, tuple[float, float]] = {}  # model -> (fixed s, s per token) of a forward (_cost)
 
     # ---- precision -------------------------------------------------------------------------
-    def autocast(self, model: Any = None) -> contextlib.AbstractContextManager:
-        """The compute-precision context for a forward of `model` (None: the service's precision)."""
+    def autocast(self, precision: str | None = None) -> contextlib.AbstractContextManager:
+        """The context for a forward computing in `precision` (a model's precision_of; None: the service's)."""
         autocasting = self.precision == "bf16" and self.weight_dtype == "fp32"  # else bf16 is in the weights
-        if autocasting and (model is None or self.precision_of(model) == "bf16"):
+        if autocasting and (precision or self.precision) == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -504,9 +504,9 @@ class Runtime:
         view = LoadedVariant.wrap(
             entry.manifest, self.store.path(entry.name), entry.tokenizer, model if model is not None else entry.model
         )
-        computes = self._computes(entry)  # what decides its precision
-        with entry.tok_lock, self.autocast(computes):
-            result = check_golden(view, subset=texts, precision=self.precision_of(computes))
+        precision = self.precision_of(self._computes(entry))
+        with entry.tok_lock, self.autocast(precision):
+            result = check_golden(view, subset=texts, precision=precision)
         if not result.passed:
             raise VariantRefused(entry.name, [result.reason or "golden-set check failed"])
 
@@ -548,12 +548,13 @@ class Runtime:
             )
         lora = first.kind == "lora"
         model = self._computes(first)
-        multiple = width_multiple(self.device.type, self.precision_of(model))  # 16 for bf16 on CPU
+        precision = self.precision_of(model)  # once a batch: it decides the padding and the autocast
+        multiple = width_multiple(self.device.type, precision)  # 16 for bf16 on CPU
         width = padded_width(max(len(r) for r in rows), multiple, first.manifest.max_length)
         ids, mask = pad_rows(rows, first.tokenizer.pad_token_id or 0, width=width)
         ids, mask = ids.to(self.device), mask.to(self.device)
         mask = self._mask(model)(mask)
-        with self.autocast(model):
+        with self.autocast(precision):
             if lora:
                 out = self.bank.forward([e.adapter for e in entries], input_ids=ids, attention_mask=mask)
             else:
