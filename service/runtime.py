@@ -504,9 +504,9 @@ class Runtime:
         view = LoadedVariant.wrap(
             entry.manifest, self.store.path(entry.name), entry.tokenizer, model if model is not None else entry.model
         )
-        precision = self.precision_of(self._computes(entry))
-        with entry.tok_lock, self.autocast(precision):
-            result = check_golden(view, subset=texts, precision=precision)
+        computes = self._computes(entry)  # what decides its precision (once a load: not a hot path)
+        with entry.tok_lock, self.autocast(self.precision_of(computes)):
+            result = check_golden(view, subset=texts, precision=self.precision_of(computes))
         if not result.passed:
             raise VariantRefused(entry.name, [result.reason or "golden-set check failed"])
 
