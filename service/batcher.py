@@ -3,10 +3,10 @@
 Loop (the batcher thread): apply pending admin commands (commit a prepared load / unload) -> if
 rows of more than one request wait, or a batch is running, wait up to --max-wait-ms for company (a
 lone request with nothing running goes at once; the default 0 is continuous batching: rows gather
-while the lanes run, and a free lane takes what waits) -> take the oldest row's group (all LoRA adapters
-form one group; each other variant is its own) -> add rows of that group shortest-first while rows x
-longest <= --max-batch-tokens -> one forward -> answer each finished request through its `done`
-callback.
+while the lanes run, and a free lane takes what waits) -> take the oldest row's group (all LoRA
+adapters form one group; each other variant is its own) -> add rows of that group shortest-first
+while rows x longest <= --max-batch-tokens -> one forward -> answer each finished request through
+its `done` callback.
 
 Lanes (CPU): a compute-heavy torch model's batches run on lane threads, up to --lanes at once with
 --lone-threads/lanes torch threads each (Runtime.lane_parallel), at niceness +--lane-nice so that

@@ -73,10 +73,7 @@ class ServiceConfig(BaseModel):
     max_batch_tokens: int = Field(8192, gt=0, description="token budget of one batch (rows x padded length)")
     max_batch_size: int = Field(64, gt=0, description="most rows in one batch")
     # 0: continuous batching, as TEI's router does: a free lane takes every row waiting, and rows gather
-    # while lanes run. Waiting for company idled the engine: wrk c=32, 2-core Xeon with AMX, --max-wait-ms
-    # 5 vs 0, two pairs each: 2-layer model 1,870 / 1,838 vs 2,499 / 2,340 req/s; MiniLM bf16 (benchmarks
-    # ceiling) 32 mixed adapters 242 / 197 vs 269 / 261, full 313 / 322 vs 330 / 291; onnx-int8, one pair,
-    # 264 vs 262.
+    # while lanes run; waiting for company idled the engine (the README's defaults table has the A/B).
     max_wait_ms: float = Field(
         0.0, ge=0, description="how long the batcher waits to fill a batch while other requests are in flight"
     )
