@@ -274,7 +274,9 @@ def test_memory_probes_and_adapter_sweep(store: Path, tmp_path: Path):
     assert sw["via"] == "service" and [p["adapters"] for p in sw["points"]] == [1, 4, 12]
     assert [p["resident_adapters_reported"] for p in sw["points"]] == [1, 4, 12]
     rss = [p["rss_bytes"] for p in sw["points"]]
-    assert all(b >= a - 2 * 2**20 for a, b in zip(rss, rss[1:], strict=False)), rss  # monotone up to allocator noise
+    # monotone up to allocator noise: the tiny adapters weigh ~KB, and RSS moved by up to -3.0 MiB
+    # between points on a 2-core AMD EPYC (819.6 after 822.6 MiB); a reloaded base would be far more
+    assert all(b >= a - 8 * 2**20 for a, b in zip(rss, rss[1:], strict=False)), rss
     assert 100 * 2**20 < rss[0] < 4 * 2**30
     assert sw["full_models_bytes_computed"] == {str(k): k * full_bytes for k in (1, 4, 12)}
     assert json.loads((tmp_path / "mem.json").read_text())["kind"] == "memory"
