@@ -457,12 +457,12 @@ class Batcher:
         self.metrics.batch_tokens.observe(len(rows) * width)
         self.metrics.batch_adapters.observe(len({e.name for e in entries}))
         with self._answer_lock, self._answering():
-            self._answer(rows, entries, rows_logits, start_s, compute_s)
-        self._last_jobs = len({id(r.job) for r in rows})
+            self._last_jobs = self._answer(rows, entries, rows_logits, start_s, compute_s)
 
     def _answer(
         self, rows: list[Row], entries: list[Entry], rows_logits: np.ndarray, start_s: float, compute_s: float
-    ) -> None:
+    ) -> int:
+        """Hand each row its logits and answer the requests it completes; returns the requests in the batch."""
         seen: set[int] = set()
         now = time.time()
         for row, entry, p in zip(rows, entries, rows_logits, strict=True):
@@ -479,6 +479,7 @@ class Batcher:
             if job.remaining == 0 and not job.cancelled:
                 entry.request_count += 1
                 job.done(job, None)
+        return len(seen)
 
     def _make_resident(self, batch: list[tuple[Row, Entry]]) -> list[tuple[Row, Entry]]:
         """Transparently reload LRU-evicted adapters needed by this batch (a cold load)."""

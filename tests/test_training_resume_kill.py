@@ -64,9 +64,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     # the same steps and, to float32 rounding, the same losses: bit-equal on the Xeon, while on a 2-core
     # AMD EPYC (AVX2) one interval's mean differed in the 7th digit (1.39449256 vs 1.39449269) - the
     # reason the weights above are compared to 1e-6 as well
-    assert [p["step"] for p in tb["train_loss_curve"]] == [p["step"] for p in ta["train_loss_curve"]]
     for p, q in zip(tb["train_loss_curve"], ta["train_loss_curve"], strict=True):
-        assert p["loss"] == pytest.approx(q["loss"], rel=1e-6, abs=0), p["step"]
+        assert p["step"] == q["step"] and p["loss"] == pytest.approx(q["loss"], rel=1e-6, abs=0), (p, q)
     assert [p["step"] for p in tb["train_loss_curve"]] == [*range(7, STEPS, 7), STEPS]
     assert tb["validation_curve"] == ta["validation_curve"] and len(tb["validation_curve"]) == 4
     for key in ("samples_seen", "tokens_seen", "steps", "best_step", "best_val_macro_f1", "epochs_done"):
