@@ -186,4 +186,5 @@ def machine_label(info: dict[str, object]) -> str:
     bf16 = "yes" if info.get("native_bf16") else "no"
     if info.get("native_bf16_from"):
         bf16 += f", forced by {BF16_OVERRIDE_ENV}"
-    return f"{info.get('cpu', '?')}, {info.get('cpu_count', '?')} cores, bf16 {bf16}"
+    cpu = f"{info.get('cpu', '?')}" + (f" ({info['cpu_id']})" if info.get("cpu_id") else "")
+    return f"{cpu}, {info.get('cpu_count', '?')} cores, bf16 {bf16}"

@@ -55,6 +55,7 @@ def hardware() -> dict[str, object]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": _cpu_model(),
+        "cpu_id": _cpu_id(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
@@ -67,6 +68,23 @@ def hardware() -> dict[str, object]:
     except OSError:
         pass
     return info
+
+
+def _cpu_id() -> str | None:
+    """'family F model M' from /proc/cpuinfo: a VM's model name can be generic ('AMD EPYC' was an
+    AVX2-only family 25 on one machine and a family 26 with avx512_bf16 on another)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else None
 
 
 def _cpu_model() -> str:
