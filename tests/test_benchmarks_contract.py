@@ -148,3 +148,13 @@ def test_report_lists_unrenderable_and_failed_files_and_marks_machines(tmp_path:
     for kind in {json.loads(f.read_text())["kind"] for f in FIXTURES.glob("*.json")}:
         assert renderers()[kind] is not None
     assert text.count("## ") >= len(list(FIXTURES.glob("*.json")))
+
+
+def test_machine_label_tells_apart_cpus_of_one_generic_name() -> None:
+    from models.hardware import machine, machine_label
+
+    base = {"cpu": "AMD EPYC", "cpu_count": 2, "native_bf16": True}
+    assert machine_label({**base, "cpu_id": "family 26 model 2"}) == "AMD EPYC (family 26 model 2), 2 cores, bf16 yes"
+    assert machine_label(base) == "AMD EPYC, 2 cores, bf16 yes"  # results written before cpu_id existed
+    cpu_id = machine()["cpu_id"]  # this machine's, from /proc/cpuinfo
+    assert cpu_id is None or cpu_id.startswith("family ")
