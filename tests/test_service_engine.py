@@ -3,6 +3,7 @@ over one engine with hot-swaps under load; --precision auto from the hardware pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import free_port, golden_probs, running, write_lora
@@ -64,12 +66,16 @@ def test_engine_killed_gives_503_then_recovers(tmp_path):
         assert _metric(srv.url, "service_engine_up") == 1
 
 
-def _children(pid: int) -> list[int]:
-    """Child process ids, from /proc (Linux)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(x) for x in (task / "children").read_text().split()]
-    return out
+def _engine_children(pid: int) -> list[int]:
+    """Ids of the engine processes among `pid`'s children; psutil copes with threads and processes that exit meanwhile."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if "service.engine" in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:  # exited between listing and reading: nothing to kill
+            continue
+    return found
 
 
 def test_engine_that_keeps_crashing_makes_the_service_exit_nonzero(tmp_path):
@@ -82,9 +88,10 @@ def test_engine_that_keeps_crashing_makes_the_service_exit_nonzero(tmp_path):
     deadline = time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            for pid in _children(proc.pid):
-                if pid not in killed and b"service.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
+            for pid in _engine_children(proc.pid):
+                if pid not in killed:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                     killed.add(pid)
             time.sleep(0.05)
         rc = proc.wait(timeout=60)
@@ -335,7 +342,7 @@ def test_frontend_nice_lowers_the_front_ends_priority_not_the_engines(tmp_path):
     proc = _serve(store.root, port, frontends=1, SERVICE_FRONTEND_NICE="7")
     try:
         _wait_ready(f"http://127.0.0.1:{port}", proc)
-        engine = next(p for p in _children(proc.pid) if b"service.engine" in Path(f"/proc/{p}/cmdline").read_bytes())
+        (engine,) = _engine_children(proc.pid)
         assert _nice(proc.pid) == 7 and _nice(engine) == 0
         assert (
             httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "lora-0", "inputs": ["x"]}).status_code
