@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,10 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = ["python", "-m", "benchmarks", *argv]
+    if args.cmd in REGISTRY or args.cmd == "demo":
+        # SIGTERM (a supervisor, `timeout`, pkill) unwinds like Ctrl-C: the servers an experiment started
+        # are stopped by their context managers and the result is written as failed, instead of a killed
+        # harness leaving its service and naive server running (seen: an orphaned baseline server).
+        signal.signal(signal.SIGTERM, _interrupt)
     if args.cmd in REGISTRY:
         return main_experiment(args.cmd, args, command)
     if args.cmd == "baseline-server":

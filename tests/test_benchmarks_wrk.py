@@ -7,13 +7,18 @@ fast the service is."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 from tiny import GOLDEN_TEXTS, make_store
@@ -181,3 +186,29 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
     docs, _ = collect([tmp_path / "ceiling.json"])
     md = render(docs, tmp_path, tmp_path)
     assert "| adapters-3 | c=1 |" in md and "service / naive" in md
+
+
+def test_a_terminated_experiment_stops_its_servers_and_records_the_failure(store: Path, tmp_path: Path):
+    """SIGTERM to `python -m benchmarks ceiling` while its servers run: none outlives it, and the result says so."""
+    out = tmp_path / "ceiling.json"
+    cmd = [sys.executable, "-m", "benchmarks", "ceiling", "--store", str(store), "--adapters", "3"]
+    cmd += ["--scenarios", "full", "--concurrency", "1", "--duration", "60", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **offline_env()}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    harness = psutil.Process(proc.pid)
+    servers: list[psutil.Process] = []
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and not servers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            servers = [c for c in harness.children(recursive=True) if "wrk" in c.name()]
+        time.sleep(0.2)
+    assert servers, "the experiment never reached its HTTP measurement"
+    started = harness.children(recursive=True)  # the service, its engine, the naive server, wrk
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, log[-3000:]
+    gone, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "failed" and "SIGTERM" in doc["error"], doc["error"]
