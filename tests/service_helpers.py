@@ -103,6 +103,26 @@ def golden_probs(store: Store, name: str) -> list[list[float]]:
     return torch.softmax(torch.tensor(store.manifest(name).golden.logits), -1).tolist()
 
 
+def assert_no_torn_answers(
+    store: Store, results, version_a, version_b, swapped: str = "lora-0", tol: float = 1e-4
+) -> None:
+    """Every answer of a hot-swap run is exactly right: `swapped`'s are version A or B (never a mix of the
+    two, and each version seen at least once), every other variant's its golden probabilities."""
+    import numpy as np
+
+    seen = {"A": 0, "B": 0}
+    for name, _, probs in results:
+        if name == swapped:
+            if np.allclose(probs, version_a, atol=tol):
+                seen["A"] += 1
+            else:
+                np.testing.assert_allclose(probs, version_b, atol=tol)
+                seen["B"] += 1
+        else:
+            np.testing.assert_allclose(probs, golden_probs(store, name), atol=tol)
+    assert seen["A"] > 0 and seen["B"] > 0, seen
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import free_port, golden_probs, running, write_lora
+from service_helpers import assert_no_torn_answers, free_port, golden_probs, running, write_lora
 from tiny import GOLDEN_TEXTS, LABELS, make_store
 
 TOL = 1e-4
@@ -186,17 +186,7 @@ def test_twenty_hot_swaps_across_two_frontends_fail_no_request(tmp_path):
         failed = [r for r in results if r[1] != 200]
         assert not failed, failed[:3]
         assert len(results) >= 60
-        seen = {"A": 0, "B": 0}
-        for name, _, probs in results:
-            if name == "lora-0":
-                if np.allclose(probs, version_a, atol=TOL):
-                    seen["A"] += 1
-                else:
-                    np.testing.assert_allclose(probs, version_b, atol=TOL)  # never a torn mix
-                    seen["B"] += 1
-            else:
-                np.testing.assert_allclose(probs, golden_probs(store, name), atol=TOL)
-        assert seen["A"] > 0 and seen["B"] > 0
+        assert_no_torn_answers(store, results, version_a, version_b, tol=TOL)
         print(f"PUT-to-servable p50 {np.median(swap_ms):.1f} ms over {len(swap_ms)} swaps under load")
         # both front-ends count requests into one /metrics (multiprocess mode)
         served = _metric(url, "service_requests_total", variant="lora-2", endpoint="classify", status="200")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from service_helpers import corrupt, free_port, golden_probs, running, tamper_golden, write_lora
+from service_helpers import assert_no_torn_answers, corrupt, free_port, golden_probs, running, tamper_golden, write_lora
 from tiny import GOLDEN_TEXTS, make_store
 
 TOL = 1e-4
@@ -68,18 +68,7 @@ def test_twenty_hot_swaps_during_traffic_fail_no_request(tmp_path):
     failed = [r for r in results if r[1] != 200]
     assert not failed, failed[:3]
     assert len(results) >= 60
-    # No torn model: every lora-0 answer is exactly version A or version B, never a mix.
-    seen = {"A": 0, "B": 0}
-    for name, _, probs in results:
-        if name == "lora-0":
-            if np.allclose(probs, version_a, atol=TOL):
-                seen["A"] += 1
-            else:
-                np.testing.assert_allclose(probs, version_b, atol=TOL)
-                seen["B"] += 1
-        else:
-            np.testing.assert_allclose(probs, golden_probs(store, name), atol=TOL)
-    assert seen["A"] > 0 and seen["B"] > 0
+    assert_no_torn_answers(store, results, version_a, version_b, tol=TOL)
 
 
 @pytest.mark.parametrize(
