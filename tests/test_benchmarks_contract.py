@@ -158,3 +158,24 @@ def test_machine_label_tells_apart_cpus_of_one_generic_name() -> None:
     assert machine_label(base) == "AMD EPYC, 2 cores, bf16 yes"  # results written before cpu_id existed
     cpu_id = machine()["cpu_id"]  # this machine's, from /proc/cpuinfo
     assert cpu_id is None or cpu_id.startswith("family ")
+
+
+def test_speed_targets_read_each_goal_at_the_concurrency_it_is_set_at() -> None:
+    """A ceiling run with an extra level (c=64) still reports the CPU goals at c=32; the GPU's
+    service / in-process goal is read at c=64, its naive goal at c=32."""
+    from benchmarks.report import speed_targets
+
+    docs, _ = collect([FIXTURES / "ceiling.json"])
+    doc = json.loads(json.dumps(docs[0][1]))  # a copy to edit
+    p = doc["payload"]
+    p["shape"] = "minilm"
+    rows = [r for r in p["rows"] if r["concurrency"] == 32]
+    p["rows"] += [{**r, "concurrency": 64, "service_over_in_process": 9.0, "service_over_naive": 99.0} for r in rows]
+    p["mix_vs_one_adapter"].append({"scenario": "adapters-8", "level": "c=64", "ratio": 9.0})
+    names = [row[0] for row in speed_targets({"ceiling": [(Path("c.json"), doc)]})]
+    assert names and all("c=64" not in n for n in names), names
+    assert any("service / in-process at c=32" in n for n in names) and any("naive pipeline at c=32" in n for n in names)
+    p["device"] = "cuda"
+    names = [row[0] for row in speed_targets({"ceiling": [(Path("c.json"), doc)]})]
+    assert any("service / in-process at c=64" in n for n in names), names
+    assert any("naive pipeline at c=32" in n for n in names), names
