@@ -4,8 +4,9 @@ One place for the capability probe, used by the service (`--precision auto`), tr
 (`precision: auto`) and every benchmark's `meta`. On CPU, bf16 pays only where the CPU computes it
 natively (avx512_bf16 or AMX): measured on this project's 2-core Xeons, bf16 is ~4x fp32 on one
 with avx512_bf16 and ~0.4x fp32 on one without; on a 2-core AMD EPYC family 26 with avx512_bf16 and
-no AMX, a bf16 matmul ran 4.3-4.5x fp32 (1024x384 @ 384x1536, 2 threads: 1,010 vs 223 GFLOP/s), so
-the flag alone decides there too. Tests fake only `cpu_flags` to exercise both.
+no AMX, a bf16 matmul ran 4.3-4.5x fp32 (1024x384 @ 384x1536, 2 threads: 1,010 vs 223 GFLOP/s), and
+on a family 25 model 17 (avx512_bf16, no AMX) 2.9x (387-397 vs 133-137 GFLOP/s), so the flag alone
+decides there too. Tests fake only `cpu_flags` to exercise both.
 `CPU_NATIVE_BF16=0|1` overrides the probe (a CPU it misjudges; rehearsing a machine without bf16).
 """
 
