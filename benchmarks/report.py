@@ -405,9 +405,9 @@ def _at(runs: list[dict[str, Any]], target: str, concurrency: int | None = None)
     return max(rs, key=lambda r: r["concurrency"]) if rs else None
 
 
-def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str:
-    rows = []
-    runs = [{**r, "machine": machine_of(d)} for _, d in groups["load"] for r in d["runs"]]
+def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) -> list[list[Any]]:
+    """The load experiments' target rows from one machine's runs (and its accuracy runs, for agreement)."""
+    rows: list[list[Any]] = []
     svc, base = _at(runs, "service", 32) or _at(runs, "service"), _at(runs, "baseline", 32) or _at(runs, "baseline")
     if svc and base and svc["concurrency"] == base["concurrency"]:
         ratio = svc["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else None
@@ -440,6 +440,49 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                 _met(ok),
             ]
         )
+    t32, i8 = _at(runs, "torch-fp32"), _at(runs, "onnx-int8")
+    if t32 and i8:
+        ratio = i8["throughput_rps"] / t32["throughput_rps"]
+        agree = None
+        for d in accuracy:
+            ag = d.get("agreement")
+            i8_name = (i8.get("models") or [None])[0]
+            src = (d["variants"].get(i8_name) or {}).get("source") if i8_name else None
+            if ag and i8_name in ag["variants"] and src in ag["variants"]:
+                agree = ag["matrix"][ag["variants"].index(i8_name)][ag["variants"].index(src)]
+        ok = ratio >= 4 and agree is not None and agree >= 0.99
+        rows.append(
+            [
+                f"ONNX int8 vs PyTorch fp32 (CPU), c={i8['concurrency']} ({i8['machine']})",
+                "≥ 4× throughput, ≥ 99% argmax agreement",
+                f"{ratio:.2f}×; agreement {_fmt(agree * 100 if agree is not None else None, 2)}%",
+                _met(ok),
+            ]
+        )
+    elif t32 and any(r["target"] == "onnx-int8" for r in runs):  # ran, but no request succeeded: say why, no ratio
+        errors = [r.get("errors_by_status") for r in runs if r["target"] == "onnx-int8"]
+        why = [f"`{n}`: {reason}" for d in accuracy for n, reason in (d.get("failed") or {}).items()]
+        rows.append(
+            [
+                f"ONNX int8 vs PyTorch fp32 (CPU) ({runs[0]['machine']})",
+                "≥ 4× throughput, ≥ 99% argmax agreement",
+                f"not measured: no onnx-int8 request succeeded (errors {errors[-1] or '–'})"
+                + (f"; {'; '.join(why)}" if why else ""),
+                "not measured",
+            ]
+        )
+    return rows
+
+
+def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str:
+    rows = []
+    # Load targets are ratios of two targets of one machine (never across machines): one set per machine.
+    by_machine: dict[str, list[dict[str, Any]]] = {}
+    for _, d in groups["load"]:
+        by_machine.setdefault(machine_of(d), []).extend({**r, "machine": machine_of(d)} for r in d["runs"])
+    for machine, runs in by_machine.items():
+        accuracy = [d for _, d in groups["accuracy"] if machine_of(d) == machine]
+        rows += _load_targets(runs, accuracy)
     for _, d in groups["memory"]:
         sw = d.get("adapter_sweep")
         if sw:
@@ -463,37 +506,6 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                     _met(r["target"]["passed"]),
                 ]
             )
-    t32, i8 = _at(runs, "torch-fp32"), _at(runs, "onnx-int8")
-    if t32 and i8:
-        ratio = i8["throughput_rps"] / t32["throughput_rps"]
-        agree = None
-        for _, d in groups["accuracy"]:
-            ag = d.get("agreement")
-            i8_name = (i8.get("models") or [None])[0]
-            src = (d["variants"].get(i8_name) or {}).get("source") if i8_name else None
-            if ag and i8_name in ag["variants"] and src in ag["variants"]:
-                agree = ag["matrix"][ag["variants"].index(i8_name)][ag["variants"].index(src)]
-        ok = ratio >= 4 and agree is not None and agree >= 0.99
-        rows.append(
-            [
-                f"ONNX int8 vs PyTorch fp32 (CPU), c={i8['concurrency']} ({i8['machine']})",
-                "≥ 4× throughput, ≥ 99% argmax agreement",
-                f"{ratio:.2f}×; agreement {_fmt(agree * 100 if agree is not None else None, 2)}%",
-                _met(ok),
-            ]
-        )
-    elif t32 and any(r["target"] == "onnx-int8" for r in runs):  # ran, but no request succeeded: say why, no ratio
-        errors = [r.get("errors_by_status") for r in runs if r["target"] == "onnx-int8"]
-        why = [f"`{n}`: {reason}" for _, d in groups["accuracy"] for n, reason in (d.get("failed") or {}).items()]
-        rows.append(
-            [
-                "ONNX int8 vs PyTorch fp32 (CPU)",
-                "≥ 4× throughput, ≥ 99% argmax agreement",
-                f"not measured: no onnx-int8 request succeeded (errors {errors[-1] or '–'})"
-                + (f"; {'; '.join(why)}" if why else ""),
-                "not measured",
-            ]
-        )
     rows += speed_targets(groups)
     if not rows:
         return ""

@@ -179,3 +179,24 @@ def test_speed_targets_read_each_goal_at_the_concurrency_it_is_set_at() -> None:
     names = [row[0] for row in speed_targets({"ceiling": [(Path("c.json"), doc)]})]
     assert any("service / in-process at c=64" in n for n in names), names
     assert any("naive pipeline at c=32" in n for n in names), names
+
+
+def test_load_targets_are_ratios_within_one_machine(tmp_path: Path) -> None:
+    """Load results of two machines: each machine gets its own service-vs-naive row, its ratio from its own runs."""
+    res = tmp_path / "results"
+    res.mkdir()
+    doc = json.loads((FIXTURES / "load-service-vs-baseline.json").read_text())
+    (res / "a.json").write_text(json.dumps(doc))
+    other = json.loads(json.dumps(doc))
+    other["meta"]["hardware"] = {**other["meta"]["hardware"], "cpu": "Other CPU", "native_bf16": True}
+    for r in other["payload"]["runs"]:
+        if r["target"] == "service":
+            r["throughput_rps"] *= 10
+    (res / "b.json").write_text(json.dumps(other))
+    text = write_report([res], tmp_path / "REPORT.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| service vs naive baseline")]
+    at32 = {r["target"]: r["throughput_rps"] for r in doc["payload"]["runs"] if r["concurrency"] == 32}
+    ratio = at32["service"] / at32["baseline"]
+    assert len(rows) == 2, rows
+    assert any("Xeon" in r and f"{ratio:.2f}×" in r for r in rows), rows
+    assert any("Other CPU" in r and f"{ratio * 10:.2f}×" in r for r in rows), rows
