@@ -8,8 +8,8 @@ adapters form one group; each other variant is its own) -> add rows of that grou
 while rows x longest <= --max-batch-tokens -> one forward -> answer each finished request through
 its `done` callback.
 
-Lanes (CPU): a compute-heavy torch model's batches run on lane threads, up to --lanes at once with
---lone-threads/lanes torch threads each (Runtime.lane_parallel), at niceness +--lane-nice so that
+Lanes (CPU): a compute-heavy model's batches (torch or ONNX) run on lane threads, up to --lanes at once
+with --lone-threads/lanes torch threads each (Runtime.lane_parallel), at niceness +--lane-nice so that
 front-ends and the swap worker run first when they wake; everything else runs on this thread,
 one batch at a time. Whatever changes the models (commands, cold reloads, freeing replaced versions,
 eviction) waits until no batch runs, so a running batch never loses its weights.
