@@ -479,7 +479,8 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
     # Load targets are ratios of two targets of one machine (never across machines): one set per machine.
     by_machine: dict[str, list[dict[str, Any]]] = {}
     for _, d in groups["load"]:
-        by_machine.setdefault(machine_of(d), []).extend({**r, "machine": machine_of(d)} for r in d["runs"])
+        machine = machine_of(d)
+        by_machine.setdefault(machine, []).extend({**r, "machine": machine} for r in d["runs"])
     for machine, runs in by_machine.items():
         accuracy = [d for _, d in groups["accuracy"] if machine_of(d) == machine]
         rows += _load_targets(runs, accuracy)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 import uvicorn
 from tiny import GOLDEN_TEXTS, LABELS, MAX_LENGTH, tiny_classifier, tiny_lora, tokenizer
@@ -108,8 +109,6 @@ def assert_no_torn_answers(
 ) -> None:
     """Every answer of a hot-swap run is exactly right: `swapped`'s are version A or B (never a mix of the
     two, and each version seen at least once), every other variant's its golden probabilities."""
-    import numpy as np
-
     seen = {"A": 0, "B": 0}
     for name, _, probs in results:
         if name == swapped:

@@ -197,18 +197,18 @@ def test_a_terminated_experiment_stops_its_servers_and_records_the_failure(store
         cmd, env={**os.environ, **offline_env()}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     harness = psutil.Process(proc.pid)
-    servers: list[psutil.Process] = []
+    wrk: list[psutil.Process] = []
     deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline and not servers:
+    while proc.poll() is None and time.monotonic() < deadline and not wrk:
         with contextlib.suppress(psutil.NoSuchProcess):
-            servers = [c for c in harness.children(recursive=True) if "wrk" in c.name()]
+            wrk = [c for c in harness.children(recursive=True) if "wrk" in c.name()]
         time.sleep(0.2)
-    assert servers, "the experiment never reached its HTTP measurement"
+    assert wrk, "the experiment never reached its HTTP measurement"
     started = harness.children(recursive=True)  # the service, its engine, the naive server, wrk
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, log[-3000:]
-    gone, alive = psutil.wait_procs(started, timeout=60)
+    _, alive = psutil.wait_procs(started, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
     doc = json.loads(out.read_text())
     assert doc["status"] == "failed" and "SIGTERM" in doc["error"], doc["error"]
