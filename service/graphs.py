@@ -16,13 +16,21 @@ is safe because graphs run one at a time on one thread and each output is copied
 replay. Graphs read weights by address: `key()` (the LoRA bank's generation) changes when stacks are
 reallocated, and the captured graphs are then dropped and recaptured on demand.
 
+Verified before use: a bucket's first replay (or, with `capture=False`, its first padded forward) is
+compared with the plain forward of the same rows, unpadded and uncaptured; beyond `tolerance`
+(max |Δlogit|, the golden-set load tolerance of the serving precision) the model is served eagerly
+from then on and `state()["disabled"]` says why. A graph that captured something other than the
+forward (a host read, a shape baked in, filler rows that leak into real ones) then costs one eager
+forward instead of wrong answers. "captured" in `state()` lists verified buckets only.
+
 With `capture=False` the same class runs the forward eagerly on the padded static inputs: the CPU
-test suite checks the bucketing, padding and slot routing that the GPU path replays.
+test suite checks the bucketing, padding, slot routing and verification that the GPU path replays.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +52,11 @@ Forward = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Te
 def bucket(n: int, buckets: Sequence[int]) -> int | None:
     """The smallest bucket >= n, or None beyond the largest (that batch runs eagerly)."""
     return next((b for b in buckets if b >= n), None)
+
+
+def buckets_of(rows: list[list[int]]) -> tuple[int | None, int | None]:
+    """(rows bucket, length bucket) of a batch of unpadded rows; None where it is beyond the largest."""
+    return bucket(len(rows), ROW_BUCKETS), bucket(max(len(r) for r in rows), LENGTH_BUCKETS)
 
 
 @dataclass
@@ -69,44 +82,56 @@ class GraphedForward:
         pool: Any = None,
         key: Callable[[], Any] = lambda: 0,
         capture_lock: Any = None,
+        tolerance: float = 1e-3,
     ):
         self.fn, self.device, self.pad_id, self.with_slots = fn, device, pad_id, with_slots
+        self.tolerance = tolerance
         self.capture, self.pool, self.key = capture, pool, key
         # held by whoever else uses this GPU from another thread (the swap worker's golden checks):
         # work on another stream during a capture can break it
         self.capture_lock = capture_lock or threading.Lock()
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self._key = key()
-        self.disabled: str | None = None  # why graphs are off for this model (a capture failed), else None
+        self.disabled: str | None = None  # why graphs are off for this model (a capture failed or disagreed)
+        self._what = "CUDA graph" if capture else "bucketed forward"
         self.replays = self.eager = 0
 
     def __call__(self, rows: list[list[int]], slots: list[int] | None = None) -> torch.Tensor:
         """fp32 CPU logits of `rows` (token ids, unpadded); `slots`: each row's LoRA bank slot."""
-        h, w = bucket(len(rows), ROW_BUCKETS), bucket(max(len(r) for r in rows), LENGTH_BUCKETS)
+        h, w = buckets_of(rows)
         if h is None or w is None or self.disabled:
             return self._eager(rows, slots)
         if self.key() != self._key:  # the weights it read moved: recapture on demand
             self.graphs.clear()
             self._key = self.key()
         g = self.graphs.get((h, w))
-        if g is None and self.capture:
-            if not self.capture_lock.acquire(blocking=False):
-                return self._eager(rows, slots)  # another thread is on the GPU: capture on a later batch
-            try:
-                g = self._static(h, w)
-                self._fill(g, rows, slots)
+        if g is not None:
+            return self._run(g, rows, slots)
+        if self.capture and not self.capture_lock.acquire(blocking=False):
+            return self._eager(rows, slots)  # another thread is on the GPU: capture on a later batch
+        try:
+            g = self._static(h, w)
+            self._fill(g, rows, slots)
+            if self.capture:
                 self._capture(g)
-                self.graphs[(h, w)] = g
-            except Exception as e:  # never fail a request over a graph: log once, serve eagerly from now on
-                self.disabled = f"CUDA graph capture failed at {h}x{w}: {type(e).__name__}: {e}"
-                log.warning("%s; serving this model eagerly", self.disabled)
-                self.graphs.clear()
-                return self._eager(rows, slots)
-            finally:
+            out = self._run(g, rows, slots, filled=True)
+            error = self._verify(out, rows, slots)
+        except Exception as e:  # never fail a request over a graph: serve eagerly from now on
+            error = f"{self._what} at {h}x{w} failed: {type(e).__name__}: {e}"
+        finally:
+            if self.capture:
                 self.capture_lock.release()
-        else:
-            if g is None:  # capture=False: the same static buffers, run eagerly
-                g = self.graphs[(h, w)] = self._static(h, w)
+        if error is not None:
+            self.disabled = error
+            log.warning("%s; serving this model eagerly", error)
+            self.graphs.clear()
+            return self._eager(rows, slots)
+        self.graphs[(h, w)] = g
+        return out
+
+    def _run(self, g: _Graph, rows: list[list[int]], slots: list[int] | None, filled: bool = False) -> torch.Tensor:
+        """Replay `g` (capture=False: run the forward on its static buffers) for `rows`."""
+        if not filled:
             self._fill(g, rows, slots)
         if self.capture:
             g.graph.replay()
@@ -114,6 +139,15 @@ class GraphedForward:
             g.out = self.fn(g.ids, g.mask, g.slots)
         self.replays += 1
         return g.out[: len(rows)].float().cpu()  # the one device-to-host copy (and wait) of the batch
+
+    def _verify(self, out: torch.Tensor, rows: list[list[int]], slots: list[int] | None) -> str | None:
+        """Why a new bucket's logits `out` are not the plain forward's (None when they agree)."""
+        ref = self._plain(rows, slots)
+        delta = float((out - ref).abs().max()) if out.shape == ref.shape else math.inf
+        if delta <= self.tolerance:  # NaN fails too
+            return None
+        h, w = buckets_of(rows)
+        return f"{self._what} at {h}x{w} disagrees with the plain forward (max |Δlogit| {delta:.4g}, tolerance {self.tolerance:g})"
 
     def _fill(self, g: _Graph, rows: list[list[int]], slots: list[int] | None) -> None:
         h, w = g.ids.shape
@@ -126,6 +160,10 @@ class GraphedForward:
 
     def _eager(self, rows: list[list[int]], slots: list[int] | None) -> torch.Tensor:
         self.eager += 1
+        return self._plain(rows, slots)
+
+    def _plain(self, rows: list[list[int]], slots: list[int] | None) -> torch.Tensor:
+        """The forward of `rows` padded only to their longest, no graph: what a replay must match."""
         ids, mask = pad_rows(rows, self.pad_id)
         s = torch.tensor(slots, device=self.device) if slots is not None else None
         return self.fn(ids.to(self.device), mask.to(self.device), s).float().cpu()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
-from models.golden import check_golden
+from models.golden import check_golden, load_tolerance
 from models.hardware import PrecisionChoice, faster_precision, model_key, resolve_precision, width_multiple
 from models.loading import length_chunks, load_base, model_mask, onnx_logits, pad_rows, padded_width
 from models.lora_weights import LoraWeights, read_lora
@@ -654,6 +654,7 @@ class Runtime:
             pool=self.graph_pool,
             key=key or (lambda: 0),
             capture_lock=self.gpu_lock,
+            tolerance=load_tolerance("full", self.precision),  # a bucket's first replay vs the plain forward
         )
 
     def graph_state(self) -> dict[str, Any]:

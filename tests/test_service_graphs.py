@@ -50,3 +50,32 @@ def test_bucketed_static_forward_equals_eager(arch: str) -> None:
             assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert runner.state()["captured"] == ["1x16", "32x16", "4x16", "8x16"]  # buckets, reused across calls
     assert runner.eager == 0
+
+
+def test_a_bucket_that_disagrees_with_the_plain_forward_is_never_served() -> None:
+    """A forward whose answers depend on the padded shape (as a graph that baked a shape in, or let
+    filler rows leak into real ones, would) gives other logits once padded to a bucket; the bucket's
+    first batch is checked against the plain forward, answered with the plain forward's logits, and
+    the model is served eagerly from then on."""
+    model = tiny_classifier("bert").eval()
+    pad = tokenizer().pad_token_id
+    runner = GraphedForward(
+        lambda ids, mask, _: model(input_ids=ids, attention_mask=mask).logits * ids.shape[1],
+        device=torch.device("cpu"),
+        pad_id=pad,
+        with_slots=False,
+        capture=False,
+        tolerance=1e-3,
+    )
+    with torch.inference_mode():
+        rows = _rows(TEXTS[:3])  # 3 rows -> a 4-row bucket, widths < 16 -> padded to 16 tokens
+        ids, mask = pad_rows(rows, pad)
+        plain = model(input_ids=ids, attention_mask=mask).logits * ids.shape[1]
+        got = runner(rows)
+        assert torch.allclose(got, plain, atol=1e-6)  # the plain forward's answer, not the bucket's
+        assert runner.disabled is not None and "disagrees with the plain forward" in runner.disabled
+        assert "4x16" in runner.disabled and "tolerance 0.001" in runner.disabled
+        state = runner.state()
+        assert state["captured"] == [] and state["disabled"] == runner.disabled
+        again = runner(rows)  # from now on eager, with the same answers
+        assert torch.allclose(again, plain, atol=1e-6) and runner.eager == 2
