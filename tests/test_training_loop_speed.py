@@ -176,6 +176,32 @@ def test_step_overhead_benchmark_compares_the_same_work():
     assert payload["meets_target"] == (payload["ratio"] <= 1.2)
 
 
+def test_a_compiler_that_cannot_run_leaves_an_eager_run_with_the_reason(tmp_path, data_dir):
+    """compile=true on a machine whose compiler does not work (here: inductor pointed at a C++
+    compiler that does not exist, as on a slim image without g++): the run trains eagerly, exactly as
+    an eager run does, and its results say that compiling failed and why."""
+    import torch._inductor.config as inductor_config
+
+    common = ["max_steps=4", "log_every=1", "eval_every=0", "precision=fp32"]
+    common += ["arch.hidden_dropout_prob=0", "arch.attention_probs_dropout_prob=0"]  # same math in both
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = _cfg(data_dir, *common, f"compile={flag}", f"name=compile-{flag}")
+        torch._dynamo.reset()  # nothing cached from other tests: the compiled run must compile (and fail)
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+            runs[flag] = loop.train(cfg, store=Store(tmp_path / "s"), runs_dir=tmp_path / "r")["train_info"]
+    torch._dynamo.reset()
+    eager, info = runs["false"], runs["true"]
+    assert info["compile"]["enabled"] is False
+    reason = info["compile"]["reason"]
+    assert reason.startswith("compile failed at step 1 (InvalidCxxCompiler: ") and reason.endswith("trained eagerly")
+    assert "C++ compiler" in reason
+    assert info["steps"] == 4 and info["length_multiple"] == eager["length_multiple"]
+    assert [p["loss"] for p in info["train_loss_curve"]] == pytest.approx(
+        [p["loss"] for p in eager["train_loss_curve"]], rel=1e-5
+    )
+
+
 def test_compiled_step_trains_like_eager_and_compiles_once_per_shape(tmp_path, data_dir):
     """compile=true (what auto picks on CUDA): same losses as eager, one graph for every padded width."""
     from torch._dynamo.utils import counters
@@ -190,7 +216,7 @@ def test_compiled_step_trains_like_eager_and_compiles_once_per_shape(tmp_path, d
     for flag in ("false", "true"):
         cfg = _cfg(data_dir, *common, f"compile={flag}", f"name=compile-{flag}")
         info = loop.train(cfg, store=Store(tmp_path / "s"), runs_dir=tmp_path / "r")["train_info"]
-        assert info["compile"]["enabled"] is (flag == "true")
+        assert info["compile"]["enabled"] is (flag == "true"), info["compile"]
         curves[flag] = [p["loss"] for p in info["train_loss_curve"]]
     assert curves["true"] == pytest.approx(curves["false"], rel=1e-4)
     # the six batches' natural widths vary; padded to 16-token buckets they make a few shapes, and the

@@ -20,6 +20,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -201,6 +202,22 @@ def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]
     return False, (
         "auto: on CPU a compiled step measured no faster than eager (0.95x bf16, 0.91x fp32; see resolve_compile)"
     )
+
+
+def compiler_failed(e: BaseException) -> bool:
+    """Whether `e` is torch.compile's backend failing to compile (not an error of the step itself)."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled (importing dynamo takes ~1 s)
+        return False
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return isinstance(e, BackendCompilerFailed)
+
+
+def compiler_error(e: BaseException) -> str:
+    """What made the compiler fail, in one line: the backend's own error, not dynamo's wrapper."""
+    inner = getattr(e, "inner_exception", None) or e
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0]}" if lines else type(inner).__name__
 
 
 def bucket_tokens(max_length: int) -> int:
@@ -387,17 +404,35 @@ def _train(
             logits = model(input_ids=input_ids, attention_mask=step_mask(attention_mask)).logits
         return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
 
+    eager_forward_loss = forward_loss
     if compiled:
         from torch import _dynamo
 
         # Widths are padded to a few buckets (bucket_tokens) and rows are fixed: dynamic=True compiles
         # once for all of them (and for every batch size: the compile caches then serve the next run);
-        # never fall back to eager. reduce-overhead records one CUDA graph per width on top.
+        # never fall back to eager over recompiles. reduce-overhead records one CUDA graph per width on top.
         _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 16)
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
         forward_loss = torch.compile(forward_loss, dynamic=True, mode=mode)
     # a CUDA-graphed step's outputs live in the graph's memory until the next step begins
     graphed = compiled and cfg.compile_mode == "reduce-overhead" and device.type == "cuda"
+
+    def micro_batches(step_batches: list[np.ndarray], step_rows: int) -> torch.Tensor:
+        """Forward + backward of one optimizer step's micro-batches; their summed loss, on the device."""
+        step_loss = torch.zeros((), device=device)
+        for k, rows in enumerate(step_batches):
+            idx, real = shard(rows, rank, world)
+            batch = collate(train_data, idx, pad_id, real=real, **shape)
+            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+            # gradients are all-reduced once per step, on its last micro-batch
+            with accelerator.no_sync(model) if k < len(step_batches) - 1 else contextlib.nullcontext():
+                if graphed:
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss_sum = forward_loss(**batch)
+                # DDP averages gradients over processes: x world makes it the mean over the step's rows
+                accelerator.backward(scaler.scale(loss_sum * (world / step_rows)))
+            step_loss += loss_sum.detach()
+        return step_loss
 
     # ---- state that a checkpoint carries ----
     step = 0  # optimizer steps done
@@ -461,20 +496,23 @@ def _train(
             step_batches.append(epoch_cache[epoch][i])
             micro += 1
         step_rows = sum(len(b) for b in step_batches)  # global rows in this step
-        for k, rows in enumerate(step_batches):
-            idx, real = shard(rows, rank, world)
-            batch = collate(train_data, idx, pad_id, real=real, **shape)
-            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-            # gradients are all-reduced once per step, on its last micro-batch
-            with accelerator.no_sync(model) if k < len(step_batches) - 1 else contextlib.nullcontext():
-                if graphed:
-                    torch.compiler.cudagraph_mark_step_begin()
-                loss_sum = forward_loss(**batch)
-                # DDP averages gradients over processes: x world makes it the mean over the step's rows
-                accelerator.backward(scaler.scale(loss_sum * (world / step_rows)))
-            interval_loss += loss_sum.detach()
-            samples_seen += len(rows)
-            tokens_seen += int(lengths[rows].sum())
+        try:
+            step_loss = micro_batches(step_batches, step_rows)
+        except Exception as e:
+            if not (compiled and compiler_failed(e)):
+                raise
+            # A compiler the machine cannot run (no working C++ compiler or Triton, an unsupported
+            # GPU): the run goes on eagerly, the step is redone from its first micro-batch, the
+            # results say why. Every process meets the same failure at the same micro-batch.
+            compile_reason = f"compile failed at step {step + 1} ({compiler_error(e)}); trained eagerly"
+            print(f"warning: {compile_reason}", file=sys.stderr, flush=True)
+            compiled = graphed = False
+            forward_loss, shape = eager_forward_loss, eval_shape
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = micro_batches(step_batches, step_rows)
+        interval_loss += step_loss
+        samples_seen += step_rows
+        tokens_seen += sum(int(lengths[rows].sum()) for rows in step_batches)
         interval_rows += step_rows
         scaler.unscale_(optimizer)
         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
