@@ -93,7 +93,6 @@ class GraphedForward:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self._key = key()
         self.disabled: str | None = None  # why graphs are off for this model (a capture failed or disagreed)
-        self._what = "CUDA graph" if capture else "bucketed forward"
         self.replays = self.eager = 0
 
     def __call__(self, rows: list[list[int]], slots: list[int] | None = None) -> torch.Tensor:
@@ -115,7 +114,7 @@ class GraphedForward:
             if self.capture:
                 self._capture(g)
             out = self._run(g, rows, slots, filled=True)
-            error = self._verify(out, rows, slots)
+            error = self._verify(out, rows, slots, h, w)
         except Exception as e:  # never fail a request over a graph: serve eagerly from now on
             error = f"{self._what} at {h}x{w} failed: {type(e).__name__}: {e}"
         finally:
@@ -140,13 +139,16 @@ class GraphedForward:
         self.replays += 1
         return g.out[: len(rows)].float().cpu()  # the one device-to-host copy (and wait) of the batch
 
-    def _verify(self, out: torch.Tensor, rows: list[list[int]], slots: list[int] | None) -> str | None:
-        """Why a new bucket's logits `out` are not the plain forward's (None when they agree)."""
+    @property
+    def _what(self) -> str:
+        return "CUDA graph" if self.capture else "bucketed forward"
+
+    def _verify(self, out: torch.Tensor, rows: list[list[int]], slots: list[int] | None, h: int, w: int) -> str | None:
+        """Why the new h x w bucket's logits `out` are not the plain forward's (None when they agree)."""
         ref = self._plain(rows, slots)
         delta = float((out - ref).abs().max()) if out.shape == ref.shape else math.inf
         if delta <= self.tolerance:  # NaN fails too
             return None
-        h, w = buckets_of(rows)
         return f"{self._what} at {h}x{w} disagrees with the plain forward (max |Δlogit| {delta:.4g}, tolerance {self.tolerance:g})"
 
     def _fill(self, g: _Graph, rows: list[list[int]], slots: list[int] | None) -> None:
