@@ -40,9 +40,8 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data_dir):
-    per_process = 12  # x 2 processes = one process's 24; 101 rows -> 5 batches, the last one of 5 rows
-    two = tmp_path / "two"
+def _launch_two(data_dir: Path, out: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes training the tiny config into out/store and out/runs."""
     cmd = [
         sys.executable,
         "-m",
@@ -62,16 +61,22 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data_dir):
         "configs/tiny-bert-full.yaml",
         "--set",
         f"data={data_dir}",
-        f"batch_size={per_process}",
-        *COMMON,
+        *overrides,
         "--store",
-        str(two / "store"),
+        str(out / "store"),
         "--runs-dir",
-        str(two / "runs"),
+        str(out / "runs"),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    base = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**base, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data_dir):
+    per_process = 12  # x 2 processes = one process's 24; 101 rows -> 5 batches, the last one of 5 rows
+    two = tmp_path / "two"
+    proc = _launch_two(data_dir, two, f"batch_size={per_process}", *COMMON)
     reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1 and json.loads(reports[0])["variant"] == "tiny-bert-full"  # the main process only
 
@@ -100,3 +105,26 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data_dir):
     assert Store(two / "store").names() == ["tiny-bert-full"]
     assert sorted(p.name for p in (two / "runs").iterdir()) == ["tensorboard", "tiny-bert-full.json"]
     assert len(list((two / "runs" / "tensorboard" / "tiny-bert-full").iterdir())) == 1
+
+
+def test_a_compiler_that_cannot_run_leaves_both_processes_training_eagerly(tmp_path, data_dir):
+    """compile=true under `accelerate launch` on a machine whose C++ compiler does not work (CXX points
+    nowhere, as on a slim image without g++): each process meets the failure at the same micro-batch,
+    both go on eagerly in step (DDP keeps reducing), and the run equals a two-process eager run."""
+    common = [o for o in COMMON if not o.startswith("eval_every=")] + ["eval_every=0", "batch_size=12"]
+    infos = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        proc = _launch_two(data_dir, out, *common, f"compile={flag}", env={"CXX": "/nonexistent/c++"})
+        if flag == "true":
+            warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: compile failed")]
+            assert len(warnings) == 2, proc.stderr[-3000:]  # one per process
+        infos[flag] = json.loads((out / "runs" / "tiny-bert-full.json").read_text())["train_info"]
+    eager, info = infos["false"], infos["true"]
+    assert info["num_processes"] == 2 and info["compile"]["enabled"] is False
+    reason = info["compile"]["reason"]
+    assert reason.startswith("compile failed at step 1 (InvalidCxxCompiler: ") and reason.endswith("trained eagerly")
+    assert info["samples_seen"] == eager["samples_seen"] and info["steps"] == eager["steps"] == 6
+    assert [p["loss"] for p in info["train_loss_curve"]] == pytest.approx(
+        [p["loss"] for p in eager["train_loss_curve"]], rel=1e-5
+    )
