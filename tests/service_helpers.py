@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import torch
 import uvicorn
 from tiny import GOLDEN_TEXTS, LABELS, MAX_LENGTH, tiny_classifier, tiny_lora, tokenizer
 
+from benchmarks.common import free_port
 from models import Manifest, Store
 from models.loading import fingerprint, save_base_snapshot
 from models.writing import write_variant
@@ -122,12 +122,6 @@ def assert_no_torn_answers(
     assert seen["A"] > 0 and seen["B"] > 0, seen
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A real uvicorn server on 127.0.0.1:<free port> running create_app(cfg) in a thread."""
 
@@ -181,3 +175,24 @@ def running(store: Path, **overrides) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Any ASGI app (the naive baseline, a test stub) on a free loopback port, once /healthz answers 200."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                break
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -5,19 +5,13 @@ HTTP vs in-process, and memory probes in real subprocesses."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
-from service_helpers import running
+from service_helpers import running, serve_in_thread
 from tiny import GOLDEN_TEXTS, make_store, tiny_classifier
 
 from benchmarks.accuracy import AccuracySettings
@@ -55,26 +49,6 @@ def flagged_store(store: Path, tmp_path_factory) -> Path:
             m.init = "pretrained"
             m.save(d)
     return root
-
-
-@contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-import uvicorn
+from service_helpers import serve_in_thread
 from tiny import GOLDEN_TEXTS, make_store
 
 from benchmarks.baseline_server import create_app, load_pipeline
@@ -55,22 +53,8 @@ def counting_baseline(store: Path):
         counter["n"] += request.method == "POST"
         return await call_next(request)
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        time.sleep(0.05)
-    try:
+    with serve_in_thread(app) as url:
         yield url, counter
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_request_lines_are_one_request_per_line():
