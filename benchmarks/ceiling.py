@@ -16,8 +16,11 @@ Per scenario (the variants the store has: `full`, `adapter-1`, `adapters-N` mixe
               concurrencies.
   matched     in-process again with batches of the rows per batch the engine formed at each level
               (from its /metrics): what the serving path itself costs, apart from batch formation.
-Printed: service / in-process, service / matched, service / naive, client CPU share and, at c=1,
-the median latency minus the server's median compute_ms (what the serving path adds). Measurements run one
+Printed: service / in-process, service / matched, service / naive, client CPU share, the lanes' CPU
+share (the share of the machine's CPU the threads running batches got, in the service from the engine's
+service_batch_cpu_seconds, in-process from the lane threads: on a 2-core machine the front-ends and the
+client take the rest, which bounds service / in-process) and, at c=1, the median latency minus the
+server's median compute_ms (what the serving path adds). Measurements run one
 at a time (on a small machine they would compete for the same cores) but in --rounds: each round runs
 every in-process loop, every HTTP level of the service and of the naive server for --duration /
 --rounds seconds, so a noisy machine's drift hits all figures alike; latency percentiles are the
@@ -177,8 +180,8 @@ class InProcess:
         self.rt.forward(ents, rows)  # returns host fp32 logits: the device work is finished
         return len(rows)
 
-    def timed(self, duration_s: float) -> tuple[int, int, float]:
-        """(rows, batches, seconds) of batches on `lanes` threads at once for `duration_s`."""
+    def timed(self, duration_s: float) -> tuple[int, int, float, float]:
+        """(rows, batches, seconds, CPU seconds of the lane threads) of batches on `lanes` threads at once for `duration_s`."""
         import torch
 
         cuda = self.s.device == "cuda"
@@ -186,7 +189,7 @@ class InProcess:
             torch.cuda.reset_peak_memory_stats()
             mem0 = torch.cuda.memory_allocated()
         threads = max(1, self.s.threads // self.lanes)
-        rows, n, t0 = _lanes(
+        rows, n, t0, cpu_s = _lanes(
             self.one, self.batches[self.next :] + self.batches[: self.next], self.lanes, threads, duration_s
         )
         elapsed_s = time.perf_counter() - t0
@@ -194,10 +197,10 @@ class InProcess:
         if cuda:
             peak = self.memory["gpu_memory_loaded_bytes"] + torch.cuda.max_memory_allocated() - mem0
             self.memory["gpu_memory_peak_bytes"] = max(self.memory["gpu_memory_peak_bytes"], peak)
-        return rows, n, elapsed_s
+        return rows, n, elapsed_s, cpu_s
 
-    def summary(self, rounds: list[tuple[int, int, float]]) -> dict[str, Any]:
-        rows, n, elapsed_s = (sum(r[i] for r in rounds) for i in range(3))
+    def summary(self, rounds: list[tuple[int, int, float, float]]) -> dict[str, Any]:
+        rows, n, elapsed_s, cpu_s = (sum(r[i] for r in rounds) for i in range(4))
         out: dict[str, Any] = {
             "rows_per_s": rows / elapsed_s,
             "rows": rows,
@@ -205,7 +208,9 @@ class InProcess:
             "batch_size": self.s.max_batch_size,
             "lanes": self.lanes,
             "elapsed_s": elapsed_s,
-            "rounds_rows_per_s": [r / e for r, _, e in rounds],
+            "rounds_rows_per_s": [r / e for r, _, e, _ in rounds],
+            # the share of the machine's CPU the threads running batches got (see _lanes)
+            "lane_cpu_share": cpu_s / elapsed_s / (os.cpu_count() or 1),
             "precision": sorted({self.rt.entry_precision(e) for e in self.entries.values()}),
             **self.memory,
         }
@@ -230,21 +235,24 @@ def in_process(
 
 def _lanes(
     one: Any, batches: list[Any], lanes: int, threads: int, duration_s: float, min_batches: int = 3
-) -> tuple[int, int, float]:
-    """(rows, batches, start) of `lanes` threads running batches at once, `threads` torch threads each,
-    for `duration_s` and at least `min_batches` batches."""
+) -> tuple[int, int, float, float]:
+    """(rows, batches, start, CPU seconds) of `lanes` threads running batches at once, `threads` torch
+    threads each, for `duration_s` and at least `min_batches` batches. The CPU seconds are the lane threads'
+    own (time.thread_time, as the service's service_batch_cpu_seconds): exact for 1-thread lanes."""
     import threading
 
     import torch
 
-    lock, done = threading.Lock(), [0, 0]
+    lock, done, cpu = threading.Lock(), [0, 0], [0.0]
     t0 = time.perf_counter()
 
     def lane() -> None:
         torch.set_num_threads(threads)  # per thread (OpenMP), like the batcher's
+        cpu0 = time.thread_time()
         while True:
             with lock:
                 if time.perf_counter() - t0 >= duration_s and done[1] >= min_batches:
+                    cpu[0] += time.thread_time() - cpu0
                     return
                 k = done[1]
                 done[1] += 1
@@ -257,7 +265,7 @@ def _lanes(
         w.start()
     for w in workers:
         w.join()
-    return done[0], done[1], t0
+    return done[0], done[1], t0, cpu[0]
 
 
 def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSettings, precision: str) -> list[str]:
@@ -267,24 +275,25 @@ def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSetti
     return cmd + list(s.service_args)
 
 
-def engine_batches(url: str) -> tuple[float, float] | None:
-    """(rows, batches) the engine has run so far, from its /metrics (None from a server without them)."""
+def engine_batches(url: str) -> tuple[float, float, float] | None:
+    """(rows, batches, CPU seconds of the threads that ran them) so far, from the engine's /metrics (None
+    from a server without them)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         r = httpx.get(f"{url}/metrics", timeout=10)
         r.raise_for_status()
-        found = {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(r.text)
-            if family.name == "service_batch_size_rows"
-            for sample in family.samples
-        }
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(r.text):
+            if family.name in ("service_batch_size_rows", "service_batch_cpu_seconds"):
+                for sample in family.samples:  # the CPU counter: summed over `where`
+                    found[sample.name] = found.get(sample.name, 0.0) + sample.value
     except (httpx.HTTPError, ValueError):  # no such endpoint (the naive server), or not Prometheus text
         return None
     if "service_batch_size_rows_count" not in found:
         return None
-    return found["service_batch_size_rows_sum"], found["service_batch_size_rows_count"]
+    cpu_s = found.get("service_batch_cpu_seconds_total", 0.0)
+    return found["service_batch_size_rows_sum"], found["service_batch_size_rows_count"], cpu_s
 
 
 def http_level(
@@ -292,14 +301,17 @@ def http_level(
 ) -> dict[str, Any]:
     """One wrk level (closed loop at concurrency `c`) with the rows per batch the engine formed meanwhile."""
     wl = Workload(texts, models, seed=s.seed)
-    before = engine_batches(url)
+    before, t0 = engine_batches(url), time.perf_counter()
     r = run_level(url, wl, concurrency=c, duration_s=duration_s, warmup_s=s.warmup, timeout_s=s.timeout, server_pid=pid)
-    after = engine_batches(url)
+    after, wall_s = engine_batches(url), time.perf_counter() - t0
     # rows per batch the engine formed over the level (warm-up included): at c=32 a closed loop
     # tends to alternate two half-full batches, which in-process batches of --max-batch-size never do
     if before and after and after[1] > before[1]:
         r["engine_rows_batches"] = [after[0] - before[0], after[1] - before[1]]
         r["engine_mean_batch_rows"] = (after[0] - before[0]) / (after[1] - before[1])
+        # the share of the machine's CPU the threads running batches got (in-process: lane_cpu_share); on a
+        # small CPU the rest goes to the front-ends, the engine's socket loop and the client
+        r["lane_cpu_share"] = (after[2] - before[2]) / wall_s / (os.cpu_count() or 1)
     r.update(target=target, models=models)
     if r["ok"] == 0:
         from benchmarks.loadgen import _why_failed
@@ -309,7 +321,8 @@ def http_level(
         f"[ceiling] {target:>14} c={c:<3} {r['throughput_rps']:8.1f} req/s  p50 {_ms(r['latency']['p50_ms'])}  "
         f"compute p50 {_ms(_compute_p50(r))}  client CPU {r['client_cpu_share']:.0%}  "
         f"server CPU {_pct(r['server_cpu_share'])}  errors {r['errors_by_status'] or 0}"
-        + (f"  engine batches {r['engine_mean_batch_rows']:.1f} rows" if r.get("engine_mean_batch_rows") else ""),
+        + (f"  engine batches {r['engine_mean_batch_rows']:.1f} rows" if r.get("engine_mean_batch_rows") else "")
+        + (f"  lanes' CPU {r['lane_cpu_share']:.0%}" if r.get("lane_cpu_share") is not None else ""),
         flush=True,
     )
     return r
@@ -351,7 +364,7 @@ def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["server_timing"] = {
             k: median_of([(r.get("server_timing") or {}).get(k) for r in runs]) for k in ("queue", "compute")
         }
-    for k in ("client_cpu_share", "server_cpu_share"):
+    for k in ("client_cpu_share", "server_cpu_share", "lane_cpu_share"):
         shares = [(r[k], r["window_s"]) for r in runs if r.get(k) is not None]
         out[k] = sum(v * w for v, w in shares) / max(sum(w for _, w in shares), 1e-9) if shares else None
     eb = [r["engine_rows_batches"] for r in runs if r.get("engine_rows_batches")]
@@ -420,7 +433,7 @@ def _rounds(
     naive_cmd = [sys.executable, "-m", "benchmarks", "baseline-server", "--model", str(naive_model)]
     naive_cmd += ["--store", str(store_root), "--port", str(naive_port), "--device", s.device]
     slice_s = s.duration / s.rounds
-    ip_rounds: dict[str, list[tuple[int, int, float]]] = {name: [] for name in live}
+    ip_rounds: dict[str, list[tuple[int, int, float, float]]] = {name: [] for name in live}
     http: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as servers:
         proc = servers.enter_context(running_server(cmd, f"{url}/readyz", timeout_s=s.start_timeout, env=offline_env()))
@@ -434,8 +447,11 @@ def _rounds(
             print(f"[ceiling] round {k + 1}/{s.rounds}", flush=True)
             for name, ip in live.items():
                 ip_rounds[name].append(ip.timed(slice_s))
-                rows, _, el = ip_rounds[name][-1]
-                print(f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s", flush=True)
+                rows, _, el, _ = ip_rounds[name][-1]
+                cpu_share = ip_rounds[name][-1][3] / el / (os.cpu_count() or 1)
+                print(
+                    f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s  lanes' CPU {cpu_share:.0%}", flush=True
+                )
             for u, pid, name, models in targets:
                 for c in s.concurrency:
                     http.setdefault((name, c), []).append(http_level(u, pid, name, models, texts, s, c, slice_s))
@@ -551,6 +567,11 @@ def run(s: CeilingSettings) -> dict[str, Any]:
                 else ""
             )
             + (
+                f"; lanes' CPU {r['lane_cpu_share']:.0%} vs {r['in_process_lane_cpu_share']:.0%} in-process"
+                if r["lane_cpu_share"] is not None and r["in_process_lane_cpu_share"] is not None
+                else ""
+            )
+            + (
                 f"; p50 - compute p50 = {r['p50_minus_compute_ms']:.1f} ms"
                 if r["p50_minus_compute_ms"] is not None
                 else ""
@@ -586,6 +607,13 @@ def _x(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _lanes_cell(r: dict[str, Any]) -> str:
+    """The share of the machine's CPU the batch threads got, service / in-process (older results: –)."""
+    if r.get("lane_cpu_share") is None or r.get("in_process_lane_cpu_share") is None:
+        return "–"
+    return f"{_pct(r['lane_cpu_share'])} / {_pct(r['in_process_lane_cpu_share'])}"
+
+
 def summary_rows(
     scenarios: dict[str, list[str]],
     ceiling: dict[str, dict[str, Any]],
@@ -597,6 +625,7 @@ def summary_rows(
     rows = []
     for name in scenarios:
         ip = (ceiling.get(name) or {}).get("rows_per_s")
+        ip_lanes = (ceiling.get(name) or {}).get("lane_cpu_share")
         for r in service.get(name, []):
             if not r["ok"]:
                 continue
@@ -622,6 +651,9 @@ def summary_rows(
                     "client_cpu_share": r["client_cpu_share"],
                     "server_cpu_share": r["server_cpu_share"],
                     "engine_mean_batch_rows": r.get("engine_mean_batch_rows"),
+                    # service / in-process ~ (lane_cpu_share / in_process_lane_cpu_share) x rows per lane CPU-s
+                    "lane_cpu_share": r.get("lane_cpu_share"),
+                    "in_process_lane_cpu_share": ip_lanes,
                     "errors_by_status": r.get("errors_by_status") or {},
                 }
             )
@@ -698,6 +730,7 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                 r["p50_minus_compute_ms"],
                 _pct(r["client_cpu_share"]),
                 _pct(r["server_cpu_share"]),
+                _lanes_cell(r),
                 r.get("engine_mean_batch_rows"),
                 ", ".join(f"{n} × {k}" for k, n in _errors(doc, r).items()) or "0",
             ]
@@ -706,7 +739,7 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
         header = ["scenario", "level", "in-process rows/s", "service req/s", "naive req/s", "service / in-process"]
         header += ["service / in-process at the engine's batch"]
         header += ["service / naive", "p50 ms", "naive p50 ms", "c=1 p50 − compute ms", "client CPU", "server CPU"]
-        header += ["engine rows / batch", "errors (req/s counts answers 200 only)"]
+        header += ["lanes' CPU, service / in-process", "engine rows / batch", "errors (req/s counts answers 200 only)"]
         parts.append(table(header, rows))
         mem = [
             [

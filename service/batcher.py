@@ -441,6 +441,7 @@ class Batcher:
         """One forward of the batch on this thread with `threads` torch threads, then the answers."""
         if torch.get_num_threads() != threads:  # per thread: each lane keeps its own count
             torch.set_num_threads(threads)
+        cpu0 = time.thread_time()
         try:
             logits = self.runtime.forward(entries, ids)
         except Exception as e:
@@ -449,6 +450,7 @@ class Batcher:
                 self._fail(job, ServiceError(f"inference failed: {type(e).__name__}: {e}; this is a server bug"))
             return
         compute_s = time.perf_counter() - start_s
+        self.metrics.batch_cpu.labels(where).inc(time.thread_time() - cpu0)
         rows_logits = logits.numpy()
         width = max(len(i) for i in ids)
         self.metrics.compute.labels(entries[0].group).observe(compute_s)

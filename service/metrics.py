@@ -78,6 +78,13 @@ class EngineMetrics:
             ["where"],
             registry=r,
         )
+        self.batch_cpu = Counter(
+            "service_batch_cpu_seconds",
+            "CPU time of the thread that ran each batch's forward, by where (exact for 1-thread CPU lanes; the "
+            "OpenMP helpers of a forward on several threads are not counted)",
+            ["where"],
+            registry=r,
+        )
         self.batch_size = Histogram("service_batch_size_rows", "Rows per batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram(
             "service_batch_tokens",

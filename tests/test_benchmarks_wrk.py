@@ -157,6 +157,9 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
         assert r["service_over_naive"] == pytest.approx(r["service_rps"] / r["naive_rps"])
         assert r["p50_minus_compute_ms"] == pytest.approx(r["p50_ms"] - r["compute_p50_ms"])
         assert 0 < r["client_cpu_share"] <= 1 and r["server_cpu_share"] > 0
+        # the threads that ran batches: their share of the machine's CPU, in the service and in-process
+        assert 0 < r["lane_cpu_share"] <= 1 and r["lane_cpu_share"] == run["lane_cpu_share"]
+        assert 0 < ip["lane_cpu_share"] <= 1 and r["in_process_lane_cpu_share"] == ip["lane_cpu_share"]
         # c=1: the engine ran one row per batch, and in-process ran again at that batch for the comparison
         assert r["engine_mean_batch_rows"] == pytest.approx(1.0) and r["matched_batch"] == 1
         matched = sc["runs"][0]["in_process_at_engine_batch"]["rows_per_s"]
@@ -169,7 +172,7 @@ def test_ceiling_measures_service_in_process_and_naive_in_one_run(store: Path, t
 
     docs, _ = collect([tmp_path / "ceiling.json"])
     md = render(docs, tmp_path, tmp_path)
-    assert "| adapters-3 | c=1 |" in md and "service / naive" in md
+    assert "| adapters-3 | c=1 |" in md and "service / naive" in md and "lanes' CPU, service / in-process" in md
 
 
 def test_a_terminated_experiment_stops_its_servers_and_records_the_failure(store: Path, tmp_path: Path):

@@ -175,6 +175,7 @@ def test_metrics_parse(bert):
     assert sum(x.value for x in s["service_queue_wait_seconds_count"]) > 0
     assert sum(x.value for x in s["service_compute_seconds_count"]) > 0
     assert s["service_batch_size_rows_count"][0].value > 0 and s["service_batch_tokens_sum"][0].value > 0
+    assert sum(x.value for x in s["service_batch_cpu_seconds_total"]) > 0  # the threads that ran the batches
     assert s["service_queue_depth_rows"][0].value == 0
     assert s["service_loaded_adapters"][0].value == 4
     assert s["service_loaded_variants"][0].value == 7
