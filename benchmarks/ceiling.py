@@ -170,6 +170,11 @@ class InProcess:
         if cuda:
             self.memory["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated() - mem0
         self.lanes = s.lanes if all(rt.lane_parallel(e, by_cost=False) for e in entries.values()) else 1
+        from models.variant import ONNX_KINDS
+
+        # a thread's CPU time counts all of a torch batch on a 1-thread lane; an ONNX session computes on
+        # its own pool threads too, and a forward on several threads on OpenMP helpers: not counted
+        self.cpu_counted = self.lanes > 1 and not any(e.kind in ONNX_KINDS for e in entries.values())
         self.next = 0  # rounds go on through the batch list rather than repeat its start
 
     def one(self, batch: list[tuple[str, list[str]]]) -> int:
@@ -209,8 +214,8 @@ class InProcess:
             "lanes": self.lanes,
             "elapsed_s": elapsed_s,
             "rounds_rows_per_s": [r / e for r, _, e, _ in rounds],
-            # the share of the machine's CPU the threads running batches got (see _lanes)
-            "lane_cpu_share": cpu_s / elapsed_s / (os.cpu_count() or 1),
+            # the share of the machine's CPU the lane threads got (see _lanes; None where not all counted)
+            "lane_cpu_share": cpu_s / elapsed_s / (os.cpu_count() or 1) if self.cpu_counted else None,
             "precision": sorted({self.rt.entry_precision(e) for e in self.entries.values()}),
             **self.memory,
         }
@@ -275,9 +280,9 @@ def _service_cmd(store_root: Path, port: int, models: list[str], s: CeilingSetti
     return cmd + list(s.service_args)
 
 
-def engine_batches(url: str) -> tuple[float, float, float] | None:
-    """(rows, batches, CPU seconds of the threads that ran them) so far, from the engine's /metrics (None
-    from a server without them)."""
+def engine_batches(url: str) -> tuple[float, float, float, float] | None:
+    """(rows, batches, batches run on lanes, CPU seconds of the lane threads that ran them) so far, from
+    the engine's /metrics (None from a server without them)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -285,21 +290,33 @@ def engine_batches(url: str) -> tuple[float, float, float] | None:
         r.raise_for_status()
         found: dict[str, float] = {}
         for family in text_string_to_metric_families(r.text):
-            if family.name in ("service_batch_size_rows", "service_batch_cpu_seconds"):
-                for sample in family.samples:  # the CPU counter: summed over `where`
-                    found[sample.name] = found.get(sample.name, 0.0) + sample.value
+            for sample in family.samples:
+                if family.name == "service_batch_size_rows":
+                    found[sample.name] = sample.value
+                elif family.name in ("service_batches", "service_batch_cpu_seconds"):
+                    found[f"{sample.name}:{sample.labels.get('where')}"] = sample.value
     except (httpx.HTTPError, ValueError):  # no such endpoint (the naive server), or not Prometheus text
         return None
     if "service_batch_size_rows_count" not in found:
         return None
-    cpu_s = found.get("service_batch_cpu_seconds_total", 0.0)
-    return found["service_batch_size_rows_sum"], found["service_batch_size_rows_count"], cpu_s
+    lanes = found.get("service_batches_total:lane", 0.0), found.get("service_batch_cpu_seconds_total:lane", 0.0)
+    return found["service_batch_size_rows_sum"], found["service_batch_size_rows_count"], *lanes
 
 
 def http_level(
-    url: str, pid: int, target: str, models: list[str], texts: list[str], s: CeilingSettings, c: int, duration_s: float
+    url: str,
+    pid: int,
+    target: str,
+    models: list[str],
+    texts: list[str],
+    s: CeilingSettings,
+    c: int,
+    duration_s: float,
+    cpu_counted: bool = False,
 ) -> dict[str, Any]:
-    """One wrk level (closed loop at concurrency `c`) with the rows per batch the engine formed meanwhile."""
+    """One wrk level (closed loop at concurrency `c`) with the rows per batch the engine formed meanwhile;
+    `cpu_counted` (a torch scenario on 1-thread lanes): with the lane threads' CPU share too, when every
+    batch of the level ran on a lane."""
     wl = Workload(texts, models, seed=s.seed)
     before, t0 = engine_batches(url), time.perf_counter()
     r = run_level(url, wl, concurrency=c, duration_s=duration_s, warmup_s=s.warmup, timeout_s=s.timeout, server_pid=pid)
@@ -309,9 +326,11 @@ def http_level(
     if before and after and after[1] > before[1]:
         r["engine_rows_batches"] = [after[0] - before[0], after[1] - before[1]]
         r["engine_mean_batch_rows"] = (after[0] - before[0]) / (after[1] - before[1])
-        # the share of the machine's CPU the threads running batches got (in-process: lane_cpu_share); on a
-        # small CPU the rest goes to the front-ends, the engine's socket loop and the client
-        r["lane_cpu_share"] = (after[2] - before[2]) / wall_s / (os.cpu_count() or 1)
+        # the share of the machine's CPU the lane threads got (in-process: lane_cpu_share); on a small CPU
+        # the rest goes to the front-ends, the engine's socket loop and the client. Not where a batch ran
+        # elsewhere (a lone request runs on the batcher thread, on every core: its helpers are not counted)
+        if cpu_counted and after[2] - before[2] == after[1] - before[1]:
+            r["lane_cpu_share"] = (after[3] - before[3]) / wall_s / (os.cpu_count() or 1)
     r.update(target=target, models=models)
     if r["ok"] == 0:
         from benchmarks.loadgen import _why_failed
@@ -448,13 +467,13 @@ def _rounds(
             for name, ip in live.items():
                 ip_rounds[name].append(ip.timed(slice_s))
                 rows, _, el, _ = ip_rounds[name][-1]
-                cpu_share = ip_rounds[name][-1][3] / el / (os.cpu_count() or 1)
-                print(
-                    f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s  lanes' CPU {cpu_share:.0%}", flush=True
-                )
+                share = ip_rounds[name][-1][3] / el / (os.cpu_count() or 1) if ip.cpu_counted else None
+                print(f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s  lanes' CPU {_pct(share)}", flush=True)
             for u, pid, name, models in targets:
                 for c in s.concurrency:
-                    http.setdefault((name, c), []).append(http_level(u, pid, name, models, texts, s, c, slice_s))
+                    counted = name in live and live[name].cpu_counted
+                    level = http_level(u, pid, name, models, texts, s, c, slice_s, cpu_counted=counted)
+                    http.setdefault((name, c), []).append(level)
         # what the service computed in, and on CUDA whether it replayed graphs or fell back to eager (and why)
         try:  # a figure source, never a reason to lose the measured rounds
             service_models = httpx.get(f"{url}/v1/models", timeout=30).raise_for_status().json()
