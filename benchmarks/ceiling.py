@@ -186,7 +186,8 @@ class InProcess:
         return len(rows)
 
     def timed(self, duration_s: float) -> tuple[int, int, float, float]:
-        """(rows, batches, seconds, CPU seconds of the lane threads) of batches on `lanes` threads at once for `duration_s`."""
+        """(rows, batches, seconds, the lane threads' CPU seconds) of batches on `lanes` threads at once
+        for `duration_s`."""
         import torch
 
         cuda = self.s.device == "cuda"
@@ -215,13 +216,17 @@ class InProcess:
             "elapsed_s": elapsed_s,
             "rounds_rows_per_s": [r / e for r, _, e, _ in rounds],
             # the share of the machine's CPU the lane threads got (see _lanes; None where not all counted)
-            "lane_cpu_share": cpu_s / elapsed_s / (os.cpu_count() or 1) if self.cpu_counted else None,
+            "lane_cpu_share": self.cpu_share(cpu_s, elapsed_s),
             "precision": sorted({self.rt.entry_precision(e) for e in self.entries.values()}),
             **self.memory,
         }
         if self.s.device == "cuda":
             out["cuda_graphs"] = self.rt.graph_state()  # buckets captured, replays, eager batches, why not
         return out
+
+    def cpu_share(self, cpu_s: float, elapsed_s: float) -> float | None:
+        """The lanes' share of the machine's CPU over `elapsed_s` (None where their time is not all counted)."""
+        return _machine_share(cpu_s, elapsed_s) if self.cpu_counted else None
 
     def close(self) -> None:
         self.rt.entries.clear()
@@ -236,6 +241,11 @@ def in_process(
         return ip.summary([ip.timed(s.duration)])
     finally:
         ip.close()
+
+
+def _machine_share(cpu_s: float, wall_s: float) -> float:
+    """CPU seconds over `wall_s` as a share of every core of this machine."""
+    return cpu_s / wall_s / (os.cpu_count() or 1)
 
 
 def _lanes(
@@ -330,7 +340,7 @@ def http_level(
         # the rest goes to the front-ends, the engine's socket loop and the client. Not where a batch ran
         # elsewhere (a lone request runs on the batcher thread, on every core: its helpers are not counted)
         if cpu_counted and after[2] - before[2] == after[1] - before[1]:
-            r["lane_cpu_share"] = (after[3] - before[3]) / wall_s / (os.cpu_count() or 1)
+            r["lane_cpu_share"] = _machine_share(after[3] - before[3], wall_s)
     r.update(target=target, models=models)
     if r["ok"] == 0:
         from benchmarks.loadgen import _why_failed
@@ -466,9 +476,9 @@ def _rounds(
             print(f"[ceiling] round {k + 1}/{s.rounds}", flush=True)
             for name, ip in live.items():
                 ip_rounds[name].append(ip.timed(slice_s))
-                rows, _, el, _ = ip_rounds[name][-1]
-                share = ip_rounds[name][-1][3] / el / (os.cpu_count() or 1) if ip.cpu_counted else None
-                print(f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s  lanes' CPU {_pct(share)}", flush=True)
+                rows, _, el, cpu_s = ip_rounds[name][-1]
+                share = _pct(ip.cpu_share(cpu_s, el))
+                print(f"[ceiling] {name:>14} in-process {rows / el:8.1f} rows/s  lanes' CPU {share}", flush=True)
             for u, pid, name, models in targets:
                 for c in s.concurrency:
                     counted = name in live and live[name].cpu_counted
