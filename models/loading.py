@@ -121,6 +121,35 @@ def model_mask(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return query_key_mask if getattr(config, "model_type", None) in ("bert", "roberta") else (lambda m: m)
 
 
+def mask_in_autocast_dtype(model: nn.Module) -> bool:
+    """Make `model`'s encoder build its additive attention mask in autocast's dtype while autocast is on.
+
+    Why: BERT / RoBERTa build the mask in the weights' dtype (fp32 under autocast), so eager attention
+    adds an fp32 mask to bf16 scores, and the (batch, heads, length, length) probabilities after it
+    (softmax, dropout, their backward, the cast back to bf16 for the matmul with the values) are fp32,
+    some ops in torch's slow mixed-dtype loops. In the autocast dtype they stay bf16, as the scores
+    already are (the probabilities were rounded to bf16 for that matmul anyway). Measured on this
+    project's 2-core Xeon with AMX: one MiniLM attention block's forward + backward under bf16 autocast,
+    16 x 64 tokens with dropout, 11.4 -> 9.5 ms (median of 30 interleaved rounds), ~11 ms of a ~250 ms
+    training step. Returns whether the encoder builds such a mask (False: left as it is).
+    """
+    encoder = encoder_of(model)
+    build = getattr(encoder, "get_extended_attention_mask", None)
+    if build is None:
+        return False
+
+    def get_extended_attention_mask(
+        attention_mask: torch.Tensor, input_shape: Any, device: Any = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        kind = attention_mask.device.type
+        if dtype is None and torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+        return build(attention_mask, input_shape, device, dtype)
+
+    encoder.get_extended_attention_mask = get_extended_attention_mask
+    return True
+
+
 def encoder_of(model: nn.Module) -> nn.Module:
     """The shared encoder of a sequence classifier (BertModel inside BertForSequenceClassification)."""
     if hasattr(model, "get_base_model"):  # peft wrapper

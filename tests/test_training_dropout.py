@@ -10,7 +10,7 @@ from training.dropout import CPUDropout, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_keeps_1_minus_p_of_the_elements_and_the_mean(p, dtype):
     x = torch.ones(256, 1024, dtype=dtype)
     y = CPUDropout(p).train()(x).float()

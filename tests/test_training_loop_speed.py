@@ -88,6 +88,40 @@ def test_the_query_key_mask_gives_the_2d_masks_logits(arch):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-roberta"])
+def test_the_mask_in_autocast_dtype_keeps_the_attention_probabilities_bf16_and_the_logits(arch):
+    """Under bf16 autocast the encoder's additive mask (so the attention probabilities) is bf16; outside it
+    fp32 as before; the logits agree with the fp32-mask forward within bf16 rounding."""
+    from models.loading import mask_in_autocast_dtype, query_key_mask
+    from training.config import TrainConfig
+    from training.loop import CPU_ATTENTION, build_model
+
+    cfg = TrainConfig(init="random", arch_preset=arch, base_model=arch, tokenizer="x", data="x")
+    torch.manual_seed(0)
+    plain = build_model(cfg, tokenizer(), attention=CPU_ATTENTION).eval()
+    patched = build_model(cfg, tokenizer(), attention=CPU_ATTENTION).eval()
+    patched.load_state_dict(plain.state_dict())
+    assert mask_in_autocast_dtype(patched)
+    probs: list[torch.dtype] = []
+    for layer in patched.base_model.encoder.layer:
+        layer.attention.self.register_forward_hook(lambda m, i, out: probs.append(out[1].dtype))
+    ids = torch.randint(5, 1000, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = plain(input_ids=ids, attention_mask=query_key_mask(mask)).logits.float()
+            b = patched(input_ids=ids, attention_mask=query_key_mask(mask)).logits.float()
+        assert set(probs) == {torch.bfloat16}
+        probs.clear()
+        fp32 = patched(input_ids=ids, attention_mask=query_key_mask(mask)).logits
+        assert set(probs) == {torch.float32}
+        torch.testing.assert_close(fp32, plain(input_ids=ids, attention_mask=query_key_mask(mask)).logits)
+    torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def _autocast_dtypes(monkeypatch) -> list[torch.dtype]:
     """Dtype of the classifier's output in every training forward (bf16 under bf16 autocast)."""
     seen: list[torch.dtype] = []

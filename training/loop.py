@@ -34,7 +34,7 @@ from torch import nn
 from models import Store
 from models.atomic import atomic_dir
 from models.hardware import resolve_precision, width_multiple
-from models.loading import fingerprint, load_tokenizer, model_mask, save_base_snapshot
+from models.loading import fingerprint, load_tokenizer, mask_in_autocast_dtype, model_mask, save_base_snapshot
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
 from models.store import dir_bytes
 from models.writing import write_variant
@@ -381,6 +381,8 @@ def _train(
         save_base_snapshot(store, model, tokenizer, base_name, cfg.init)
     model = method.prepare(model, cfg).to(device)
     cpu_dropouts = use_cpu_dropout(model) if on_cpu else 0  # after prepare: LoRA's dropouts too
+    if on_cpu:  # eager attention's probabilities stay bf16 under autocast (CUDA's SDPA casts its mask itself)
+        mask_in_autocast_dtype(model)
     model.train()
     counts = trainable_counts(model)
     if rank:  # same initial weights everywhere (seeded above); dropout masks of their own per process
