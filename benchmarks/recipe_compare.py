@@ -7,9 +7,10 @@ The study's pipeline as the study ran it: the *whole* train sample mapped with
 its longest text), `DataCollatorWithPadding`, transformers `Trainer` with its shuffled sampler —
 so batches mix rows of different chunks and are nearly as wide as the widest chunk.
 `training`: tokenise once, length-grouped batches padded per batch, precision chosen by the
-hardware, one accelerate loop. Both fully fine-tune the same pretrained model for the same number
-of optimizer steps at the same batch size, lr and schedule (so the same number of samples), then
-are scored by the same fp32 function on the same stratified test rows.
+hardware, one accelerate loop, timed over `--training-runs` runs (medians). Both fully fine-tune
+the same pretrained model for the same number of optimizer steps at the same batch size, lr and
+schedule (so the same number of samples), then are scored by the same fp32 function on the same
+stratified test rows.
 Run it alone: other heavy jobs on the machine distort samples/s.
 """
 
@@ -36,6 +37,13 @@ class RecipeCompareSettings(Settings):
         "fp32", description="the study recipe's precision (its Trainer default: fp32; bf16 = its GPU setting)"
     )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`training`'s precision")
+    training_runs: int = Field(
+        3,
+        ge=1,
+        description="runs of `training` in this process (same seed and steps); its samples/s are the runs' "
+        "medians, every run's kept. Its timed window is ~20x shorter than the study's, so one run is at the mercy "
+        "of a noisy machine's minute; later runs find oneDNN's kernels for its widths made, as a long run's steps do",
+    )
     overrides: list[str] = Field([], description="extra config overrides key=value (both recipes), comma-separated")
 
 
@@ -149,6 +157,18 @@ def ours(cfg: Any, tmp: Path) -> tuple[Any, dict[str, Any]]:
     return model, out
 
 
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each speed figure of `training` as the median over its runs, beside every run's figures."""
+    import statistics
+
+    keys = ("train_time_s", "samples_per_s", "steady_samples_per_s")
+    out: dict[str, Any] = {"runs": [{k: r.get(k) for k in keys} for r in runs]}
+    for k in keys:
+        values = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = statistics.median(values) if values else None
+    return out
+
+
 def _precision(p: Any) -> str:
     return p["precision"] if isinstance(p, dict) else str(p)
 
@@ -185,6 +205,9 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                 ],
             )
         )
+        if len(t.get("runs") or []) > 1:
+            per_run = ", ".join(_x(run.get("steady_samples_per_s")) for run in t["runs"])
+            parts.append(f"\ntraining: medians of {len(t['runs'])} runs (after the warm-up: {per_run} samples/s).")
         steady = p.get("steady_samples_per_s_ratio")
         parts.append(
             f"\n**{p['samples_per_s_ratio']:.1f}×** the study recipe's samples/s over the whole run"
@@ -239,6 +262,11 @@ def run(s: RecipeCompareSettings) -> dict[str, Any]:
         model, ours_r = ours(cfg, Path(tmp))
         ours_r["test_accuracy"] = _accuracy(model, tok, texts, labels) if scored else None
         print(f"[recipe-compare] training: {ours_r}", flush=True)
+        # Further runs time the same steps again (no store written); the first run's model is the one scored.
+        speed_cfg = load_config(s.config, [*overrides, "save_variant=false"])
+        runs = [ours_r] + [ours(speed_cfg, Path(tmp) / f"run{k}")[1] for k in range(1, s.training_runs)]
+        ours_r = {**ours_r, **_medians(runs)}
+        print(f"[recipe-compare] training, median of {len(runs)} runs: {_medians(runs)}", flush=True)
         model, study_r = study_recipe(
             cfg, splits.train, s.steps, s.study_precision, Path(tmp) / "trainer", s.steady_after
         )

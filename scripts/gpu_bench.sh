@@ -43,7 +43,7 @@ if [ "$PART" = 1 ]; then
   step train-speed 150 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full,lora --batch-sizes $BATCHES \
     --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu.json"
   step recipe-compare 80 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 60 --batch-size 16 \
-    --study-precision bf16 --steady-after 10 --test-samples 32 "${RC_OVR[@]}" --out "$OUT/recipe-compare-gpu.json"
+    --study-precision bf16 --steady-after 10 --test-samples 32 --training-runs 1 "${RC_OVR[@]}" --out "$OUT/recipe-compare-gpu.json"
   step memory 160 $py -m benchmarks memory --store $STORE --variants full,lora-0 --counts 1,8,32,128 \
     "${DEV[@]}" --precision bf16 --out "$OUT/memory-gpu.json"
 elif [ "$PART" = 2 ]; then
@@ -63,7 +63,7 @@ else
   step train-big 60 $py -m benchmarks train-speed --config $TRAIN_CFG --methods full --batch-sizes ${BATCHES3##*,} \
     --compile true,reduce-overhead --steps 30 --log-every 10 "${TRAIN_OVR[@]}" --out "$OUT/train-speed-gpu-compiled-big.json"
   step recipe-compare 80 $py -m benchmarks recipe-compare --config $TRAIN_CFG --steps 50 --batch-size 16 \
-    --study-precision bf16 --steady-after 10 --test-samples 32 \
+    --study-precision bf16 --steady-after 10 --test-samples 32 --training-runs 1 \
     --overrides $RC_SET,compile=true,compile_mode=reduce-overhead --out "$OUT/recipe-compare-gpu.json"
   step ceiling 190 $py -m benchmarks ceiling --shape $SHAPE "${DEV[@]}" --adapters 32 --no-onnx-int8 \
     --scenarios full,adapters-32 --concurrency 1,32,64 --duration 4 --warmup 1 --rounds 2 --out "$OUT/ceiling-gpu.json"
