@@ -265,8 +265,9 @@ def run(s: RecipeCompareSettings) -> dict[str, Any]:
         # Further runs time the same steps again (no store written); the first run's model is the one scored.
         speed_cfg = load_config(s.config, [*overrides, "save_variant=false"])
         runs = [ours_r] + [ours(speed_cfg, Path(tmp) / f"run{k}")[1] for k in range(1, s.training_runs)]
-        ours_r = {**ours_r, **_medians(runs)}
-        print(f"[recipe-compare] training, median of {len(runs)} runs: {_medians(runs)}", flush=True)
+        medians = _medians(runs)
+        ours_r = {**ours_r, **medians}
+        print(f"[recipe-compare] training, median of {len(runs)} runs: {medians}", flush=True)
         model, study_r = study_recipe(
             cfg, splits.train, s.steps, s.study_precision, Path(tmp) / "trainer", s.steady_after
         )

@@ -12,9 +12,9 @@ the inverse of that exact rate (as torch scales by 1/(1-p)): the expectation is 
 The words come from numpy's SFC64 generator, seeded by one draw of torch's global generator per call,
 so `set_seed` and a resumed run's saved RNG state replay every mask as before. The mask is made in
 numpy (compare, then the bit pattern of 1.0 in the activation's dtype) and viewed as a tensor without a
-copy: torch's int16 compare and bool -> bf16 cast were each slower than the whole numpy path.
-Measured on this project's 2-core Xeon with AMX (16 x 12 x 64 x 64 bf16 attention probabilities):
-torch's mt19937 words 1.06 ms + mask 2.3 ms per call; SFC64 words 0.39 ms, whole call 1.07 ms.
+copy. Measured on this project's 2-core Xeon with AMX (16 x 12 x 64 x 64 bf16 attention probabilities,
+one process): a whole call 2.37 ms with torch's mt19937 words and mask, 1.07 ms this way; the parts:
+words 1.06 vs 0.39 ms, compare 0.34 vs 0.11 ms, bool -> bf16 0.50 ms vs the bit pattern 0.19 ms.
 
 CUDA keeps torch's dropout (Philox inside the kernels) and SDPA's fused attention dropout.
 """
