@@ -278,3 +278,18 @@ def test_report_renders_tables_figures_and_targets(tmp_path: Path):
     assert "QUICK=1 form: 4.0 min" in text and "| train | 100.0 |" in text
     assert text.count("Source:") == 6
     assert "## Files not rendered" in text and "not-a-result.json" in text
+
+
+def test_recipe_compare_takes_the_medians_of_the_training_runs_and_keeps_each():
+    from benchmarks.recipe_compare import _medians
+
+    runs = [
+        {"train_time_s": 9.0, "samples_per_s": 50.0, "steady_samples_per_s": 60.0, "precision": "bf16"},
+        {"train_time_s": 7.0, "samples_per_s": 70.0, "steady_samples_per_s": None},  # too short for a steady window
+        {"train_time_s": 8.0, "samples_per_s": 60.0, "steady_samples_per_s": 80.0},
+    ]
+    m = _medians(runs)
+    assert (m["train_time_s"], m["samples_per_s"], m["steady_samples_per_s"]) == (8.0, 60.0, 70.0)
+    assert [r["samples_per_s"] for r in m["runs"]] == [50.0, 70.0, 60.0]
+    assert set(m["runs"][0]) == {"train_time_s", "samples_per_s", "steady_samples_per_s"}
+    assert _medians([{"samples_per_s": 1.0}])["steady_samples_per_s"] is None
