@@ -71,18 +71,16 @@ def minimal_loop(cfg: Any) -> dict[str, Any]:
     import torch
 
     from models.hardware import resolve_precision, width_multiple
-    from models.loading import load_tokenizer, mask_in_autocast_dtype
+    from models.loading import load_tokenizer
     from training.data import collate, encode, epoch_batches, load_splits
-    from training.dropout import use_cpu_dropout
-    from training.loop import CPU_ATTENTION, build_model, optimizer_groups
+    from training.loop import CPU_ATTENTION, build_model, for_cpu_training, optimizer_groups
 
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     data = encode(load_splits(cfg).train, tokenizer, cfg.max_length)
     batches = epoch_batches(data.lengths, cfg.batch_size, cfg.seed, 0, cfg.length_grouping)[: cfg.max_steps]
     model = build_model(cfg, tokenizer, attention=CPU_ATTENTION).train()
-    use_cpu_dropout(model)  # the model as `training` trains it on a CPU: the same work per step
-    mask_in_autocast_dtype(model)
+    for_cpu_training(model)  # the model as `training` trains it on a CPU: the same work per step
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     from transformers import get_linear_schedule_with_warmup
 

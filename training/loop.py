@@ -52,6 +52,14 @@ CKPT_BEST = "best.safetensors"
 CPU_ATTENTION = "eager"
 
 
+def for_cpu_training(model: nn.Module) -> int:
+    """The model as `training` trains it on a CPU: every dropout a CPUDropout (training.dropout), and the
+    attention mask built in autocast's dtype, so eager attention's probabilities stay bf16
+    (models.loading.mask_in_autocast_dtype; CUDA's SDPA casts its mask itself). Returns the dropouts replaced."""
+    mask_in_autocast_dtype(model)
+    return use_cpu_dropout(model)
+
+
 def build_model(cfg: TrainConfig, tokenizer: Any, attention: str | None = None) -> nn.Module:
     """The sequence classifier to fine-tune: pretrained weights, or a published architecture at random.
 
@@ -380,9 +388,7 @@ def _train(
     if method.kind == "lora" and is_main and cfg.save_variant:  # adapters reference a base stored once
         save_base_snapshot(store, model, tokenizer, base_name, cfg.init)
     model = method.prepare(model, cfg).to(device)
-    cpu_dropouts = use_cpu_dropout(model) if on_cpu else 0  # after prepare: LoRA's dropouts too
-    if on_cpu:  # eager attention's probabilities stay bf16 under autocast (CUDA's SDPA casts its mask itself)
-        mask_in_autocast_dtype(model)
+    cpu_dropouts = for_cpu_training(model) if on_cpu else 0  # after prepare: LoRA's dropouts too
     model.train()
     counts = trainable_counts(model)
     if rank:  # same initial weights everywhere (seeded above); dropout masks of their own per process
