@@ -203,7 +203,7 @@ class Batcher:
         return len(self._rows)
 
     def state(self) -> dict[str, Any]:
-        """The engine's state as front-ends (ZeroMQ or Ray) read it: readiness, every servable
+        """The engine's state as front-ends (over the engine's socket, or Ray) read it: readiness, every servable
         variant with its tokenizer key, refusals, queue depth."""
         entries = dict(self.runtime.entries)  # a snapshot: this thread may swap entries meanwhile
         return {
@@ -485,6 +485,11 @@ class Batcher:
 
     def _make_resident(self, batch: list[tuple[Row, Entry]]) -> list[tuple[Row, Entry]]:
         """Transparently reload LRU-evicted adapters needed by this batch (a cold load)."""
+        # A row picked with an evicted version that a hot-swap replaced since (commit_beside, on the swap
+        # worker, between _pick and here) is served by the version now holding the name, as if it had
+        # arrived after the swap: reloading goes by name, so the old version would stay out of the bank.
+        current = self.runtime.entries
+        batch = [(r, e if e.resident else current.get(e.name, e)) for r, e in batch]
         names = {e.name for _, e in batch}
         failed: set[str] = set()
         cold = sorted({e.name for _, e in batch if not e.resident})

@@ -1,9 +1,10 @@
-"""The front-end's side of the engine: one asyncio DEALER socket, a dict of request id -> future.
+"""The front-end's side of the engine: one Unix socket connection (service/transport.py), a dict of
+request id -> future.
 
-A reader task resolves futures as replies arrive, so no handler ever blocks on the engine and the
-engine never waits on a front-end (vLLM's AsyncMPClient has this shape). A socket monitor sees the
-engine's connection drop the moment its process dies: every pending request then fails with 503 +
-Retry-After and new ones are refused until the supervisor's restarted engine reconnects.
+Replies resolve futures as they arrive on the event loop, so no handler ever blocks on the engine and
+the engine never waits on a front-end (vLLM's AsyncMPClient has this shape). The connection closes the
+moment the engine's process dies: every pending request then fails with 503 + Retry-After and new ones
+are refused until the supervisor's restarted engine accepts the connection again.
 
 The front-end tokenises with the engine's own tokenizers (fetched once per content hash) and keeps
 a cached copy of the engine's state (variants, labels, tokenizer keys); every reply carries the
@@ -20,20 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zmq
-import zmq.asyncio
 from starlette.concurrency import run_in_threadpool
 from tokenizers import Tokenizer
-from zmq.utils.monitor import parse_monitor_message
 
 from service.errors import ModelNotFound, Timeout, Unavailable
 from service.metrics import FrontendMetrics
 from service.protocol import error_from, pack, unpack
+from service.transport import FrameReader, frame, socket_path
 
 log = logging.getLogger("service.client")
 ADMIN_TIMEOUT_S = 600.0  # loading a large variant can take minutes; the engine always answers
 STATE_TIMEOUT_S = 5.0
 INLINE_TOKENIZE_CHARS = 2_000  # shorter inputs are tokenised on the event loop (a thread hop costs more)
+RECONNECT_S = (0.05, 0.5)  # first and longest wait between tries to reach a (re)starting engine
 
 
 def engine_down() -> Unavailable:
@@ -52,6 +52,33 @@ class Result:
     tokens: int
 
 
+class _Link(asyncio.Protocol):
+    """One connection to the engine: each whole message goes to `on_message`; `lost` resolves when it closes."""
+
+    def __init__(self, on_message: Any):
+        self.on_message = on_message
+        self.reader = FrameReader()
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+        except ValueError:
+            log.error("the engine sent a message this front-end cannot read; reconnecting")
+            self.transport.close()
+            return
+        for raw in messages:
+            self.on_message(unpack(raw))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
 class EngineClient:
     def __init__(self, address: str, metrics: FrontendMetrics):
         self.address, self.metrics = address, metrics
@@ -63,51 +90,49 @@ class EngineClient:
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tasks: list[asyncio.Task] = []
         self._refresh: asyncio.Task | None = None
+        self._link: _Link | None = None
 
     async def start(self) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)  # find a restarted engine quickly
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(self.address)
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch(monitor))]
+        self._tasks = [asyncio.create_task(self._keep_connected())]
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._link is not None:
+            self._link.transport.close()
         self._fail_pending(engine_down())
-        self.ctx.destroy(linger=0)  # closes the monitor socket too (term() would wait for it)
 
-    # ---- background tasks ----------------------------------------------------------------------
-    async def _read(self) -> None:
+    # ---- the connection ------------------------------------------------------------------------
+    async def _keep_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        path = socket_path(self.address)
+        wait_s = RECONNECT_S[0]
         while True:
-            for raw in await self.sock.recv_multipart():  # one reply per frame (a batch's answers together)
-                msg = unpack(raw)
-                fut = self._pending.pop(msg.get("id"), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-                if self._version is not None and (msg.get("e"), msg.get("v")) != self._version:
-                    self._schedule_refresh()
+            try:
+                _, link = await loop.create_unix_connection(lambda: _Link(self._on_message), path)
+            except OSError:  # not listening (yet, or again): the engine is starting or restarting
+                await asyncio.sleep(wait_s)
+                wait_s = min(2 * wait_s, RECONNECT_S[1])
+                continue
+            wait_s = RECONNECT_S[0]
+            self._link, self.connected = link, True
+            self.metrics.engine_up.set(1)
+            self._schedule_refresh()
+            await link.lost
+            self._link, self.connected = None, False
+            log.error("lost the engine process; failing %d pending requests with 503", len(self._pending))
+            self.metrics.engine_up.set(0)
+            self.metrics.engine_disconnects.inc()
+            self._version = None
+            self._fail_pending(engine_down())
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        while True:
-            event = parse_monitor_message(await monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_DISCONNECTED and self.connected:
-                log.error("lost the engine process; failing %d pending requests with 503", len(self._pending))
-                self.connected = False
-                self.metrics.engine_up.set(0)
-                self.metrics.engine_disconnects.inc()
-                self._version = None
-                self._fail_pending(engine_down())
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
-                self.metrics.engine_up.set(1)
-                self._schedule_refresh()
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        fut = self._pending.pop(msg.get("id"), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+        if self._version is not None and (msg.get("e"), msg.get("v")) != self._version:
+            self._schedule_refresh()
 
     def _fail_pending(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -122,12 +147,13 @@ class EngineClient:
     # ---- requests ------------------------------------------------------------------------------
     async def call(self, op: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
         """Send one request and await its reply; engine errors are raised as the same HTTP error."""
-        if not self.connected:
+        link = self._link
+        if link is None:
             raise engine_down()
         req_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
-        await self.sock.send(pack({"id": req_id, "op": op, **fields}))
+        link.transport.write(frame(pack({"id": req_id, "op": op, **fields})))
         try:
             reply = await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:

@@ -148,7 +148,7 @@ class ServiceConfig(BaseModel):
     frontends: int | Literal["auto"] = Field(
         "auto",
         description="HTTP front-end processes sharing the port; each parses, validates and tokenises, and "
-        "talks to the one engine process over ZeroMQ; auto = 1 on CPU, on CUDA one per 4 cores up to 4 "
+        "talks to the one engine process over a Unix socket; auto = 1 on CPU, on CUDA one per 4 cores up to 4 "
         "(measured, see auto_frontends)",
     )
     frontend_nice: int = Field(
@@ -161,7 +161,7 @@ class ServiceConfig(BaseModel):
         "2-layer model (front-end bound) 1,263/1,124 -> 1,012/1,085, so it is off by default",
     )
     engine_address: str | None = Field(
-        None, description="ZeroMQ address of a running engine (ipc://...); default: start one and supervise it"
+        None, description="Unix socket of a running engine (unix://PATH); default: start one and supervise it"
     )
 
     @field_validator("frontends")

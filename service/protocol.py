@@ -1,10 +1,10 @@
-"""Messages between the HTTP front-ends and the engine process: msgpack dicts over ZeroMQ.
+"""Messages between the HTTP front-ends and the engine process: msgpack dicts, length-prefixed on a Unix
+socket (service/transport.py).
 
-Front-end (DEALER) -> engine (ROUTER): {"id": int, "op": str, ...fields}. The engine answers
+Front-end -> engine: {"id": int, "op": str, ...fields}. The engine answers
 each request once with {"id": int, ...result} or {"id": int, "error": {...}}, plus the engine's
 identity "e" and state version "v" so a front-end notices when its cached state is stale.
-A ZeroMQ message may carry several of them, one per frame (the engine sends a batch's answers to a
-front-end together; see service/engine.py).
+The engine writes a batch's answers to a front-end together, in one write (see service/engine.py).
 
     infer    variant, rows (token ids), texts, tok (tokenizer key), deadline_s (unix time)
              -> logits (float32 bytes, rows x labels), labels, queue_ms, compute_ms, tokens

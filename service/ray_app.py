@@ -9,7 +9,7 @@ Two deployments (see configs/ray/ray-serve.yaml for replica counts and autoscali
             /v1/classify, HF text-classification /models/{name}, KServe V2) behind Ray Serve's
             FastAPI ingress. Its `app.state.engine` is `RayEngineClient`: the interface the routes
             already call (entry / infer / refresh / call), answered by Engine replicas instead of
-            the ZeroMQ engine process. It reads labels from the store's manifests and never loads
+            the engine process. It reads labels from the store's manifests and never loads
             a model.
   Engine    N replicas, each running this project's engine in-process (`LocalEngine`: Runtime +
             Batcher: one base, an LRU set of LoRA adapters, mixed-adapter token-budget batches,
@@ -105,7 +105,7 @@ class NotOnRay(ServiceError):
 class LocalEngine:
     """This project's engine in the calling process: Runtime + Batcher, answered on an asyncio loop.
 
-    The same pieces the ZeroMQ engine process runs (service/engine.py), without the sockets: the
+    The same pieces the engine process runs (service/engine.py), without the sockets: the
     batcher thread owns the models; admin commands and jobs go through its queue.
     """
 
@@ -166,7 +166,7 @@ class LocalEngine:
         }
 
     def state(self) -> dict[str, Any]:
-        """The shape the admin routes read (as the ZeroMQ engine's `state` reply)."""
+        """The shape the admin routes read (as the engine process's `state` reply)."""
         return self.batcher.state()
 
 

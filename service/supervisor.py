@@ -2,7 +2,7 @@
 
 Lives in the process that starts the service (`python -m service`, or `create_app` in tests).
 A crash is logged and the engine restarted after a short back-off; front-ends notice the lost
-connection at once (a ZeroMQ socket monitor) and answer 503 + Retry-After until it is back. If it
+connection at once (the engine's end of their socket closes) and answer 503 + Retry-After until it is back. If it
 keeps dying (MAX_CRASHES within CRASH_WINDOW_S) the supervisor gives up and calls `on_give_up`,
 so the service exits non-zero for its own supervisor (systemd, Kubernetes) instead of looping.
 """
@@ -33,7 +33,7 @@ class EngineSupervisor:
     def __init__(self, cfg: ServiceConfig, on_give_up: Callable[[], None] | None = None):
         self.cfg = cfg
         self._dir = Path(tempfile.mkdtemp(prefix="agnews-engine-"))
-        self.address = f"ipc://{self._dir}/engine.sock"
+        self.address = f"unix://{self._dir}/engine.sock"
         self.on_give_up = on_give_up or (lambda: None)
         self.proc: subprocess.Popen | None = None
         self.restarts = 0

@@ -44,7 +44,7 @@ def test_chunked_forward_equals_one_forward_per_row(tmp_path):
     from service.engine import Engine
 
     store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=True)
-    engine = Engine(ServiceConfig(store=store.root, precision="fp32"), f"ipc://{tmp_path}/unused.sock")
+    engine = Engine(ServiceConfig(store=store.root, precision="fp32"), f"unix://{tmp_path}/unused.sock")
     rt = engine.runtime
     if rt.base is None:
         rt.load_base()
@@ -64,4 +64,3 @@ def test_chunked_forward_equals_one_forward_per_row(tmp_path):
     rt._costs.clear()
     fixed, per_token = rt._cost(rt.entries["full"])  # the probe itself: two timed forwards
     assert fixed > 0 and rt.batch_cost_s([rt.entries["full"]], rows) >= fixed
-    engine.ctx.term()

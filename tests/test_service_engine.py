@@ -208,7 +208,7 @@ def test_auto_precision_follows_the_cpu_probe(tmp_path, monkeypatch):
 
     store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
     monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
-    engine = Engine(ServiceConfig(store=store.root), f"ipc://{tmp_path}/unused.sock")
+    engine = Engine(ServiceConfig(store=store.root), f"unix://{tmp_path}/unused.sock")
     assert engine.cfg.precision == "auto"
     assert engine.runtime.precision == "fp32" and engine.runtime.weight_dtype == "fp32"
     state = engine.state()["precision"]
@@ -222,12 +222,11 @@ def test_auto_precision_follows_the_cpu_probe(tmp_path, monkeypatch):
     assert info and info[0].labels["precision"] == "fp32" and info[0].labels["requested"] == "auto"
 
     monkeypatch.setattr(models.hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx2"}))
-    assert Engine(ServiceConfig(store=store.root), "ipc://unused").runtime.precision == "bf16"
+    assert Engine(ServiceConfig(store=store.root), "unix://unused").runtime.precision == "bf16"
     monkeypatch.setenv("CPU_NATIVE_BF16", "0")  # rehearsing a CPU without bf16 on one that has it
-    choice = Engine(ServiceConfig(store=store.root), "ipc://unused").runtime.precision_choice
+    choice = Engine(ServiceConfig(store=store.root), "unix://unused").runtime.precision_choice
     assert choice.precision == "fp32" and "CPU_NATIVE_BF16=0" in choice.reason
     assert models.hardware.machine()["native_bf16"] is False
-    engine.ctx.term()
 
 
 @pytest.mark.parametrize("bf16_mode", ["weights", "autocast"])
@@ -259,7 +258,7 @@ def test_auto_precision_per_model_on_a_cpu_with_native_bf16(tmp_path, monkeypatc
     rows = [[101, 2000 + i, 2010, 102] for i in range(3)]
     for winner in (None, "bf16", "fp32"):
         monkeypatch.setattr(service.runtime, "faster_precision", lambda f, p, w=winner: probe(f, p, w))
-        engine = Engine(ServiceConfig(store=store.root, threads=1, bf16_mode=bf16_mode), f"ipc://{tmp_path}/u.sock")
+        engine = Engine(ServiceConfig(store=store.root, threads=1, bf16_mode=bf16_mode), f"unix://{tmp_path}/u.sock")
         rt = engine.runtime
         rt.load_base()
         for name in ("full", "lora-0", "onnx-int8"):
@@ -289,15 +288,13 @@ def test_auto_precision_per_model_on_a_cpu_with_native_bf16(tmp_path, monkeypatc
         assert widths and set(widths) == {16 if chosen == "bf16" else len(rows[0])}
         for h in hooks:
             h.remove()
-        engine.ctx.term()
     assert calls == [None, "bf16", "fp32"]  # once per engine: the base's architecture serves "full" too
 
     monkeypatch.setattr(service.runtime, "faster_precision", lambda *a: pytest.fail("explicit bf16 measured"))
-    engine = Engine(ServiceConfig(store=store.root, precision="bf16"), f"ipc://{tmp_path}/u.sock")
+    engine = Engine(ServiceConfig(store=store.root, precision="bf16"), f"unix://{tmp_path}/u.sock")
     engine.runtime.load_base()
     assert engine.runtime.precision_state()["per_model"] is None
     assert next(engine.runtime.base.parameters()).dtype == torch.bfloat16
-    engine.ctx.term()
 
 
 def test_frontend_tokenisation_equals_the_hf_tokenizer():
@@ -343,64 +340,79 @@ def test_frontend_nice_lowers_the_front_ends_priority_not_the_engines(tmp_path):
         proc.wait(timeout=60)
 
 
-def test_a_batch_is_answered_in_one_message_per_front_end(tmp_path):
-    """Requests in one multipart message; their batch's answers come back together, each exactly once,
-    equal to the variant's golden logits (the frames of both directions: service/protocol.py)."""
-    import zmq
+def test_a_batch_is_answered_in_one_write_per_front_end(tmp_path):
+    """Requests in one write; their batch's answers come back together, each exactly once, equal to the
+    variant's golden logits (the framing of both directions: service/transport.py)."""
+    import socket
 
     from service.config import ServiceConfig
     from service.engine import Engine
     from service.protocol import pack, unpack
+    from service.transport import FrameReader, frame
 
     store = make_store(tmp_path / "store", n_adapters=0)
-    address = f"ipc://{tmp_path}/engine.sock"
+    address = f"unix://{tmp_path}/engine.sock"
     engine = Engine(ServiceConfig(store=store.root, precision="fp32", max_wait_ms=50), address)
     serving = threading.Thread(target=engine.serve, daemon=True)
     serving.start()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(address)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    reader = FrameReader()
+
+    def receive() -> list[dict]:
+        """The messages of one read (a read returns what one write of the engine sent, or more)."""
+        data = sock.recv(1 << 20)
+        assert data, "the engine closed the connection"
+        return [unpack(m) for m in reader.feed(data)]
+
     try:
-        sock.send(pack({"id": -1, "op": "state"}))
+        for _ in range(200):  # the engine's socket appears once it listens
+            try:
+                sock.connect(address.removeprefix("unix://"))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.05)
         while True:  # the engine loads its variants in the background; infer waits for "ready"
-            state = unpack(sock.recv())
+            sock.sendall(frame(pack({"id": -1, "op": "state"})))
+            got: list[dict] = []
+            while not got:  # a read may end inside the message
+                got = receive()
+            state = got[0]
             if state.get("ready"):
                 break
             time.sleep(0.05)
-            sock.send(pack({"id": -1, "op": "state"}))
         tok = state["entries"]["full"]["tok"]
         rows = [engine.runtime.entries["full"].encode([t])[0] for t in GOLDEN_TEXTS]
         n = 3 * len(GOLDEN_TEXTS)
-        sock.send_multipart(
-            [
-                pack(
-                    {
-                        "id": i,
-                        "op": "infer",
-                        "variant": "full",
-                        "rows": [rows[i % 4]],
-                        "texts": [GOLDEN_TEXTS[i % 4]],
-                        "tok": tok,
-                        "deadline_s": time.time() + 30,
-                    }
-                )  # fmt: skip
+        sock.sendall(
+            b"".join(
+                frame(
+                    pack(
+                        {
+                            "id": i,
+                            "op": "infer",
+                            "variant": "full",
+                            "rows": [rows[i % 4]],
+                            "texts": [GOLDEN_TEXTS[i % 4]],
+                            "tok": tok,
+                            "deadline_s": time.time() + 30,
+                        }
+                    )
+                )
                 for i in range(n)
-            ]
-        )
-        answers, messages = {}, 0
+            )
+        )  # fmt: skip
+        answers, reads = {}, 0
         while len(answers) < n:
-            assert sock.poll(30_000), f"answers for {sorted(answers)} only"
-            frames = sock.recv_multipart()
-            messages += 1
-            for raw in frames:
-                msg = unpack(raw)
+            reads += 1
+            for msg in receive():
                 assert msg["id"] not in answers and "error" not in msg, msg
                 answers[msg["id"]] = np.frombuffer(msg["logits"], dtype=np.float32)
-        assert messages < n  # answers of a batch share a message
+        assert reads < n  # answers of a batch share a write
         golden = store.manifest("full").golden.logits
         for i, logits in answers.items():
             np.testing.assert_allclose(logits, golden[i % 4], atol=1e-3)
     finally:
         engine.request_stop()
         serving.join(30)
-        ctx.destroy(linger=0)
+        sock.close()
