@@ -124,6 +124,11 @@ class ServiceConfig(BaseModel):
     bf16_mode: Literal["autocast", "weights"] = Field(
         "weights", description="bf16 on CPU: weights cast to bf16, or autocast over fp32 weights"
     )
+    cpu_prepack: bool = Field(
+        True,
+        description="CPU: give each Linear of a served torch model its weight pre-reordered for oneDNN once, at "
+        "load, instead of on every forward (service/runtime.py: prepack_linears; not under autocast)",
+    )
     cuda_graphs: Literal["auto", "off"] = Field(
         "auto",
         description="auto: on CUDA, replay each (rows x length) bucket's forward from a CUDA graph "

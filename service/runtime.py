@@ -22,6 +22,7 @@ import logging
 import math
 import threading
 import time
+import types
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,40 @@ def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo).to(torch.bfloat16)
 
 
+def prepack_linears(model: torch.nn.Module) -> int:
+    """Give every CPU Linear of `model` (fp32, or bf16 where oneDNN computes it) its weight reordered once
+    into oneDNN's blocked layout, and a forward that reads it; returns how many Linears were packed.
+
+    Why: aten's linear on CPU re-packs the weight on every call, which dominates a small batch's matmuls.
+    This is what torch.compile's CPU freezing pass does (the same two mkldnn ops), without compiling.
+    Measured (MiniLM bf16, 2-core Xeon family 6 model 207 with AMX, one thread, 8 interleaved pairs): a
+    384x1536 Linear at 16 rows 0.19 -> 0.10 ms, at 512 rows 1.56 -> 1.22 ms; whole forwards 1.25x at
+    batch 1, 1.13x at batch 8, 1.10x at batch 64; the logits were bitwise equal. Hooks (the LoRA bank's)
+    still run and `weight` stays (the bank reads it); the reordered copy is a buffer, so a deepcopy that
+    shares buffers (service/side.py) shares it too. Inference only: the packed copy does not follow
+    later writes to `weight`, and autocast does not see the op (the runtime packs only models that
+    compute in their weights' dtype).
+    """
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")):
+        return 0
+    dtypes = {torch.float32} | ({torch.bfloat16} if ops._is_mkldnn_bf16_supported() else set())
+    packed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if type(module) is not torch.nn.Linear or w.device.type != "cpu" or w.dtype not in dtypes:
+                continue
+            module.register_buffer("packed_weight", ops._reorder_linear_weight(w.detach(), None), persistent=False)
+            module.forward = types.MethodType(_packed_linear, module)
+            packed += 1
+    return packed
+
+
+def _packed_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
 def release_freed_memory() -> None:
     """Give freed heap pages back to the OS after the set of adapters changed (glibc only; no-op elsewhere).
 
@@ -188,10 +223,25 @@ class Runtime:
     # ---- precision -------------------------------------------------------------------------
     def autocast(self, precision: str | None = None) -> contextlib.AbstractContextManager:
         """The context for a forward computing in `precision` (a model's precision_of; None: the service's)."""
-        autocasting = self.precision == "bf16" and self.weight_dtype == "fp32"  # else bf16 is in the weights
-        if autocasting and (precision or self.precision) == "bf16":
+        if self._autocasts(precision):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _autocasts(self, precision: str | None = None) -> bool:
+        autocasting = self.precision == "bf16" and self.weight_dtype == "fp32"  # else bf16 is in the weights
+        return autocasting and (precision or self.precision) == "bf16"
+
+    def _serving(self, model: Any) -> Any:
+        """`model` as it serves: on CPU with --cpu-prepack, its Linears prepacked (prepack_linears) unless it
+        computes under autocast."""
+        if (
+            self.cfg.cpu_prepack
+            and self.device.type == "cpu"
+            and isinstance(model, torch.nn.Module)
+            and not self._autocasts(self.precision_of(model))
+        ):
+            log.info("%s: %d Linear weights prepacked for oneDNN", model_key(model), prepack_linears(model))
+        return model
 
     def precision_of(self, model: Any) -> str:
         """What torch `model` computes in: the service's precision, unless measured per model (see __init__)."""
@@ -267,7 +317,7 @@ class Runtime:
         )
         self.base_manifest = m
         self.base_tok_key = tokenizer_key(self.base_tokenizer.backend_tokenizer.to_str(), m.max_length)
-        self.base = self._choose_precision(self.base.eval(), self.base_tokenizer.pad_token_id or 0)
+        self.base = self._serving(self._choose_precision(self.base.eval(), self.base_tokenizer.pad_token_id or 0))
         # on CUDA the slots double as they run out: captured graphs survive most hot-swaps (lora_bank.py)
         self.bank = LoraBank(self.base, doubling=self.graph_mode == "capture")
         self.side = SideModel(self.base)
@@ -465,7 +515,7 @@ class Runtime:
             threads=self.cfg.lone_threads,
             onnx_spin=self.cfg.lone_threads <= self.cfg.threads,
         )
-        model = self._choose_precision(v.runner, v.tokenizer.pad_token_id or 0)
+        model = self._serving(self._choose_precision(v.runner, v.tokenizer.pad_token_id or 0))
         entry = Entry(name, m, v.tokenizer, dir_bytes(self.store.path(name)), model=model)
         self._check_golden(entry, check_texts)
         _ = entry.tok_key  # hashed here, on the swap worker, not by the first state request after the swap

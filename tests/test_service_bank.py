@@ -164,3 +164,38 @@ def test_bank_forwards_on_two_threads_apply_their_own_rows(tmp_path: Path) -> No
             outs = list(pool.map(run, range(6)))
     for i, out in enumerate(outs):
         assert torch.allclose(out, alone[i % 3].expand_as(out), atol=1e-5), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linears_serve_what_the_plain_model_serves(dtype: torch.dtype, tmp_path: Path) -> None:
+    """service.runtime.prepack_linears: every Linear packed once; plain logits and a mixed bank batch (its
+    hooks still run over packed layers) equal the unpacked model's; the side model's copy shares them."""
+    from service.runtime import prepack_linears
+    from service.side import SideModel
+
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN computes no bf16 on this CPU (the runtime leaves such models unpacked)")
+    base = tiny_classifier("bert").eval().to(dtype)
+    paths = _adapters(tmp_path, base)
+    plain, packed = LoraBank(copy.deepcopy(base)), LoraBank(copy.deepcopy(base))
+    linears = [m for m in packed.model.modules() if type(m) is torch.nn.Linear]
+    assert prepack_linears(packed.model) == len(linears) > 0
+    for bank in (plain, packed):
+        for name, p in paths.items():
+            bank.add(name, read_lora(name, p, bank.model))
+    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    names = ["a0", "a1", "a2", "a1", "a0"]
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    with torch.inference_mode():
+        for got, ref in (
+            (packed.model(**enc).logits, plain.model(**enc).logits),
+            (packed.forward(names, **enc).logits, plain.forward(names, **enc).logits),
+        ):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+        assert not torch.allclose(packed.forward(names, **enc).logits.float(), packed.model(**enc).logits.float())
+    serving = copy.deepcopy(base)  # as the runtime builds it: packed, then the side model over it
+    prepack_linears(serving)
+    side = SideModel(serving)
+    pairs = zip(serving.modules(), side.model.modules(), strict=True)
+    assert all(a.packed_weight is b.packed_weight for a, b in pairs if type(a) is torch.nn.Linear)
