@@ -106,6 +106,25 @@ def model_key(model: Any) -> str:
     return f"{c.model_type}:" + "x".join(str(getattr(c, d, "?")) for d in dims)
 
 
+def probe_ms(forward: Callable[[Any, Any, Any], Any], options: tuple[Any, ...], pad_id: int, rounds: int = 2) -> dict:
+    """Milliseconds of `forward(option, input_ids, attention_mask)` at PROBE_SHAPES (summed) for each option.
+    Rounds alternate the order (drift on a shared machine hits every option alike); the best run of each
+    counts, the first being its warm-up."""
+    import torch
+
+    best = {o: [math.inf] * len(PROBE_SHAPES) for o in options}
+    for k, (rows, width) in enumerate(PROBE_SHAPES):
+        ids = torch.full((rows, width), pad_id, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        for r in range(rounds + 1):
+            for option in options if r % 2 == 0 else options[::-1]:
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    forward(option, ids, mask)
+                best[option][k] = min(best[option][k], time.perf_counter() - t0)
+    return {o: sum(b) * 1e3 for o, b in best.items()}
+
+
 def faster_precision(forward: Callable[[str, Any, Any], Any], pad_id: int, rounds: int = 2) -> dict[str, Any]:
     """Time `forward(precision, input_ids, attention_mask)` on CPU in "fp32" and "bf16" at PROBE_SHAPES;
     the faster precision wins.
@@ -117,19 +136,8 @@ def faster_precision(forward: Callable[[str, Any, Any], Any], pad_id: int, round
     Rounds alternate the order (drift on a shared machine hits both); the best of each counts, the
     first run of each being its warm-up.
     """
-    import torch
-
-    best = {"fp32": [math.inf] * len(PROBE_SHAPES), "bf16": [math.inf] * len(PROBE_SHAPES)}
-    for k, (rows, width) in enumerate(PROBE_SHAPES):
-        ids = torch.full((rows, width), pad_id, dtype=torch.long)
-        mask = torch.ones_like(ids)
-        for r in range(rounds + 1):
-            for precision in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    forward(precision, ids, mask)
-                best[precision][k] = min(best[precision][k], time.perf_counter() - t0)
-    fp32_ms, bf16_ms = (sum(best[p]) * 1e3 for p in ("fp32", "bf16"))
+    times = probe_ms(forward, ("fp32", "bf16"), pad_id, rounds)
+    fp32_ms, bf16_ms = times["fp32"], times["bf16"]
     shapes = " + ".join(f"{r}x{w}" for r, w in PROBE_SHAPES)
     return {
         "precision": "bf16" if bf16_ms < fp32_ms else "fp32",

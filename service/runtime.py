@@ -32,7 +32,14 @@ import torch
 
 from models import Manifest, Store, VariantNotFound, VariantRefused, dir_bytes
 from models.golden import check_golden, load_tolerance
-from models.hardware import PrecisionChoice, faster_precision, model_key, resolve_precision, width_multiple
+from models.hardware import (
+    PrecisionChoice,
+    faster_precision,
+    model_key,
+    probe_ms,
+    resolve_precision,
+    width_multiple,
+)
 from models.loading import length_chunks, load_base, model_mask, onnx_logits, pad_rows, padded_width
 from models.lora_weights import LoraWeights, read_lora
 from models.manifest import Golden
@@ -119,34 +126,45 @@ def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo).to(torch.bfloat16)
 
 
-def prepack_linears(model: torch.nn.Module) -> int:
+def prepack_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """Give every CPU Linear of `model` (fp32, or bf16 where oneDNN computes it) its weight reordered once
-    into oneDNN's blocked layout, and a forward that reads it; returns how many Linears were packed.
+    into oneDNN's blocked layout, and a forward that reads it; returns the Linears packed (see use_packed).
 
     Why: aten's linear on CPU re-packs the weight on every call, which dominates a small batch's matmuls.
     This is what torch.compile's CPU freezing pass does (the same two mkldnn ops), without compiling.
-    Measured (MiniLM bf16, 2-core Xeon family 6 model 207 with AMX, one thread, 8 interleaved pairs): a
+    Measured (2-core Xeon family 6 model 207 with AMX, one thread, 8 interleaved pairs): MiniLM bf16, a
     384x1536 Linear at 16 rows 0.19 -> 0.10 ms, at 512 rows 1.56 -> 1.22 ms; whole forwards 1.25x at
-    batch 1, 1.13x at batch 8, 1.10x at batch 64; the logits were bitwise equal. Hooks (the LoRA bank's)
+    batch 1, 1.13x at batch 8, 1.10x at batch 64, logits bitwise equal. But the 2-layer width-32 model
+    (fp32) got slower, 0.68x at batch 1 (oneDNN's fixed cost per call outweighs packing a 32x64 weight),
+    so the runtime keeps it only where it measured faster (Runtime._serving). Hooks (the LoRA bank's)
     still run and `weight` stays (the bank reads it); the reordered copy is a buffer, so a deepcopy that
-    shares buffers (service/side.py) shares it too. Inference only: the packed copy does not follow
-    later writes to `weight`, and autocast does not see the op (the runtime packs only models that
-    compute in their weights' dtype).
+    shares buffers (service/side.py) shares it too. Inference only: the packed copy does not follow later
+    writes to `weight`, and autocast does not see the op (the runtime packs only models that compute in
+    their weights' dtype).
     """
     ops = torch.ops.mkldnn
     if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")):
-        return 0
+        return []
     dtypes = {torch.float32} | ({torch.bfloat16} if ops._is_mkldnn_bf16_supported() else set())
-    packed = 0
+    packed = []
     with torch.no_grad():
         for module in model.modules():
             w = getattr(module, "weight", None)
             if type(module) is not torch.nn.Linear or w.device.type != "cpu" or w.dtype not in dtypes:
                 continue
             module.register_buffer("packed_weight", ops._reorder_linear_weight(w.detach(), None), persistent=False)
-            module.forward = types.MethodType(_packed_linear, module)
-            packed += 1
+            packed.append(module)
+    use_packed(packed, True)
     return packed
+
+
+def use_packed(linears: list[torch.nn.Linear], on: bool) -> None:
+    """Switch prepacked Linears to their packed forward (on) or back to nn.Linear's own (off)."""
+    for module in linears:
+        if on:
+            module.forward = types.MethodType(_packed_linear, module)
+        else:
+            module.__dict__.pop("forward", None)
 
 
 def _packed_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +206,7 @@ class Runtime:
         # 2-layer width-32 model computes in fp32: ceiling c=32 1,326 -> 1,486 req/s, c=1 p50 4.7 -> 3.7 ms.
         self.per_model = cfg.precision == "auto" and self.device.type == "cpu" and self.precision == "bf16"
         self.model_precision: dict[str, dict[str, Any]] = {}  # model_key -> faster_precision's measurement
+        self.model_prepack: dict[str, bool] = {}  # model_key:dtype -> whether prepacked Linears measured faster
         # per model, torch models load in fp32 and become bf16 (weights or autocast) where bf16 won
         self.load_dtype = "fp32" if self.per_model else self.weight_dtype
         if self.per_model:
@@ -231,16 +250,32 @@ class Runtime:
         autocasting = self.precision == "bf16" and self.weight_dtype == "fp32"  # else bf16 is in the weights
         return autocasting and (precision or self.precision) == "bf16"
 
-    def _serving(self, model: Any) -> Any:
-        """`model` as it serves: on CPU with --cpu-prepack, its Linears prepacked (prepack_linears) unless it
-        computes under autocast."""
-        if (
+    def _serving(self, model: Any, pad_id: int) -> Any:
+        """`model` as it serves: on CPU with --cpu-prepack, its Linears prepacked (prepack_linears) where that
+        measured faster for its architecture (once, at its first load) and it does not compute under autocast."""
+        if not (
             self.cfg.cpu_prepack
             and self.device.type == "cpu"
             and isinstance(model, torch.nn.Module)
             and not self._autocasts(self.precision_of(model))
         ):
-            log.info("%s: %d Linear weights prepacked for oneDNN", model_key(model), prepack_linears(model))
+            return model
+        linears = prepack_linears(model)
+        key = f"{model_key(model)}:{next(model.parameters()).dtype}"
+        if linears and key not in self.model_prepack:
+
+            def forward(packed: bool, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+                use_packed(linears, packed)
+                return model(input_ids=ids, attention_mask=mask)
+
+            ms = probe_ms(forward, (False, True), pad_id)
+            self.model_prepack[key] = keep = ms[True] < ms[False]
+            log.info("%s: prepacked Linears %s (probe %.1f ms, plain %.1f ms)", key, keep, ms[True], ms[False])
+        keep = bool(linears) and self.model_prepack[key]
+        use_packed(linears, keep)
+        if not keep:
+            for module in linears:
+                del module.packed_weight
         return model
 
     def precision_of(self, model: Any) -> str:
@@ -317,7 +352,8 @@ class Runtime:
         )
         self.base_manifest = m
         self.base_tok_key = tokenizer_key(self.base_tokenizer.backend_tokenizer.to_str(), m.max_length)
-        self.base = self._serving(self._choose_precision(self.base.eval(), self.base_tokenizer.pad_token_id or 0))
+        pad_id = self.base_tokenizer.pad_token_id or 0
+        self.base = self._serving(self._choose_precision(self.base.eval(), pad_id), pad_id)
         # on CUDA the slots double as they run out: captured graphs survive most hot-swaps (lora_bank.py)
         self.bank = LoraBank(self.base, doubling=self.graph_mode == "capture")
         self.side = SideModel(self.base)
@@ -515,7 +551,8 @@ class Runtime:
             threads=self.cfg.lone_threads,
             onnx_spin=self.cfg.lone_threads <= self.cfg.threads,
         )
-        model = self._serving(self._choose_precision(v.runner, v.tokenizer.pad_token_id or 0))
+        pad_id = v.tokenizer.pad_token_id or 0
+        model = self._serving(self._choose_precision(v.runner, pad_id), pad_id)
         entry = Entry(name, m, v.tokenizer, dir_bytes(self.store.path(name)), model=model)
         self._check_golden(entry, check_texts)
         _ = entry.tok_key  # hashed here, on the swap worker, not by the first state request after the swap

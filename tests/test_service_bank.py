@@ -179,7 +179,7 @@ def test_prepacked_linears_serve_what_the_plain_model_serves(dtype: torch.dtype,
     paths = _adapters(tmp_path, base)
     plain, packed = LoraBank(copy.deepcopy(base)), LoraBank(copy.deepcopy(base))
     linears = [m for m in packed.model.modules() if type(m) is torch.nn.Linear]
-    assert prepack_linears(packed.model) == len(linears) > 0
+    assert len(prepack_linears(packed.model)) == len(linears) > 0
     for bank in (plain, packed):
         for name, p in paths.items():
             bank.add(name, read_lora(name, p, bank.model))
@@ -199,3 +199,23 @@ def test_prepacked_linears_serve_what_the_plain_model_serves(dtype: torch.dtype,
     side = SideModel(serving)
     pairs = zip(serving.modules(), side.model.modules(), strict=True)
     assert all(a.packed_weight is b.packed_weight for a, b in pairs if type(a) is torch.nn.Linear)
+
+
+def test_the_runtime_keeps_prepacked_linears_only_where_they_measured_faster(tmp_path: Path) -> None:
+    """Runtime._serving probes each architecture once, plain vs packed; the model keeps what won, whole."""
+    from service.config import ServiceConfig
+    from service.runtime import Runtime
+    from tests.tiny import make_store
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=True)
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32"))
+    rt.load_base()
+    full = rt.load("full").model
+    assert len(rt.model_prepack) == 1  # the base and "full" share an architecture: probed once
+    (kept,) = rt.model_prepack.values()
+    for model in (rt.base, full):
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        assert all(("forward" in m.__dict__) == kept and hasattr(m, "packed_weight") == kept for m in linears)
+    off = Runtime(store, ServiceConfig(store=store.root, precision="fp32", cpu_prepack=False))
+    off.load_base()
+    assert not off.model_prepack and not any(hasattr(m, "packed_weight") for m in off.base.modules())
