@@ -82,7 +82,6 @@ class _Link(asyncio.Protocol):
 class EngineClient:
     def __init__(self, address: str, metrics: FrontendMetrics):
         self.address, self.metrics = address, metrics
-        self.connected = False
         self.state: dict[str, Any] = {}
         self._version: tuple[str, int] | None = None  # (engine id, state version) of `state`
         self._pending: dict[int, asyncio.Future] = {}
@@ -91,6 +90,10 @@ class EngineClient:
         self._tasks: list[asyncio.Task] = []
         self._refresh: asyncio.Task | None = None
         self._link: _Link | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep_connected())]
@@ -116,11 +119,11 @@ class EngineClient:
                 wait_s = min(2 * wait_s, RECONNECT_S[1])
                 continue
             wait_s = RECONNECT_S[0]
-            self._link, self.connected = link, True
+            self._link = link
             self.metrics.engine_up.set(1)
             self._schedule_refresh()
             await link.lost
-            self._link, self.connected = None, False
+            self._link = None
             log.error("lost the engine process; failing %d pending requests with 503", len(self._pending))
             self.metrics.engine_up.set(0)
             self.metrics.engine_disconnects.inc()

@@ -149,8 +149,10 @@ def prepack_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     packed = []
     with torch.no_grad():
         for module in model.modules():
-            w = getattr(module, "weight", None)
-            if type(module) is not torch.nn.Linear or w.device.type != "cpu" or w.dtype not in dtypes:
+            if type(module) is not torch.nn.Linear:
+                continue
+            w = module.weight
+            if w.device.type != "cpu" or w.dtype not in dtypes:
                 continue
             module.register_buffer("packed_weight", ops._reorder_linear_weight(w.detach(), None), persistent=False)
             packed.append(module)
@@ -165,6 +167,13 @@ def use_packed(linears: list[torch.nn.Linear], on: bool) -> None:
             module.forward = types.MethodType(_packed_linear, module)
         else:
             module.__dict__.pop("forward", None)
+
+
+def drop_packed(linears: list[torch.nn.Linear]) -> None:
+    """Undo prepack_linears: nn.Linear's own forward, and the reordered copies freed."""
+    use_packed(linears, False)
+    for module in linears:
+        del module.packed_weight
 
 
 def _packed_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -260,8 +269,10 @@ class Runtime:
             and not self._autocasts(self.precision_of(model))
         ):
             return model
-        linears = prepack_linears(model)
         key = f"{model_key(model)}:{next(model.parameters()).dtype}"
+        if self.model_prepack.get(key) is False:  # measured slower for this architecture: nothing to reorder
+            return model
+        linears = prepack_linears(model)
         if linears and key not in self.model_prepack:
 
             def forward(packed: bool, ids: torch.Tensor, mask: torch.Tensor) -> Any:
@@ -269,13 +280,17 @@ class Runtime:
                 return model(input_ids=ids, attention_mask=mask)
 
             ms = probe_ms(forward, (False, True), pad_id)
-            self.model_prepack[key] = keep = ms[True] < ms[False]
-            log.info("%s: prepacked Linears %s (probe %.1f ms, plain %.1f ms)", key, keep, ms[True], ms[False])
-        keep = bool(linears) and self.model_prepack[key]
-        use_packed(linears, keep)
-        if not keep:
-            for module in linears:
-                del module.packed_weight
+            self.model_prepack[key] = ms[True] < ms[False]
+            log.info(
+                "%s: prepacked Linears %s (probe %.1f ms, plain %.1f ms)",
+                key,
+                ms[True] < ms[False],
+                ms[True],
+                ms[False],
+            )
+            use_packed(linears, True)
+        if linears and not self.model_prepack[key]:
+            drop_packed(linears)
         return model
 
     def precision_of(self, model: Any) -> str:
