@@ -577,7 +577,9 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
         ok = ratio >= goal and (p["accuracy_delta_points"] or 0) >= 0
         acc = "–" if p["accuracy_delta_points"] is None else f"{p['accuracy_delta_points']:+.2f} points"
         shown = f"{p['samples_per_s_ratio']:.1f}× whole run" + (f", {steady:.1f}× after warm-up" if steady else "")
-        rows.append([f"training vs the study's recipe, {d['settings']['steps']} steps ({machine_of(d)})",
+        # runs of the same code on one VM read 21-28x: each row names its commit, so reruns stand side by side
+        sha = (d["meta"].get("git") or {}).get("sha") or "?"
+        rows.append([f"training vs the study's recipe, {d['settings']['steps']} steps ({machine_of(d)}, at {sha[:7]})",
                      f"≥ {goal}×, accuracy not lower", f"{shown}, accuracy {acc}", _met(ok)])  # fmt: skip
     for _, d in groups.get("train-speed", []):
         p = d["payload"]
