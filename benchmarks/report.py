@@ -69,6 +69,13 @@ def machine_of(doc: dict[str, Any]) -> str:
     return label if "native_bf16" in hw or hw.get("gpu") else label.replace("bf16 no", "bf16 not recorded")
 
 
+def run_of(doc: dict[str, Any]) -> str:
+    """A target row's origin: the machine and the commit measured (runs of one machine at several commits,
+    or reruns of one commit, stand side by side in the targets table)."""
+    sha = ((doc["meta"].get("git") or {}).get("sha") or "?")[:7]
+    return f"{machine_of(doc)}, at {sha}"
+
+
 def _machine(doc: dict[str, Any]) -> str:
     git = doc["meta"].get("git", {})
     sha = (git.get("sha") or "?")[:10] + ("+dirty" if git.get("dirty") else "")
@@ -490,7 +497,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
             mx = max(sw["check"]["rows"], key=lambda r: r["adapters"])
             rows.append(
                 [
-                    f"memory, {mx['adapters']} resident adapters ({sw['via']}; {machine_of(d)})",
+                    f"memory, {mx['adapters']} resident adapters ({sw['via']}; {run_of(d)})",
                     "≤ base + 1.2 × adapters' bytes",
                     f"{mx['rss_bytes'] / MiB:.1f} MiB vs limit {mx['limit_bytes'] / MiB:.1f} MiB "
                     f"(marginal ×{_fmt(sw['check'].get('marginal_over_adapter_bytes'), 2)} of adapter bytes)",
@@ -501,7 +508,7 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
         for r in d["runs"]:
             rows.append(
                 [
-                    f"hot-swap ({r['mode']}) under load ({machine_of(d)})",
+                    f"hot-swap ({r['mode']}) under load ({run_of(d)})",
                     f"p50 ≤ {r['target']['p50_ms_max']:.0f} ms, 0 failed",
                     f"p50 {_fmt(r['swap_latency']['p50_ms'])} ms, {r['failed_requests']} failed requests, {r['failed_swaps']} failed swaps",
                     _met(r["target"]["passed"]),
@@ -526,7 +533,7 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
     """Target rows of the speed experiments (ceiling, recipe-compare, step-overhead), with their machine."""
     rows: list[list[Any]] = []
     for _, d in groups.get("ceiling", []):
-        p, where = d["payload"], machine_of(d)
+        p, where = d["payload"], run_of(d)
         extra = " ".join(d["settings"].get("service_args") or [])
         where = f"{where}, service {extra}" if extra else where
         lanes = d["settings"].get("lanes", 1)
@@ -568,7 +575,7 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
         p, bf16 = d["payload"], d["meta"]["hardware"].get("native_bf16")
         if p.get("gpu"):  # issue 9's GPU goal: >= 3x the study's Trainer recipe (bf16, batch 16), speed only
             ratio = p.get("steady_samples_per_s_ratio") or p["samples_per_s_ratio"]
-            rows.append([f"training vs the study's recipe, batch {d['settings']['batch_size']} ({machine_of(d)})",
+            rows.append([f"training vs the study's recipe, batch {d['settings']['batch_size']} ({run_of(d)})",
                          "≥ 3×", f"{ratio:.1f}× (after warm-up steps)", _met(ratio >= 3)])  # fmt: skip
             continue
         goal = 25 if bf16 else 12
@@ -577,9 +584,7 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
         ok = ratio >= goal and (p["accuracy_delta_points"] or 0) >= 0
         acc = "–" if p["accuracy_delta_points"] is None else f"{p['accuracy_delta_points']:+.2f} points"
         shown = f"{p['samples_per_s_ratio']:.1f}× whole run" + (f", {steady:.1f}× after warm-up" if steady else "")
-        # runs of the same code on one VM read 21-28x: each row names its commit, so reruns stand side by side
-        sha = (d["meta"].get("git") or {}).get("sha") or "?"
-        rows.append([f"training vs the study's recipe, {d['settings']['steps']} steps ({machine_of(d)}, at {sha[:7]})",
+        rows.append([f"training vs the study's recipe, {d['settings']['steps']} steps ({run_of(d)})",
                      f"≥ {goal}×, accuracy not lower", f"{shown}, accuracy {acc}", _met(ok)])  # fmt: skip
     for _, d in groups.get("train-speed", []):
         p = d["payload"]
@@ -587,12 +592,12 @@ def speed_targets(groups: dict[str, list[Doc]]) -> list[list[Any]]:
             (r for r in p["runs"] if r.get("mfu_datasheet") is not None), key=lambda r: r["mfu_datasheet"], default=None
         )
         if best:
-            rows.append([f"training MFU at the best batch size ({machine_of(d)})", "≥ 35 %",
+            rows.append([f"training MFU at the best batch size ({run_of(d)})", "≥ 35 %",
                          f"{best['mfu_datasheet']:.1%} ({best['method']}, batch {best['batch_size']}, "
                          f"120k-row epoch {best['epoch_120k_s']:.0f} s)", _met(best["mfu_datasheet"] >= 0.35)])  # fmt: skip
     for _, d in groups.get("step-overhead", []):
         p = d["payload"]
-        rows.append([f"training ms/step vs a minimal loop, 2-layer model ({machine_of(d)})", "≤ 1.2×",
+        rows.append([f"training ms/step vs a minimal loop, 2-layer model ({run_of(d)})", "≤ 1.2×",
                      (f"median of paired runs {p['ratio']:.2f}× (best {p['training_ms_per_step']:.1f} vs "
                       f"{p['minimal_ms_per_step']:.1f} ms)" if "paired_ratios" in p else
                       f"{p['training_ms_per_step']:.1f} vs {p['minimal_ms_per_step']:.1f} ms = {p['ratio']:.2f}×"),
