@@ -64,8 +64,8 @@ then
   echo "=== preflight failed: nothing measured (re-run scripts/gpu_prepare.sh with what is missing)"; exit 3
 fi
 
+{ nvidia-smi || true; $py -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"; nproc; which wrk; } > "$OUT/env.txt" 2>&1
 if [ "$PART" = 1 ]; then
-  { nvidia-smi || true; $py -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"; nproc; which wrk; } > "$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
   # 2026-11-28 (H200): ceiling 175 s, train-speed 6 runs > 110 s, recipe-compare with compile auto spent
   # its 90 s compiling (hence compile=false here: eager vs the Trainer; compiled runs are PART 2).
@@ -87,7 +87,6 @@ elif [ "$PART" = 2 ]; then
     --scenarios full,adapters-32 --concurrency 64,128 --duration $DUR --warmup 1 --rounds 2 --no-naive \
     --service-args=--frontends,4 --out "$OUT/ceiling-gpu-frontends4.json"
 else
-  { nvidia-smi || true; $py -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"; nproc; which wrk; } > "$OUT/env.txt" 2>&1
   # Order: what no compilation can stall first (the service's figures, then GPU memory vs adapters on the
   # store the ceiling built), then training; one compilation (dynamic=True) serves every batch size and its
   # caches serve the later runs. The budget cuts the last step first.

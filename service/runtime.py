@@ -288,8 +288,9 @@ class Runtime:
                 ms[True],
                 ms[False],
             )
-            use_packed(linears, True)
-        if linears and not self.model_prepack[key]:
+        if linears and self.model_prepack[key]:
+            use_packed(linears, True)  # the probe may have left them on the plain forward
+        elif linears:
             drop_packed(linears)
         return model
 

@@ -149,10 +149,12 @@ class Listener:
 
     def poll(self, timeout_s: float) -> list[tuple[Peer, bytes]]:
         got: list[tuple[Peer, bytes]] = []
+        woken = False
         for key, events in self._sel.select(timeout_s):
             if key.data == "accept":
                 self._accept()
             elif key.data == "wake":
+                woken = True
                 try:
                     while self._wake_r.recv(4096):
                         pass
@@ -164,7 +166,9 @@ class Listener:
                     got.extend((peer, m) for m in self._read(peer))
                 if events & selectors.EVENT_WRITE and not peer.closed and peer.flush():
                     self._watch_writes(peer, False)
-        for peer in list(self.peers):  # backlogs the other threads left (they woke us)
+        # backlogs the other threads left: Peer.send wakes this thread after each one (a full wake-up pipe
+        # means a wake-up is pending already), so peers are looked over only when woken
+        for peer in list(self.peers) if woken else ():
             if peer.pending() and peer not in self._writing and not peer.closed:
                 self._watch_writes(peer, True)
         return got
