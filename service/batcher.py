@@ -44,7 +44,8 @@ from service.runtime import Entry, Runtime
 
 log = logging.getLogger("service")
 IDLE_POLL_S = 0.1
-HEAVY_BATCH_S = 0.02  # a batch estimated above this runs on every core (see _execute)
+HEAVY_BATCH_S = 0.02  # a batch estimated above this runs on every core (see _dispatch)
+MAX_RELOAD_ROUNDS = 3  # _make_resident: a second round already finds every replaced adapter resident
 
 
 @dataclass
@@ -484,35 +485,51 @@ class Batcher:
         return len(seen)
 
     def _make_resident(self, batch: list[tuple[Row, Entry]]) -> list[tuple[Row, Entry]]:
-        """Transparently reload LRU-evicted adapters needed by this batch (a cold load)."""
-        # A row picked with an evicted version that a hot-swap replaced since (commit_beside, on the swap
-        # worker, between _pick and here) is served by the version now holding the name, as if it had
-        # arrived after the swap: reloading goes by name, so the old version would stay out of the bank.
-        current = self.runtime.entries
-        batch = [(r, e if e.resident else current.get(e.name, e)) for r, e in batch]
-        names = {e.name for _, e in batch}
+        """`batch` with every adapter resident: LRU-evicted ones reloaded transparently (a cold load); rows
+        whose reload failed are answered 503 and left out.
+
+        A row picked with an evicted version that a hot-swap replaced since (commit_beside, on the swap
+        worker, after _pick or while a reload here reads the disk) is served by the version now holding
+        the name, as if it had arrived after the swap; the old version stays out of the bank. Re-mapped
+        under the runtime's lock until nothing is cold, so no forward ever runs an entry without weights
+        (a replacement is resident from its commit: a second round finds nothing cold)."""
+        rt = self.runtime
         failed: set[str] = set()
-        cold = sorted({e.name for _, e in batch if not e.resident})
-        if cold:
-            self._wait_idle()  # a reload may grow the bank's stacks and evict what a running batch reads
-        for name in cold:
-            t0 = time.perf_counter()
-            try:
-                self.runtime.ensure_resident(name, protect=names)
-                self.metrics.adapter_load.labels("lora", "cold").observe(time.perf_counter() - t0)
-            except Exception as e:
-                log.warning("cold reload of %s failed: %s", name, e)
-                failed.add(name)
-                for row, entry in batch:
-                    if entry.name == name:
-                        self._fail(
-                            row.job,
-                            ServiceError(
-                                f"reloading evicted adapter '{name}' failed: {e}; check the store", status=503
-                            ),
-                        )
-        self._update_gauges()
-        return [(r, e) for r, e in batch if e.name not in failed]
+        for attempt in range(MAX_RELOAD_ROUNDS):
+            with rt.lock:
+                batch = [(r, e if e.resident else rt.entries.get(e.name, e)) for r, e in batch if e.name not in failed]
+            cold = {e.name: e for _, e in batch if not e.resident}
+            if not cold:
+                return batch
+            if attempt == 0:
+                self._wait_idle()  # a reload may grow the bank's stacks and evict what a running batch reads
+            names = {e.name for _, e in batch}
+            for name, entry in sorted(cold.items()):
+                t0 = time.perf_counter()
+                try:
+                    if rt.ensure_resident(entry, protect=names):
+                        self.metrics.adapter_load.labels("lora", "cold").observe(time.perf_counter() - t0)
+                except Exception as e:
+                    log.warning("cold reload of %s failed: %s", name, e)
+                    failed.add(name)
+                    self._fail_rows(
+                        batch,
+                        name,
+                        ServiceError(f"reloading evicted adapter '{name}' failed: {e}; check the store", status=503),
+                    )
+            self._update_gauges()
+        for name in {e.name for _, e in batch if not e.resident}:  # swaps kept taking these names meanwhile
+            self._fail_rows(
+                batch,
+                name,
+                ServiceError(f"adapter '{name}' was replaced repeatedly while it reloaded; retry", status=503),
+            )
+        return [(r, e) for r, e in batch if e.resident]
+
+    def _fail_rows(self, batch: list[tuple[Row, Entry]], name: str, error: Exception) -> None:
+        for row, entry in batch:
+            if entry.name == name:
+                self._fail(row.job, error)
 
     @staticmethod
     def _ids_for(row: Row, entry: Entry) -> list[int]:

@@ -498,13 +498,17 @@ class Runtime:
             self.version += 1
             self._release(entry)
 
-    def ensure_resident(self, name: str, protect: set[str]) -> bool:
-        """Reload an LRU-evicted adapter; returns True when it had to (a cold load)."""
-        entry = self.entries[name]
+    def ensure_resident(self, entry: Entry, protect: set[str]) -> bool:
+        """Reload `entry`, an LRU-evicted adapter, into the bank; True when it did (a cold load). False when
+        it is resident, or when a hot-swap (commit_beside, on the swap worker) gave its name to another
+        version while its files were read: the caller serves that version, and this one stays out."""
+        name = entry.name
         if entry.resident:
             return False
         on_disk = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
         if on_disk.files != entry.manifest.files:  # reload exactly the version that was serving
+            if self.entries.get(name) is not entry:  # the files changed because a replacement took the name
+                return False
             raise VariantRefused(
                 name,
                 [
@@ -513,6 +517,8 @@ class Runtime:
             )
         weights = self._read(name)
         with self.lock:
+            if self.entries.get(name) is not entry:
+                return False
             entry.adapter = self._attach(weights)
             entry.resident = True
             self.evict_over_cap(protect | {name})

@@ -230,6 +230,68 @@ def test_a_replacement_commits_beside_a_batch_and_frees_the_old_slot_between_bat
     assert old.adapter not in rt.bank.index and new.adapter in rt.bank.index and len(rt.bank.index) == 2
 
 
+@pytest.mark.parametrize("swap_lands", ["before the reload verifies", "while the reload reads"])
+def test_a_replacement_overtaking_a_cold_reload_serves_the_batch(tmp_path, swap_lands):
+    """Batcher._make_resident: a batch picked an adapter that --max-adapters evicted, and a hot-swap gives
+    its name to a new version (the swap worker's commit_beside) while the batcher reloads it. The batch is
+    served by the new version, resident, exactly; nothing fails and the evicted version stays out of the
+    bank (before, `ensure_resident` went by name: it found the new version resident, and the batch ran
+    the old entry without weights: a 500)."""
+    import torch
+
+    from service.batcher import Batcher, Job, Row
+    from service.config import ServiceConfig
+    from service.metrics import EngineMetrics
+    from service.runtime import Runtime
+
+    store = make_store(tmp_path / "store", n_adapters=2, full=False)
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32", max_adapters=1))
+    rt.load_base()
+    for name in ("lora-0", "lora-1"):
+        rt.load(name)
+    rt.evict_over_cap({"lora-1"})
+    old = rt.entries["lora-0"]
+    assert not old.resident and rt.entries["lora-1"].resident
+    answers: list[Exception | None] = []
+    job = Job("lora-0", GOLDEN_TEXTS[:3], old.encode(GOLDEN_TEXTS[:3]), old.tok_key, lambda j, e: answers.append(e))
+    batch = [(Row(job, i), old) for i in range(3)]
+
+    swapped: list = []
+
+    def swap() -> None:  # what the swap worker does for PUT /v1/adapters/lora-0 with new files
+        if not swapped:
+            swapped.append(None)  # once (prepare reads the store through the same methods)
+            write_lora(store, "lora-0", seed=31)
+            swapped[0] = rt.prepare("lora-0")
+            assert rt.commit_beside(swapped[0])  # the evicted version's slot is free
+
+    if swap_lands == "before the reload verifies":
+        verify = rt.store.verify
+
+        def verify_after_swap(*a, **k):
+            swap()
+            return verify(*a, **k)
+
+        rt.store.verify = verify_after_swap
+    else:
+        read = rt._read
+
+        def read_then_swap(name):
+            w = read(name)
+            swap()
+            return w
+
+        rt._read = read_then_swap
+    served = Batcher(rt, EngineMetrics())._make_resident(batch)
+    assert swapped and answers == []  # nobody was failed
+    new = rt.entries["lora-0"]
+    assert new is swapped[0] and all(e is new and e.resident for _, e in served) and len(served) == 3
+    assert not old.resident and old.adapter is None  # the evicted version stayed out of the bank
+    logits = rt.forward([e for _, e in served], [job.rows[r.index] for r, _ in served])
+    probs = torch.softmax(logits, -1).tolist()
+    np.testing.assert_allclose(probs, golden_probs(store, "lora-0")[:3], atol=TOL)
+
+
 def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
     """--lanes 2 (given, so every torch model's batches run on two lane threads at once): concurrent
     traffic mixing the full model with more adapters than --max-adapters, while one adapter is
