@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -123,8 +124,14 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
         description="One shared base with per-request LoRA adapters, dynamic batching and hot-swap.",
         lifespan=lifespan,
     )
-    app.state.config, app.state.engine, app.state.metrics = cfg, engine, metrics
     app.state.supervisor, app.state.store = supervisor, Store(cfg.store)
+    return serve_api(app, cfg, engine, metrics)
+
+
+def serve_api(app: FastAPI, cfg: ServiceConfig, engine: Any, metrics: FrontendMetrics) -> FastAPI:
+    """`app` serving the API over `engine` (an EngineClient, or Ray Serve's RayEngineClient): its routes,
+    error contract, body limit and front-end metrics. One place, so both deployments serve the same API."""
+    app.state.config, app.state.engine, app.state.metrics = cfg, engine, metrics
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(kserve.router)

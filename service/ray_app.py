@@ -48,14 +48,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import ManifestError, Store, VariantNotFound
-from service.app import LimitsAndMetrics
+from service.app import serve_api
 from service.batcher import Batcher, Job
 from service.client import Result
 from service.config import ServiceConfig
-from service.errors import ModelNotFound, Refused, ServiceError, Timeout, Unavailable, install_error_handlers
+from service.errors import ModelNotFound, Refused, ServiceError, Timeout, Unavailable
 from service.metrics import EngineMetrics, FrontendMetrics
 from service.protocol import error_fields, error_from
-from service.routes import admin, inference, kserve
 from service.runtime import Runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -410,14 +409,8 @@ def frontend_app(cfg: ServiceConfig, engine: RayEngineClient) -> FastAPI:
         version="0.1.0",
         description="One shared base with per-request LoRA adapters per engine replica; Ray routes by variant.",
     )
-    app.state.config, app.state.engine, app.state.metrics = cfg, engine, metrics
     app.state.supervisor, app.state.store = None, engine.store
-    install_error_handlers(app)
-    app.include_router(inference.router)
-    app.include_router(kserve.router)
-    app.include_router(admin.admin)
-    app.include_router(admin.router)
-    app.add_middleware(LimitsAndMetrics, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
+    serve_api(app, cfg, engine, metrics)
     app.add_middleware(ReplicaHeaders)
     return app
 
