@@ -29,6 +29,18 @@ def temp_dir_beside(final: str | os.PathLike, tag: str = "") -> Path:
     return tmp
 
 
+def _aside_name(final: Path) -> Path:
+    return final.parent / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
+
+
+def set_aside(final: str | os.PathLike) -> list[Path]:
+    """Earlier versions of `final` that replace_dir moved aside and a kill left behind (newest first): a kill
+    between its two renames leaves one of these and no `final`; one after both leaves it beside `final`."""
+    final = Path(final)
+    found = list(final.parent.glob(f".tmp-old-{final.name}-*"))
+    return sorted(found, key=lambda d: d.stat().st_mtime, reverse=True)
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move the complete directory `tmp` to `final`, replacing what was there.
 
@@ -38,7 +50,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """
     tmp, final = Path(tmp), Path(final)
     if final.exists():
-        trash = final.parent / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
+        trash = _aside_name(final)
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)

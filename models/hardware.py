@@ -78,7 +78,9 @@ def resolve_precision(requested: str, device: str) -> PrecisionChoice:
     if device.startswith("cuda"):
         import torch
 
-        if torch.cuda.is_bf16_supported():
+        # including_emulation=False: the default also answers True on T4 / V100 (a bf16 tensor can be made
+        # there), where bf16 is emulated and far slower than fp16
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return PrecisionChoice("bf16", f"auto: {torch.cuda.get_device_name(0)} supports bf16", requested)
         return PrecisionChoice("fp16", f"auto: {torch.cuda.get_device_name(0)} lacks bf16; fp16", requested)
     override = bf16_override()

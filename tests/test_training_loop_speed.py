@@ -157,6 +157,27 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16(tmp_path, data_dir, mo
     assert info["compile"] == {"enabled": False, "reason": loop.resolve_compile("auto", "cpu")[1]}
 
 
+def test_accelerate_launch_settings_do_not_override_the_precision(tmp_path, data_dir, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (or an `accelerate config` saying so) reaches the run as
+    ACCELERATE_MIXED_PRECISION; the loop's own choice (here fp32) is what computes and what is recorded."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    seen = _autocast_dtypes(monkeypatch)
+    res = loop.train(_cfg(data_dir, "precision=fp32", "max_steps=2"), store=Store(tmp_path / "s"), runs_dir=tmp_path)
+    info = res["train_info"]
+    assert info["precision"]["precision"] == "fp32" and info["compile"]["enabled"] is False
+    assert seen == [torch.float32, torch.float32]  # was bf16: accelerate's autocast around the forward
+
+
+def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    """T4 / V100: torch.cuda.is_bf16_supported() answers True by default there (a bf16 tensor can be made,
+    computed in emulation); auto must take fp16 + GradScaler instead. Fakes only the capability query."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    choice = models.hardware.resolve_precision("auto", "cuda")
+    assert choice.precision == "fp16" and "Tesla T4" in choice.reason
+
+
 def test_compiled_shapes_are_a_few_buckets_not_one_per_batch(data_dir):
     """What keeps a compiled step from recompiling per batch: fixed rows, widths in multiples of a bucket."""
     cfg = _cfg(data_dir)

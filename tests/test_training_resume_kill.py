@@ -90,3 +90,34 @@ def test_resume_with_another_process_count_is_a_clear_error(tmp_path, capsys):
     assert main([*args, "--runs-dir", str(runs), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "written by 2 process(es), this run has 1" in err and "--num_processes 2" in err
+
+
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp_path, monkeypatch):
+    """save_checkpoint replaces the checkpoint directory in two renames (models.atomic.replace_dir: the old
+    one aside, the new one in). Killed between them, --resume finds the previous checkpoint where the first
+    rename left it; the next save removes that copy."""
+    import models.atomic as atomic
+    from training.loop import save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    model = torch.nn.Linear(2, 2)
+    ckpt = tmp_path / "run.ckpt"
+    save_checkpoint(ckpt, model, None, {"step": 2})
+    real, renames = os.replace, []
+
+    def dies_after_the_first_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise Killed
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", dies_after_the_first_rename)
+    with pytest.raises(Killed):
+        save_checkpoint(ckpt, model, None, {"step": 4})
+    monkeypatch.undo()
+    assert not ckpt.exists() and atomic.set_aside(ckpt)
+    assert load_checkpoint(ckpt)[2]["step"] == 2  # was: "no checkpoint in ...; run without --resume"
+    save_checkpoint(ckpt, model, None, {"step": 4})
+    assert load_checkpoint(ckpt)[2]["step"] == 4 and not atomic.set_aside(ckpt)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import Store
-from models.atomic import atomic_dir
+from models.atomic import atomic_dir, set_aside
 from models.hardware import resolve_precision, width_multiple
 from models.loading import fingerprint, load_tokenizer, mask_in_autocast_dtype, model_mask, save_base_snapshot
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
@@ -172,20 +172,29 @@ def save_checkpoint(
             save_file(best, str(tmp / CKPT_BEST))
         # Optimizer/RNG states are nested Python objects; this is our own run directory, not the store.
         torch.save(state, tmp / CKPT_STATE)
+    for d in set_aside(ckpt_dir):  # a checkpoint a kill left aside is older than the one just written
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def remove_checkpoints(ckpt_dir: Path) -> None:
+    """The run's checkpoint and any earlier one a kill left aside (they only serve --resume)."""
+    for d in [ckpt_dir, *set_aside(ckpt_dir)]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
     from safetensors.torch import load_file
 
     if not (ckpt_dir / CKPT_STATE).exists():
-        # A kill between save_checkpoint's two renames leaves only the previous checkpoint, as .old:
-        # resuming from it replays the same steps (the data order is a pure function of the step).
-        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-        if not (old / CKPT_STATE).exists():
+        # A kill between save_checkpoint's two renames leaves only the previous checkpoint, moved aside by
+        # models.atomic.replace_dir: resuming from it replays the same steps (the data order is a pure
+        # function of the step).
+        aside = [d for d in set_aside(ckpt_dir) if (d / CKPT_STATE).exists()]
+        if not aside:
             raise FileNotFoundError(
                 f"no checkpoint in {ckpt_dir}; run without --resume (set checkpoint_every to make one)"
             )
-        ckpt_dir = old
+        ckpt_dir = aside[0]
     best = load_file(str(ckpt_dir / CKPT_BEST)) if (ckpt_dir / CKPT_BEST).exists() else None
     state = torch.load(ckpt_dir / CKPT_STATE, weights_only=False)  # our own file (see save_checkpoint)
     return load_file(str(ckpt_dir / CKPT_TRAINABLE)), best, state
@@ -336,7 +345,12 @@ def _train(
     method = METHODS[cfg.method]
     # The schedule is stepped once per optimizer step, whatever the process count (accelerate's
     # default steps it num_processes times, assuming a dataloader it sharded itself).
-    accelerator = Accelerator(cpu=_cpu_only(), step_scheduler_with_optimizer=False)
+    # mixed_precision / dynamo_backend pinned: otherwise `accelerate launch` (its config file or flags,
+    # through ACCELERATE_MIXED_PRECISION / ACCELERATE_DYNAMO_BACKEND) adds its own autocast, GradScaler or
+    # torch.compile on top of the precision and compile decisions below, which the results then misreport.
+    accelerator = Accelerator(
+        cpu=_cpu_only(), mixed_precision="no", dynamo_backend="no", step_scheduler_with_optimizer=False
+    )
     device = accelerator.device
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     set_seed(cfg.seed)
@@ -628,7 +642,7 @@ def _train(
     if not is_main:
         return info
     if not cfg.save_variant:  # a measure-only run: the results JSON (written by train()) is its output
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_checkpoints(ckpt_dir)
         return info
 
     # ---- write the variant (fp32 weights; temp dir + rename inside the store) ----
@@ -653,5 +667,5 @@ def _train(
     )
     info["artifact_bytes"] = dir_bytes(store.path(manifest.name))
     info["variant"] = manifest.name
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run finished; checkpoints only serve --resume
+    remove_checkpoints(ckpt_dir)  # the run finished; checkpoints only serve --resume
     return info
