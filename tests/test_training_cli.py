@@ -253,6 +253,25 @@ def test_eval_works_for_every_kind(trained, data_dir, capsys):
         assert accuracy["tiny-bert-full-onnx"] == accuracy["tiny-bert-full"]
 
 
+def test_eval_of_a_variant_trained_on_one_file_says_it_read_training_rows(trained, data_dir, tmp_path):
+    """A single file is whatever split it is asked for; without --data, the one a variant trained on is
+    read as its train split, and the result says so (it said "test" over its own training rows)."""
+    import shutil
+
+    from training.evaluate import evaluate_variant
+
+    store = Store(tmp_path / "store")
+    shutil.copytree(trained[0].root, store.root)
+    path = store.path("tiny-bert-full") / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["provenance"]["config"]["data"] = str(data_dir / "train.parquet")  # as if trained on that file
+    path.write_text(json.dumps(manifest))
+    out = evaluate_variant(store, "tiny-bert-full")
+    assert (out["split"], out["n"]) == ("train", 200)
+    out = evaluate_variant(store, "tiny-bert-full", data=str(data_dir / "test.parquet"))  # named: taken as test
+    assert (out["split"], out["n"]) == ("test", 40)
+
+
 def test_bad_input_exits_nonzero_with_every_problem(tmp_path, capsys):
     bad = tmp_path / "train.parquet"
     pd.DataFrame({"text": ["ok", "", "fine"], "label": [0, 9, 1]}).to_parquet(bad)

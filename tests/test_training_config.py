@@ -94,6 +94,12 @@ def test_overrides_and_env_expansion(monkeypatch, tmp_path):
     assert TrainConfig().lr is None and METHODS["full"].default_lr == 2e-5 and METHODS["lora"].default_lr == 4e-4
 
 
+def test_a_mistyped_base_model_is_one_of_the_problems_not_a_crash():
+    with pytest.raises(ConfigError) as e:  # was: TypeError (a list looked up among the arch presets)
+        load_config(None, ["init=random", "base_model=[a]", "batch_size=0"])
+    assert {p.split(":")[0] for p in e.value.problems} >= {"base_model", "batch_size"}
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     """Field errors (pydantic), unknown keys at any depth and cross-field checks: one error lists all."""
     bad = tmp_path / "bad.yaml"

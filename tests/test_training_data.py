@@ -79,6 +79,7 @@ def test_bad_data_reports_all_problems_at_once(tmp_path, rows):
     train.loc[0, "label"] = 7
     train.loc[1, "label"] = -1
     train.loc[2, "text"] = "   "
+    train.loc[4, "text"] = None  # a missing text (null in Parquet): reported with the others, not in the tokenizer
     train.to_parquet(d / "train.parquet")
     rows.rename(columns={"text": "body"}).to_parquet(d / "test.parquet")
     with pytest.raises(DataError) as e:
@@ -86,7 +87,7 @@ def test_bad_data_reports_all_problems_at_once(tmp_path, rows):
     problems = e.value.problems
     assert len(problems) == 3, problems
     assert "train: 2 label(s) outside 0..3" in problems[0] and "'-1'" in problems[0] and "'7'" in problems[0]
-    assert problems[1] == "train: 1 empty text(s) at rows [2]; drop or fill them"
+    assert problems[1] == "train: 2 empty text(s) at rows [2, 4]; drop or fill them"
     assert problems[2].startswith("test: missing column(s) ['text']; columns are ['body', 'label']")
 
 

@@ -192,7 +192,7 @@ class TrainConfig(_Strict):
     def _preset_from_base_model(cls, data: Any) -> Any:
         # `base_model: roberta-large` + `init: random` means that preset.
         preset_unset = isinstance(data, dict) and data.get("init") == "random" and data.get("arch_preset") is None
-        if preset_unset and data.get("base_model") in ARCH_PRESETS:
+        if preset_unset and isinstance(data.get("base_model"), str) and data["base_model"] in ARCH_PRESETS:
             data = {**data, "arch_preset": data["base_model"]}
         return data
 

@@ -173,9 +173,11 @@ def clean(df: pd.DataFrame, cfg: TrainConfig, split: str) -> tuple[pd.DataFrame,
             f"labels must index {cfg.labels} (original AG News classes 1..4 are shifted automatically "
             "only for the header-less CSV)"
         )
-    empty = text.str.strip() == ""
+    # a missing text (None/NaN in Parquet/JSONL) is empty too: astype(str) keeps it missing, and the tokenizer
+    # would fail on it only after the model is built
+    empty = df[cfg.text_column].isna().to_numpy() | (text.str.strip() == "").fillna(False).astype(bool).to_numpy()
     if empty.any():
-        rows = np.flatnonzero(empty.to_numpy())[:5].tolist()
+        rows = np.flatnonzero(empty)[:5].tolist()
         problems.append(f"{split}: {int(empty.sum())} empty text(s) at rows {rows}; drop or fill them")
     if problems:
         return df, problems

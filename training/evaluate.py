@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from models import Store
@@ -31,7 +32,12 @@ def evaluate_variant(store: Store, name: str, data: str | None = None, limit: in
         label_column=cfg.get("label_column", "label"),
         labels=manifest.labels,
     )
+    # A single file is whatever split it is asked for (read_split); the one a variant was trained on held its
+    # train and validation rows, so without --data the result says it read training rows.
+    trained_on_file = data is None and Path(source).is_file()
     try:
+        if trained_on_file:
+            raise MissingSplit([f"{source} is the one file {name} was trained on"])
         df, split = read_split(source, "test", **columns), "test"
     except MissingSplit:  # a source without a test split: report on train, and say so in the result
         df, split = read_split(source, "train", **columns), "train"
