@@ -92,6 +92,28 @@ def test_resume_with_another_process_count_is_a_clear_error(tmp_path, capsys):
     assert "written by 2 process(es), this run has 1" in err and "--num_processes 2" in err
 
 
+def test_resume_with_other_settings_is_a_clear_error_and_a_fresh_run_drops_the_old_checkpoint(tmp_path, capsys):
+    """A checkpoint continues the run that wrote it: --resume with a setting that decides the data order,
+    the model or the optimisation changed is refused, naming each; reporting settings may change. A run
+    started without --resume removes an earlier run's checkpoint, so a later --resume cannot pick it up."""
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.read_parquet(AGNEWS / "train_subset_20k.parquet").groupby("label").head(10).to_parquet(data / "train.parquet")
+    overrides = [f"data={data}", "checkpoint_every=2", "eval_test=false", "name=changed", "max_steps=4"]
+    runs, store = tmp_path / "runs", tmp_path / "store"
+    train(load_config("configs/tiny-bert-full.yaml", overrides), store=Store(store), runs_dir=runs, stop_after_steps=2)
+    args = ["train", "configs/tiny-bert-full.yaml", "--store", str(store), "--runs-dir", str(runs), "--resume"]
+    assert main([*args, "--set", *overrides, "batch_size=3", "seed=7"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size: checkpoint 8, this run 3" in err and "seed: checkpoint 0, this run 7" in err
+    assert "start over without --resume" in err and (runs / "changed.ckpt" / "state.pt").exists()
+    cfg = load_config("configs/tiny-bert-full.yaml", [*overrides, "log_every=1"])
+    train(cfg, store=Store(store), runs_dir=runs, stop_after_steps=1)  # a fresh run: before its first checkpoint
+    assert not (runs / "changed.ckpt").exists()
+    assert main([*args, "--set", *overrides]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+
+
 def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp_path, monkeypatch):
     """save_checkpoint replaces the checkpoint directory in two renames (models.atomic.replace_dir: the old
     one aside, the new one in). Killed between them, --resume finds the previous checkpoint where the first

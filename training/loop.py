@@ -47,6 +47,12 @@ from training.metrics import classification_metrics
 CKPT_STATE = "state.pt"
 CKPT_TRAINABLE = "trainable.safetensors"
 CKPT_BEST = "best.safetensors"
+# What a resumed run may set differently from the run its checkpoint came from: how often it reports and
+# checkpoints, how it compiles, what it does at the end. Every other key decides the data order, the model
+# or the optimisation, so a new value would silently train something other than the run being resumed.
+RESUME_MAY_CHANGE = frozenset(
+    {"checkpoint_every", "log_every", "compile", "compile_mode", "eval_batch_size", "eval_test", "save_variant"}
+)
 # On CPU: eager attention (training SDPA falls back to the same math there, with its dropout
 # inside), so that every dropout, attention probabilities' too, is a module CPUDropout replaces.
 CPU_ATTENTION = "eager"
@@ -198,6 +204,14 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     best = load_file(str(ckpt_dir / CKPT_BEST)) if (ckpt_dir / CKPT_BEST).exists() else None
     state = torch.load(ckpt_dir / CKPT_STATE, weights_only=False)  # our own file (see save_checkpoint)
     return load_file(str(ckpt_dir / CKPT_TRAINABLE)), best, state
+
+
+def resume_conflicts(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """The config keys (outside RESUME_MAY_CHANGE) whose value differs from the checkpoint's run."""
+    if saved is None:  # a checkpoint from before configs were recorded in it
+        return []
+    keys = sorted((saved.keys() | now.keys()) - RESUME_MAY_CHANGE)
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def resolve_compile(requested: str | bool, device_type: str) -> tuple[bool, str]:
@@ -478,6 +492,12 @@ def _train(
                 f"checkpoint in {ckpt_dir} was written by {st['num_processes']} process(es), this run has {world}; "
                 f"resume with accelerate launch --num_processes {st['num_processes']} (the data order depends on it)"
             )
+        conflicts = resume_conflicts(st.get("config"), cfg.to_dict())
+        if conflicts:
+            raise ValueError(
+                f"checkpoint in {ckpt_dir} is of a run with other settings ({'; '.join(conflicts)}); resume with "
+                "the checkpoint's settings, or start over without --resume"
+            )
         load_trainable(unwrapped, weights)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -487,6 +507,8 @@ def _train(
         loss_curve, interval_rows = st["loss_curve"], st["interval_rows"]
         interval_loss.fill_(st["interval_loss"] if is_main else 0.0)  # a global sum, held once
         set_rng_state(st["rng"][rank])
+    elif is_main:  # a fresh run: an earlier run's checkpoint under this name must not be resumed into it
+        remove_checkpoints(ckpt_dir)
 
     def evaluate_val() -> None:
         nonlocal best, best_f1, best_step
@@ -580,6 +602,7 @@ def _train(
                         "scaler": scaler.state_dict(),
                         "rng": rngs,
                         "num_processes": world,
+                        "config": cfg.to_dict(),  # a resume must continue this run (resume_conflicts)
                         "step": step,
                         "micro": micro,
                         "samples_seen": samples_seen,
