@@ -163,8 +163,14 @@ class Batcher:
 
     def _enqueue(self, command: tuple[str, Any, concurrent.futures.Future, float]) -> None:
         with self._cond:
+            if self.startup_error is not None:  # the batcher thread has exited: nobody would ever answer
+                command[2].set_exception(self._startup_failed())
+                return
             self._commands.append(command)
             self._cond.notify()
+
+    def _startup_failed(self) -> Unavailable:
+        return Unavailable(f"the engine's startup failed ({self.startup_error}); fix the store and restart the service")
 
     def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float) -> None:
         """Swap worker thread: verify + golden-check `name`, then commit it here when the bank has a free
@@ -249,7 +255,11 @@ class Batcher:
             self._startup()
         except Exception as e:  # the server stays up and /readyz says why
             log.exception("startup failed")
-            self.startup_error = f"{type(e).__name__}: {e}"
+            with self._cond:  # commands queued behind the startup would wait forever: fail them
+                self.startup_error = f"{type(e).__name__}: {e}"
+                queued, self._commands = list(self._commands), deque()
+            for _, _, fut, _ in queued:
+                fut.set_exception(self._startup_failed())
             return
         self.ready.set()
         while True:
@@ -515,14 +525,16 @@ class Batcher:
                     self._fail_rows(
                         batch,
                         name,
-                        ServiceError(f"reloading evicted adapter '{name}' failed: {e}; check the store", status=503),
+                        Unavailable(
+                            f"reloading evicted adapter '{name}' failed: {e}; check the store", headers={"Retry-After": "1"}
+                        ),
                     )
             self._update_gauges()
         for name in {e.name for _, e in batch if not e.resident}:  # swaps kept taking these names meanwhile
             self._fail_rows(
                 batch,
                 name,
-                ServiceError(f"adapter '{name}' was replaced repeatedly while it reloaded; retry", status=503),
+                Unavailable(f"adapter '{name}' was replaced repeatedly while it reloaded; retry", headers={"Retry-After": "1"}),
             )
         return [(r, e) for r, e in batch if e.resident]
 

@@ -768,7 +768,8 @@ class Runtime:
 
     def graph_state(self) -> dict[str, Any]:
         """What /v1/models shows about CUDA graphs: the mode and, per model, the captured buckets."""
-        per = {e.name: e.graphed.state() for e in self.entries.values() if e.graphed is not None}
+        # a snapshot (one C call): the socket thread asks while the batcher or swap worker add/remove names
+        per = {e.name: e.graphed.state() for e in list(self.entries.values()) if e.graphed is not None}
         if self.lora_graphed is not None:
             per[LORA_GROUP] = self.lora_graphed.state()
         return {"mode": self.graph_mode, "models": per}

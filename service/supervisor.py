@@ -71,7 +71,13 @@ class EngineSupervisor:
         ]
         with self._lock:
             if not self._stopping.is_set():
-                self.proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
+                # its own session: a signal to the service's process group (Ctrl-C, `kill -- -PGID`) must not
+                # make the engine drain and exit while uvicorn still finishes in-flight requests (and this
+                # watcher restart it as crashed); stop() signals it after them, and the engine exits by itself
+                # when this process dies (it polls its parent)
+                self.proc = subprocess.Popen(
+                    cmd, env=env, cwd=Path(__file__).resolve().parents[1], start_new_session=True
+                )
 
     def _watch(self) -> None:
         crashes: list[float] = []

@@ -103,7 +103,8 @@ def test_engine_that_keeps_crashing_makes_the_service_exit_nonzero(tmp_path):
     assert "giving up" in log
 
 
-def _serve(store: Path, port: int, frontends: int, **env: str) -> subprocess.Popen:
+def _serve(store: Path, port: int, frontends: int, session: bool = False, **env: str) -> subprocess.Popen:
+    """`python -m service` (fp32, 1 thread); `session`: in a process group of its own, as a shell job."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -125,6 +126,7 @@ def _serve(store: Path, port: int, frontends: int, **env: str) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=session,
     )
 
 
@@ -139,6 +141,68 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> Non
             pass
         time.sleep(0.1)
     raise RuntimeError("service not ready")
+
+
+def test_ctrl_c_lets_a_request_in_flight_finish_on_the_one_engine(tmp_path):
+    """Ctrl-C in a terminal signals the service's whole process group. The engine runs in a session of its
+    own, so it is stopped by the service after uvicorn's in-flight requests, not ahead of them: a request
+    whose body is still arriving gets its answer, and no engine is restarted as if it had crashed."""
+    import json
+    import socket
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    port = free_port()
+    proc = _serve(store.root, port, frontends=1, session=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        body = json.dumps({"model": "lora-0", "inputs": "in flight at Ctrl-C"}).encode()
+        head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+            c.sendall(head.encode() + body[:10])
+            time.sleep(0.3)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            time.sleep(1.5)  # was: the engine drained and exited meanwhile; the request got 503
+            c.sendall(body[10:])
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+                if answer.endswith(b"}"):
+                    break
+        assert answer.startswith(b"HTTP/1.1 200"), answer[-300:]
+        assert proc.wait(timeout=60) in (0, -signal.SIGINT)
+        log = proc.stdout.read()
+        assert "exited with status" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_admin_calls_after_a_failed_engine_startup_answer_503_at_once(tmp_path):
+    """The engine's startup failed (here its LoRA base snapshot is missing): /readyz says why, and a
+    PUT or DELETE /v1/adapters gets 503 naming it at once (was: queued for the batcher thread that had
+    exited, and answered by the front-end's 600 s admin timeout)."""
+    import shutil
+
+    from service_helpers import Server
+
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    shutil.rmtree(store.base_path(store.manifest("lora-0").base_fingerprint))
+    srv = Server(store.root)
+    srv.thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if "startup failed" in (ready := srv.client.get("/readyz")).text:
+                    break
+            time.sleep(0.1)
+        assert ready.status_code == 503 and "startup failed" in ready.text, ready.text
+        for call in (srv.admin.put, srv.admin.delete):
+            r = call("/v1/adapters/lora-0", timeout=15)
+            assert r.status_code == 503 and "startup failed" in r.json()["error"]["message"], r.text
+    finally:
+        srv.stop()
 
 
 def test_twenty_hot_swaps_across_two_frontends_fail_no_request(tmp_path):

@@ -139,6 +139,7 @@ def test_lru_eviction_and_transparent_reload(tmp_path):
         write_lora(store, "lora-1", arch="roberta", seed=4242)
         r = srv.classify("lora-1", "x")
         assert r.status_code == 503 and "PUT /v1/adapters/lora-1" in r.json()["error"]["message"]
+        assert r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "unavailable"
         assert srv.admin.put("/v1/adapters/lora-1").json()["status"] == "replaced"
         np.testing.assert_allclose(srv.probs("lora-1", GOLDEN_TEXTS), golden_probs(store, "lora-1"), atol=TOL)
 
