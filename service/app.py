@@ -67,7 +67,7 @@ class LimitsAndMetrics:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes; send fewer or shorter inputs")
             return msg
 
-        status = 500
+        status = 499  # no response sent: the client closed the connection first (nginx's code); else the real one
         start_s = time.perf_counter()
 
         async def send_status(msg: Message) -> None:
@@ -79,6 +79,10 @@ class LimitsAndMetrics:
         app = classify_fast if endpoint == "classify" and scope["method"] == "POST" else self.app
         try:
             await app(scope, limited_receive, send_status)
+        except BaseException:
+            if status == 499:
+                status = 500  # it raised before any response: a server error
+            raise
         finally:
             if endpoint:
                 variant = scope.get("state", {}).get("variant", UNKNOWN_VARIANT)

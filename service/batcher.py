@@ -526,7 +526,8 @@ class Batcher:
                         batch,
                         name,
                         Unavailable(
-                            f"reloading evicted adapter '{name}' failed: {e}; check the store", headers={"Retry-After": "1"}
+                            f"reloading evicted adapter '{name}' failed: {e}; check the store",
+                            headers={"Retry-After": "1"},
                         ),
                     )
             self._update_gauges()
@@ -534,7 +535,9 @@ class Batcher:
             self._fail_rows(
                 batch,
                 name,
-                Unavailable(f"adapter '{name}' was replaced repeatedly while it reloaded; retry", headers={"Retry-After": "1"}),
+                Unavailable(
+                    f"adapter '{name}' was replaced repeatedly while it reloaded; retry", headers={"Retry-After": "1"}
+                ),
             )
         return [(r, e) for r, e in batch if e.resident]
 

@@ -59,6 +59,9 @@ BAD = [
     ("POST", V2, _v2(data=None), 422, "invalid_request", "data"),
     ("POST", V2, _v2(shape=[3]), 422, "invalid_request", "shape"),
     ("POST", V2, {**_v2(), "outputs": [{"name": "nope"}]}, 422, "invalid_request", "unknown outputs"),
+    ("POST", V2, _v2(data=None, parameters={"binary_data_size": "ten"}), 422, "invalid_request", "binary_data_size"),
+    ("POST", V2, _v2(data=None, parameters={"binary_data_size": -1}), 422, "invalid_request", "non-negative"),
+    ("POST", V2, b'{"inputs": [{"data": ' + b"[" * 3000 + b"]" * 3000 + b"}]}", 422, "invalid_request", "V2"),
     ("POST", "/v2/models/nope/infer", _v2(), 404, "model_not_found", "loaded"),
     ("GET", "/v2/models/nope", None, 404, "model_not_found", "loaded"),
     ("GET", CLASSIFY, None, 405, "http_error", "not allowed"),
@@ -87,6 +90,29 @@ def test_bad_input_gets_its_4xx(srv, method, path, body, status, etype, words):
     assert words in err["message"], err["message"]
     # the server is still healthy after every refusal
     assert srv.classify("lora-0", "still fine").status_code == 200
+
+
+def test_a_client_leaving_mid_body_is_not_counted_as_a_server_error(srv):
+    """Nobody to answer: recorded as 499 (nginx's "client closed request"), not as a 500 "server bug"."""
+    import socket
+
+    def requests_total(status: str) -> float:
+        lines = srv.client.get("/metrics").text.splitlines()
+        return sum(
+            float(ln.split()[-1])
+            for ln in lines
+            if ln.startswith("service_requests_total{") and f'status="{status}"' in ln
+        )
+
+    before = requests_total("500"), requests_total("499")
+    with socket.create_connection(("127.0.0.1", srv.port)) as c:
+        head = f"POST {CLASSIFY} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        c.sendall(head.encode() + b'{"model"')
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while requests_total("499") == before[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (requests_total("500"), requests_total("499")) == (before[0], before[1] + 1)
 
 
 def test_admin_requires_the_key(srv):

@@ -8,6 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from service.client import EngineClient, Result
@@ -95,6 +96,8 @@ async def classify_fast(scope: Scope, receive: Receive, send: Send) -> None:
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         response = await classify(body, request)
+    except ClientDisconnect:  # the client left while its body arrived: nobody to answer, not a server error
+        return
     except Exception as exc:  # noqa: BLE001 - every error becomes the service's JSON error shape
         response = error_response(exc)
     await response(scope, receive, send)

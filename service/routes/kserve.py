@@ -75,7 +75,7 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest,
     try:
         split = int(header_length) if header_length else len(body)
         req = V2InferRequest.model_validate(json.loads(body[:split]))
-    except (ValueError, ValidationError) as e:
+    except (ValueError, ValidationError, RecursionError) as e:
         raise BadRequest(
             f"invalid V2 infer request: {e}; send {{'inputs': [{{'name', 'shape', 'datatype': 'BYTES', 'data'}}]}}"
         ) from None
@@ -87,9 +87,14 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest,
         count *= d
     binary_size = (tensor.parameters or {}).get("binary_data_size")
     if binary_size is not None:
-        texts = _decode_bytes_tensor(body[split : split + int(binary_size)], count)
+        if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
+            raise BadRequest(f"binary_data_size must be a non-negative integer, not {binary_size!r}")
+        texts = _decode_bytes_tensor(body[split : split + binary_size], count)
     elif tensor.data is not None:
-        texts = [x if isinstance(x, str) else str(x) for x in _flatten(tensor.data)]
+        try:
+            texts = [x if isinstance(x, str) else str(x) for x in _flatten(tensor.data)]
+        except RecursionError:
+            raise BadRequest("the input tensor's data is nested too deeply; send a flat list of texts") from None
     else:
         raise BadRequest("the input tensor has neither 'data' nor binary_data_size; put the texts in 'data'")
     if len(texts) != count:
