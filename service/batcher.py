@@ -64,6 +64,10 @@ class Job:
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     cancelled: bool = False  # set by the handler on timeout; its rows are skipped
+    # one request, one version: the entry that computed its answered rows; a hot-swap landing between its
+    # batches starts it again (epoch + 1: rows of an older epoch, queued or running, are ignored)
+    entry: Entry | None = None
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         self.logits = [None] * len(self.rows)
@@ -73,11 +77,18 @@ class Job:
     def tokens(self) -> int:
         return sum(len(r) for r in self.rows)
 
+    @property
+    def labels(self) -> list[str] | None:
+        """The label names of the version that computed the answer (a swap may have changed them since the
+        front-end cached the variant's)."""
+        return None if self.entry is None else list(self.entry.manifest.labels)
+
 
 @dataclass
 class Row:
     job: Job
     index: int
+    epoch: int = 0
 
     @property
     def length(self) -> int:
@@ -366,6 +377,8 @@ class Batcher:
         live: deque[Row] = deque()
         now_s = time.time()
         for row in self._rows:  # drop timed-out rows and rows whose variant was unloaded
+            if row.epoch != row.job.epoch:  # its request was started again (see Job.entry)
+                continue
             if row.job.cancelled or row.job.deadline_s < now_s:
                 row.job.cancelled = True  # the front-end has answered 504 already
                 continue
@@ -469,17 +482,40 @@ class Batcher:
         self.metrics.batch_size.observe(len(rows))
         self.metrics.batch_tokens.observe(len(rows) * width)
         self.metrics.batch_adapters.observe(len({e.name for e in entries}))
+        restart: list[Job] = []
         with self._answer_lock, self._answering():
-            self._last_jobs = self._answer(rows, entries, rows_logits, start_s, compute_s)
+            self._last_jobs = self._answer(rows, entries, rows_logits, start_s, compute_s, restart)
+        if restart:  # after _answer_lock: _pick holds _cond while it takes _answer_lock (_fail)
+            self.metrics.restarts.inc(len(restart))
+            with self._cond:
+                self._rows.extendleft(Row(j, i, j.epoch) for j in restart for i in reversed(range(len(j.rows))))
+                self.metrics.queue_depth.set(len(self._rows))
+                self._cond.notify()
 
     def _answer(
-        self, rows: list[Row], entries: list[Entry], rows_logits: np.ndarray, start_s: float, compute_s: float
+        self,
+        rows: list[Row],
+        entries: list[Entry],
+        rows_logits: np.ndarray,
+        start_s: float,
+        compute_s: float,
+        restart: list[Job],
     ) -> int:
-        """Hand each row its logits and answer the requests it completes; returns the requests in the batch."""
+        """Hand each row its logits and answer the requests it completes; returns the requests in the batch.
+        Requests whose rows met two versions of their variant are reset and added to `restart`."""
         seen: set[int] = set()
         now = time.time()
         for row, entry, p in zip(rows, entries, rows_logits, strict=True):
             job = row.job
+            if row.epoch != job.epoch or job.cancelled:
+                continue
+            if job.entry is None:
+                job.entry = entry
+            elif job.entry is not entry:  # a swap landed between this request's batches: all of it again
+                job.epoch += 1
+                job.entry, job.logits, job.remaining = None, [None] * len(job.rows), len(job.rows)
+                restart.append(job)
+                continue
             job.logits[row.index] = p
             job.remaining -= 1
             wait_s = start_s - job.enqueued_s

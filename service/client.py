@@ -50,6 +50,7 @@ class Result:
     queue_ms: float
     compute_ms: float
     tokens: int
+    labels: list[str] | None = None  # the label names of the version that answered (None: the cached entry's)
 
 
 class _Link(asyncio.Protocol):
@@ -219,4 +220,4 @@ class EngineClient:
             deadline_s=time.time() + timeout_s,
         )
         logits = np.frombuffer(reply["logits"], dtype=np.float32).reshape(len(texts), reply["labels"])
-        return Result(logits, reply["queue_ms"], reply["compute_ms"], reply["tokens"])
+        return Result(logits, reply["queue_ms"], reply["compute_ms"], reply["tokens"], reply.get("names"))

@@ -86,6 +86,7 @@ class Engine:
                 "id": req_id,
                 "logits": logits.tobytes(),
                 "labels": logits.shape[1],
+                "names": job.labels,
                 "queue_ms": job.queue_ms,
                 "compute_ms": job.compute_ms,
                 "tokens": job.tokens,

@@ -109,6 +109,12 @@ class EngineMetrics:
             registry=r,
         )
         self.evictions = Counter("service_adapter_evictions", "LoRA adapters evicted by the LRU cap", registry=r)
+        self.restarts = Counter(
+            "service_requests_restarted",
+            "Requests computed again from their first row because a hot-swap replaced their variant between "
+            "two of their batches (one answer is always one version's)",
+            registry=r,
+        )
         self.swaps = Counter(
             "service_admin_operations", "Admin load/replace/unload by outcome", ["op", "outcome"], registry=r
         )

@@ -159,6 +159,7 @@ class LocalEngine:
         return {
             "logits": logits.tobytes(),
             "labels": logits.shape[1],
+            "names": job.labels,
             "queue_ms": job.queue_ms,
             "compute_ms": job.compute_ms,
             "tokens": job.tokens,
@@ -346,7 +347,7 @@ class RayEngineClient:
         if info is not None:  # shown as response headers (ReplicaHeaders)
             info.update(reply["replica"])
         logits = np.frombuffer(reply["logits"], dtype=np.float32).reshape(len(texts), reply["labels"])
-        return Result(logits, reply["queue_ms"], reply["compute_ms"], reply["tokens"])
+        return Result(logits, reply["queue_ms"], reply["compute_ms"], reply["tokens"], reply.get("names"))
 
     async def refresh(self) -> dict[str, Any]:
         """One engine replica's state (a handle call reaches one replica; /v1/models says which)."""

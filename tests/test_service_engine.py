@@ -205,6 +205,46 @@ def test_admin_calls_after_a_failed_engine_startup_answer_503_at_once(tmp_path):
         srv.stop()
 
 
+@pytest.mark.parametrize("labels", [list("abcde"), list("wxyz")], ids=["more labels", "renamed labels"])
+def test_a_frontend_that_cached_a_replaced_variant_names_the_new_versions_labels(tmp_path, labels):
+    """Front-end B cached `full`; a replacement through front-end A brings other label names (or more of
+    them). B's next answer carries the new version's names, which come with the logits from the engine
+    (was: B's cached names: a 500 (IndexError) for more labels, wrong names for renamed ones)."""
+    from service_helpers import Server
+    from tiny import MAX_LENGTH, tiny_classifier, tokenizer
+
+    from models.writing import write_variant
+
+    store = make_store(tmp_path / "store", n_adapters=1, full=True)
+    with running(store.root) as a:
+        b = Server(store.root, engine_address=a.app.state.supervisor.address).start()
+        try:
+            assert b.classify("full", "x").status_code == 200  # b caches the variant's state
+            m = store.manifest("full")
+            write_variant(
+                store,
+                name="full",
+                kind="full",
+                model=tiny_classifier("bert", seed=11, num_labels=len(labels)),
+                tokenizer=tokenizer(),
+                labels=labels,
+                max_length=MAX_LENGTH,
+                base_model=m.base_model,
+                base_fingerprint=m.base_fingerprint,
+                init="random",
+                golden_texts=GOLDEN_TEXTS,
+                overwrite=True,
+            )
+            assert a.admin.put("/v1/adapters/full").json()["status"] == "replaced"
+            for path, body in (("/v1/classify", {"model": "full", "inputs": "x"}), ("/models/full", {"inputs": "x"})):
+                r = b.client.post(path, json=body)
+                assert r.status_code == 200, r.text
+                preds = r.json()["predictions"][0] if path == "/v1/classify" else r.json()[0]
+                assert {p["label"] for p in preds} == set(labels), r.json()
+        finally:
+            b.stop()
+
+
 def test_twenty_hot_swaps_across_two_frontends_fail_no_request(tmp_path):
     store = make_store(tmp_path / "store", arch="bert", n_adapters=3, full=False)
     version_a = golden_probs(store, "lora-0")

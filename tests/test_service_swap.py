@@ -293,6 +293,37 @@ def test_a_replacement_overtaking_a_cold_reload_serves_the_batch(tmp_path, swap_
     np.testing.assert_allclose(probs, golden_probs(store, "lora-0")[:3], atol=TOL)
 
 
+def test_a_request_split_over_batches_is_answered_by_one_version(tmp_path):
+    """A request whose texts take several batches (here --max-batch-size 1; under load, other requests'
+    rows fill a batch) can straddle a hot-swap: it is computed again from its first row by the new version
+    (service_requests_restarted_total), never answered with some texts scored by each version."""
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    write_lora(store, "lora-0-b", seed=999)
+    versions = {100: golden_probs(store, "lora-0"), 999: golden_probs(store, "lora-0-b")}
+    texts = (GOLDEN_TEXTS * 64)[:64]
+    with running(store.root, max_batch_size=1) as s:
+        torn, by = [], []
+        for i in range(6):
+            write_lora(store, "lora-0", seed=999 if i % 2 == 0 else 100)
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(s.probs, "lora-0", texts)
+                time.sleep(0.03)  # a few of its 64 one-row batches have run
+                assert s.admin.put("/v1/adapters/lora-0").status_code == 200
+                p = np.array(answer.result())
+            match = {seed: np.isclose(p, (v * 64)[:64], atol=TOL).all(axis=1) for seed, v in versions.items()}
+            assert (match[100] | match[999]).all()
+            if match[100].any() and match[999].any():
+                torn.append((i, int(match[100].sum()), int(match[999].sum())))
+            by.append(100 if match[100].all() else 999)
+        restarted = next(
+            float(ln.split()[-1])
+            for ln in s.client.get("/metrics").text.splitlines()
+            if ln.startswith("service_requests_restarted_total")
+        )
+    assert not torn, f"(round, texts by one version, by the other) in one answer: {torn}"
+    assert restarted >= 1, by  # the swaps did land inside requests
+
+
 def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
     """--lanes 2 (given, so every torch model's batches run on two lane threads at once): concurrent
     traffic mixing the full model with more adapters than --max-adapters, while one adapter is

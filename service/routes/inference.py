@@ -75,7 +75,7 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
     return fast_json(
         {
             "model": body.model,
-            "predictions": top_labels(entry["labels"], scores(res.logits), body.top_k),
+            "predictions": top_labels(res.labels or entry["labels"], scores(res.logits), body.top_k),
             "usage": {"tokens": res.tokens},
             "timing": {"queue_ms": round(res.queue_ms, 3), "compute_ms": round(res.compute_ms, 3)},
         }
@@ -110,4 +110,4 @@ async def hf_text_classification(name: str, body: HFRequest, request: Request) -
     texts = check_inputs(request, body.inputs)
     res = await run_job(request, name, entry, texts)
     fn = body.parameters.function_to_apply or "softmax"
-    return fast_json(top_labels(entry["labels"], scores(res.logits, fn), body.parameters.top_k))
+    return fast_json(top_labels(res.labels or entry["labels"], scores(res.logits, fn), body.parameters.top_k))

@@ -113,7 +113,7 @@ async def infer(name: str, request: Request) -> V2InferResponse:
     req, texts = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
     texts = check_inputs(request, texts)
     res = await run_job(request, name, entry, texts)
-    labels = entry["labels"]
+    labels = res.labels or entry["labels"]
     probs = scores(res.logits)
     best = [labels[i] for i in probs.argmax(axis=-1).tolist()]
     outputs = [
