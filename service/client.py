@@ -53,6 +53,12 @@ class Result:
     labels: list[str] | None = None  # the label names of the version that answered (None: the cached entry's)
 
 
+def _log_refresh_failure(task: asyncio.Task) -> None:
+    """A background refresh that failed: the next reply (or a cache miss) tries again."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("refreshing the engine's state failed: %s", task.exception())
+
+
 class _Link(asyncio.Protocol):
     """One connection to the engine: each whole message goes to `on_message`; `lost` resolves when it closes."""
 
@@ -135,7 +141,9 @@ class EngineClient:
         fut = self._pending.pop(msg.get("id"), None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
-        if self._version is not None and (msg.get("e"), msg.get("v")) != self._version:
+        # every reply carries the engine's state version; another one (or none cached yet: a refresh failed)
+        # refreshes the cache, one refresh at a time
+        if (msg.get("e"), msg.get("v")) != self._version:
             self._schedule_refresh()
 
     def _fail_pending(self, error: Exception) -> None:
@@ -147,6 +155,7 @@ class EngineClient:
     def _schedule_refresh(self) -> None:
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.create_task(self.refresh())
+            self._refresh.add_done_callback(_log_refresh_failure)
 
     # ---- requests ------------------------------------------------------------------------------
     async def call(self, op: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
@@ -161,8 +170,9 @@ class EngineClient:
         try:
             reply = await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
-            self._pending.pop(req_id, None)
             raise Timeout(f"no result within {timeout_s:g}s; retry later or raise --request-timeout-s") from None
+        finally:  # answered, timed out or cancelled: an engine that drops the job at its deadline never replies
+            self._pending.pop(req_id, None)
         if "error" in reply:
             raise error_from(reply["error"])
         return reply

@@ -245,6 +245,46 @@ def test_a_frontend_that_cached_a_replaced_variant_names_the_new_versions_labels
             b.stop()
 
 
+def test_the_engine_client_forgets_cancelled_calls_and_recovers_from_a_failed_refresh(tmp_path):
+    """service.client.EngineClient against a real engine: a call cancelled before its reply (the engine may
+    drop its job at the deadline and never answer) leaves nothing pending; with no state version cached (a
+    background refresh failed) the next reply refreshes the cache (was: never again, until a cache miss)."""
+    import asyncio
+
+    from service.client import EngineClient
+    from service.metrics import FrontendMetrics
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=False)
+
+    async def scenario(srv) -> None:
+        client = EngineClient(srv.app.state.supervisor.address, FrontendMetrics())
+        await client.start()
+        try:
+            while not client.state.get("ready"):
+                await asyncio.sleep(0.05)
+            entry = await client.entry("lora-0")
+            call = asyncio.create_task(client.infer("lora-0", entry, GOLDEN_TEXTS * 4, timeout_s=30))
+            await asyncio.sleep(0)  # sent
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+            assert client._pending == {}  # was: the cancelled call's future, kept until a reply that may never come
+            client._version = None  # as after a refresh that failed (e.g. a tokenizer replaced meanwhile)
+            stale = client.state
+            assert srv.admin.delete("/v1/adapters/lora-1").status_code == 200
+            await client.infer("lora-0", entry, ["x"], timeout_s=30)  # any reply
+            for _ in range(100):
+                if client.state is not stale:
+                    break
+                await asyncio.sleep(0.05)
+            assert "lora-1" not in client.state["entries"] and client._version is not None
+        finally:
+            await client.close()
+
+    with running(store.root) as srv:
+        asyncio.run(scenario(srv))
+
+
 def test_twenty_hot_swaps_across_two_frontends_fail_no_request(tmp_path):
     store = make_store(tmp_path / "store", arch="bert", n_adapters=3, full=False)
     version_a = golden_probs(store, "lora-0")
