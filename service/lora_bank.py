@@ -184,9 +184,12 @@ class LoraBank:
         if rows is None:
             return None  # a forward outside the bank: the plain base
         s = self._layers[self._paths[id(module)]]
-        xa = torch.bmm(args[0].to(s["a"].dtype), s["a"][rows].transpose(1, 2))  # (b, L, r)
+        x = args[0]
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(s["a"].dtype)  # (b, L, in); L = 1 for pooled inputs
+        xa = torch.bmm(x3, s["a"][rows].transpose(1, 2))  # (b, L, r)
         xa = xa * s["scale"][rows].view(-1, 1, 1)
-        return output + torch.bmm(xa, s["b"][rows].transpose(1, 2)).to(output.dtype)
+        y = torch.bmm(xa, s["b"][rows].transpose(1, 2))  # (b, L, out)
+        return output + y.reshape(output.shape).to(output.dtype)
 
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         rows = getattr(self._local, "rows", None)

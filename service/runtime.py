@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import itertools
+import json
 import logging
 import math
 import threading
@@ -45,7 +46,7 @@ from models.lora_weights import LoraWeights, read_lora
 from models.manifest import Golden
 from models.variant import ONNX_KINDS, LoadedVariant, load_variant
 from service.config import ServiceConfig
-from service.errors import ModelNotFound, Refused
+from service.errors import ModelNotFound, Refused, ServiceError
 from service.graphs import GraphedForward
 from service.lora_bank import LoraBank
 from service.side import SideModel
@@ -54,6 +55,18 @@ log = logging.getLogger("service")
 LORA_GROUP = "__lora__"  # all resident adapters share one forward over the base
 LANE_ROW_S = 0.002  # a row costing more runs on CPU lanes (Runtime.lane_parallel)
 NO_GOLDEN = Golden.model_construct(texts=[], logits=[])  # what a served entry keeps of its golden set
+
+
+def tokenizer_model(tokenizer_json: str) -> dict[str, Any]:
+    """A fast tokenizer as the installed `tokenizers` serialises it, without its truncation and padding
+    (set per call, not part of what it computes): equal for two files only if they tokenise alike, whatever
+    version of the library wrote them."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(Tokenizer.from_str(tokenizer_json).to_str())
+    data.pop("truncation", None)
+    data.pop("padding", None)
+    return data
 
 
 def tokenizer_key(tokenizer_json: str, max_length: int) -> str:
@@ -237,6 +250,9 @@ class Runtime:
         self.base_manifest: Manifest | None = None
         self.base_tok_lock = threading.Lock()  # shared by every LoRA entry: one tokenizer object
         self.base_tok_key: str | None = None
+        self.base_tok_json: str | None = None
+        self._base_tok_model: dict[str, Any] | None = None  # tokenizer_model of the base tokenizer served
+        self._tok_matches: set[str] = set()  # sha256 of adapters' tokenizer.json files found equal to it
         self._adapter_ids = itertools.count()
         self.bank: LoraBank | None = None  # every resident adapter's weights, stacked (service/lora_bank.py)
         self.side: SideModel | None = None  # where new adapters are golden-checked beside the serving base
@@ -367,7 +383,9 @@ class Runtime:
             self.store, m, dtype=self.load_dtype, device=self.cfg.device
         )
         self.base_manifest = m
-        self.base_tok_key = tokenizer_key(self.base_tokenizer.backend_tokenizer.to_str(), m.max_length)
+        self.base_tok_json = self.base_tokenizer.backend_tokenizer.to_str()
+        self.base_tok_key = tokenizer_key(self.base_tok_json, m.max_length)
+        self._base_tok_model, self._tok_matches = tokenizer_model(self.base_tok_json), set()
         pad_id = self.base_tokenizer.pad_token_id or 0
         self.base = self._serving(self._choose_precision(self.base.eval(), pad_id), pad_id)
         # on CUDA the slots double as they run out: captured graphs survive most hot-swaps (lora_bank.py)
@@ -394,8 +412,15 @@ class Runtime:
             raise VariantRefused(name, ["no LoRA base is loaded; start the server with --base set to its base"])
         m = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
         path = self.store.path(name)
+        self._check_tokenizer(name, m)
         weights = self._read(name)
-        # every adapter shares the base's tokenizer, so its key too (not hashed again per swap)
+        # every adapter shares the base's tokenizer; its key also hashes the adapter's own truncation length
+        # (front-ends truncate to the max_length the engine answers for the key)
+        tok_key = (
+            self.base_tok_key
+            if self.base_manifest is not None and m.max_length == self.base_manifest.max_length
+            else tokenizer_key(self.base_tok_json, m.max_length)
+        )
         entry = Entry(
             name,
             m,
@@ -403,7 +428,7 @@ class Runtime:
             dir_bytes(path),
             tok_lock=self.base_tok_lock,
             lora=weights,
-            _tok_key=self.base_tok_key,
+            _tok_key=tok_key,
         )
         view = self.side.add(weights)
         try:
@@ -411,6 +436,26 @@ class Runtime:
         finally:
             self.side.remove(view)
         return entry
+
+    def _check_tokenizer(self, name: str, m: Manifest) -> None:
+        """An adapter is served with the base's tokenizer (the base snapshot's, or the Hub's), which no checksum
+        covers (the base fingerprint hashes weights): it must tokenise as the adapter's own tokenizer.json, which
+        its manifest hashes (verified above). Once per distinct file."""
+        digest = m.files.get("tokenizer.json")
+        if digest is None or digest in self._tok_matches:  # none saved (a slow tokenizer's files): nothing to compare
+            return
+        raw = (self.store.path(name) / "tokenizer.json").read_bytes()
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise VariantRefused(name, ["its tokenizer.json is missing or changed since it was verified; rewrite it"])
+        if tokenizer_model(raw.decode()) != self._base_tok_model:
+            raise VariantRefused(
+                name,
+                [
+                    "the base's tokenizer does not tokenise as the adapter's own tokenizer.json; train the adapter "
+                    "with the base's tokenizer, or restore the base snapshot's tokenizer files"
+                ],
+            )
+        self._tok_matches.add(digest)
 
     def _read(self, name: str) -> LoraWeights:
         """The stored adapter's tensors, cast to the serving dtype and device (models.lora_weights)."""
@@ -426,6 +471,14 @@ class Runtime:
         except VariantRefused as e:
             self.refused[name] = "; ".join(e.reasons)
             raise Refused(f"{e}; the previous version (if any) keeps serving") from e
+        except ServiceError:
+            raise
+        except Exception as e:  # a variant the loaders do not handle: refused like a bad one, never the engine down
+            log.exception("loading %s failed", name)
+            self.refused[name] = f"loading it failed: {type(e).__name__}: {e}"
+            raise Refused(
+                f"variant '{name}' refused: {self.refused[name]}; the previous version (if any) keeps serving"
+            ) from e
 
     def commit(self, entry: Entry) -> Entry:
         """Give a loaded entry its name (batcher thread, between batches): attach a prepared adapter, swap."""
@@ -505,6 +558,9 @@ class Runtime:
         name = entry.name
         if entry.resident:
             return False
+        # read first, verify after: a writer replacing the variant before or while it is read changes the
+        # hashes verify then sees (verify first, read second would attach whatever was renamed in between)
+        weights = self._read(name)
         on_disk = self.store.verify(name, expected_base_fingerprint=self.base_fingerprint)
         if on_disk.files != entry.manifest.files:  # reload exactly the version that was serving
             if self.entries.get(name) is not entry:  # the files changed because a replacement took the name
@@ -515,7 +571,6 @@ class Runtime:
                     f"the store's '{name}' changed since it was loaded; load the new version with PUT /v1/adapters/{name}"
                 ],
             )
-        weights = self._read(name)
         with self.lock:
             if self.entries.get(name) is not entry:
                 return False

@@ -25,6 +25,8 @@ TEXTS = ["hello world", "stocks fell sharply today in a long sentence", "the tea
 
 def _adapters(tmp_path: Path, base: torch.nn.Module) -> dict[str, Path]:
     specs = {"a0": dict(seed=1, r=4), "a1": dict(seed=2, r=8), "a2": dict(seed=3, r=2, targets=("query",))}
+    # "dense" matches Linears fed (batch, hidden), not (batch, tokens, hidden): BERT's pooler, RoBERTa's head
+    specs["a3"] = dict(seed=4, r=4, targets=("query", "dense"))
     for name, kw in specs.items():
         tiny_lora(base, **kw).save_pretrained(tmp_path / name)  # other ranks, other target layers
     return {n: tmp_path / n for n in specs}
@@ -46,7 +48,7 @@ def test_bank_equals_peft_mixed_batches(arch: str, tmp_path: Path) -> None:
     for name, p in paths.items():
         bank.add(name, read_lora(name, p, bank.model))
     enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
-    names = ["a0", "a1", "a2", "a1", "a0"]
+    names = ["a0", "a1", "a2", "a1", "a3"]
     with torch.inference_mode():
         ref = ref_model(**enc, adapter_names=names).logits
         got = bank.forward(names, **enc).logits
@@ -63,7 +65,7 @@ def test_bank_equals_peft_mixed_batches(arch: str, tmp_path: Path) -> None:
     assert bank.index["a1b"] not in slots.values() or bank.index["a1b"] == 1
     assert {k: bank.index[k] for k in slots} == slots
     with torch.inference_mode():
-        again = bank.forward(["a0", "a1b", "a2", "a1b", "a0"], **enc).logits
+        again = bank.forward(["a0", "a1b", "a2", "a1b", "a3"], **enc).logits
     assert torch.allclose(again, ref, atol=1e-5)
     with pytest.raises(KeyError, match="a1"):
         bank.slots_of(["a1"])
@@ -184,7 +186,7 @@ def test_prepacked_linears_serve_what_the_plain_model_serves(dtype: torch.dtype,
         for name, p in paths.items():
             bank.add(name, read_lora(name, p, bank.model))
     enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
-    names = ["a0", "a1", "a2", "a1", "a0"]
+    names = ["a0", "a1", "a2", "a1", "a3"]
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     with torch.inference_mode():
         for got, ref in (
@@ -219,3 +221,92 @@ def test_the_runtime_keeps_prepacked_linears_only_where_they_measured_faster(tmp
     off = Runtime(store, ServiceConfig(store=store.root, precision="fp32", cpu_prepack=False))
     off.load_base()
     assert not off.model_prepack and not any(hasattr(m, "packed_weight") for m in off.base.modules())
+
+
+LONG = "Stocks fell sharply on Wall Street as oil prices climbed and investors worried about the economy again today."
+
+
+def _runtime(store):
+    from service.config import ServiceConfig
+    from service.runtime import Runtime
+
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32", cpu_prepack=False))
+    rt.load_base()
+    return rt
+
+
+def test_each_adapter_is_served_with_its_own_truncation_length(tmp_path: Path) -> None:
+    """Adapters over one base with other max_length: over HTTP (the front-end tokenises, fetching the
+    tokenizer by key) each answers a long text as the variant alone (was: every adapter truncated to the
+    max_length of whichever entry first held the base tokenizer's one key)."""
+    import numpy as np
+    from service_helpers import running
+
+    from models.loading import fingerprint
+    from models.variant import load_variant
+    from models.writing import write_variant
+    from tests.tiny import GOLDEN_TEXTS, LABELS, make_store
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)  # lora-0: max_length 64
+    base = tiny_classifier("bert", seed=0)
+    write_variant(
+        store,
+        name="short",
+        kind="lora",
+        model=tiny_lora(base, seed=9),
+        tokenizer=tokenizer(),
+        labels=LABELS,
+        max_length=8,
+        base_model="tiny-bert",
+        base_fingerprint=fingerprint(base),
+        init="random",
+        golden_texts=GOLDEN_TEXTS,
+    )
+    with running(store.root) as srv:
+        for name in ("lora-0", "short"):
+            alone = torch.softmax(load_variant(store, name).logits([LONG]), -1).tolist()
+            np.testing.assert_allclose(srv.probs(name, [LONG]), alone, atol=1e-4)
+
+
+def test_an_adapter_the_base_tokenizer_would_tokenise_otherwise_is_refused(tmp_path: Path) -> None:
+    """The base snapshot's tokenizer, which every adapter is served with, is covered by no checksum (the
+    base fingerprint hashes weights): it must tokenise as the adapter's own, hashed tokenizer.json.
+    Here two vocabulary entries of the snapshot's file are swapped (words absent from the golden texts,
+    so the golden check alone passed, and "football" was served as "election")."""
+    from service.errors import Refused
+    from tests.tiny import make_store
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    assert _runtime(store).load("lora-0").resident  # untampered: served
+    (snapshot,) = (store.root / "_bases").iterdir()
+    data = json.loads((snapshot / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["football"], vocab["election"] = vocab["election"], vocab["football"]
+    (snapshot / "tokenizer.json").write_text(json.dumps(data))
+    rt = _runtime(store)
+    with pytest.raises(Refused, match="does not tokenise as the adapter's own tokenizer.json"):
+        rt.load("lora-0")
+    assert "lora-0" not in rt.entries and "tokenizer" in rt.refused["lora-0"]
+
+
+def test_an_unexpected_error_loading_a_variant_refuses_it_and_nothing_else(tmp_path: Path, monkeypatch) -> None:
+    """Whatever a loader raises (a layout the code does not handle) refuses that variant with its reason in
+    /v1/models, like a bad one; the engine's startup goes on with the others (it stopped on any exception
+    that was not the service's own)."""
+    from service.errors import Refused
+    from tests.tiny import make_store
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=False)
+    rt = _runtime(store)
+    read = rt._read
+
+    def fails_for_lora_1(name):  # the fault injected: a loader error that is not a VariantRefused
+        if name == "lora-1":
+            raise RuntimeError("batch1 must be a 3D tensor")
+        return read(name)
+
+    monkeypatch.setattr(rt, "_read", fails_for_lora_1)
+    assert rt.load("lora-0").resident
+    with pytest.raises(Refused, match="RuntimeError: batch1 must be a 3D tensor"):
+        rt.load("lora-1")
+    assert set(rt.entries) == {"lora-0"} and "RuntimeError" in rt.refused["lora-1"]

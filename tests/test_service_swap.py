@@ -324,6 +324,64 @@ def test_a_request_split_over_batches_is_answered_by_one_version(tmp_path):
     assert restarted >= 1, by  # the swaps did land inside requests
 
 
+@pytest.mark.parametrize("writer_lands", ["after the hashes were checked", "after the weights were read"])
+def test_a_cold_reload_serves_only_the_version_it_checked(tmp_path, writer_lands):
+    """Runtime.ensure_resident reloads an evicted adapter only as the version that was serving, whenever a
+    writer replaces its files (a re-export with overwrite): the reload reads the weights, then checks the
+    hashes, so it serves the old version exactly or is refused (was: checked first, read second: the new,
+    never golden-checked weights served under the old entry, every logit off)."""
+    import torch
+    from tiny import LABELS, MAX_LENGTH, tiny_classifier, tiny_lora, tokenizer
+
+    from models.loading import fingerprint
+    from models.store import VariantRefused
+    from models.writing import write_variant
+    from service.config import ServiceConfig
+    from service.runtime import Runtime
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=False)
+    golden = torch.tensor(store.manifest("lora-0").golden.logits)
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32", cpu_prepack=False, max_adapters=1))
+    rt.load_base()
+    rt.load("lora-0")
+    rt.load("lora-1")  # over the cap: lora-0 evicted
+    entry = rt.entries["lora-0"]
+    assert not entry.resident
+
+    def writer() -> None:
+        base = tiny_classifier("bert", seed=0)
+        write_variant(
+            store,
+            name="lora-0",
+            kind="lora",
+            model=tiny_lora(base, seed=777),
+            tokenizer=tokenizer(),
+            labels=LABELS,
+            max_length=MAX_LENGTH,
+            base_model="tiny-bert",
+            base_fingerprint=fingerprint(base),
+            init="random",
+            golden_texts=GOLDEN_TEXTS,
+            overwrite=True,
+        )
+
+    if writer_lands == "after the hashes were checked":
+        verify = store.verify
+        store.verify = lambda name, **kw: (verify(name, **kw), writer())[0]
+    else:
+        read = rt._read
+        rt._read = lambda name: (read(name), writer())[0]
+    try:
+        rt.ensure_resident(entry, protect=set())
+    except VariantRefused as e:
+        assert "changed since it was loaded" in str(e)
+        assert not entry.resident and entry.adapter is None
+        return
+    rows = entry.encode(GOLDEN_TEXTS)
+    served = torch.cat([rt.forward([entry], [r]) for r in rows])
+    torch.testing.assert_close(served, golden, atol=1e-4, rtol=0)  # the version checked, not the writer's
+
+
 def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
     """--lanes 2 (given, so every torch model's batches run on two lane threads at once): concurrent
     traffic mixing the full model with more adapters than --max-adapters, while one adapter is
