@@ -327,9 +327,14 @@ class Demo:
     def open_loop_rate(self) -> float:
         """Half the closed-loop throughput just measured with 32 adapters: a load the server can sustain."""
         try:
-            runs = json.loads((self.results / "load-adapter-mix.json").read_text())["runs"]
+            doc = json.loads((self.results / "load-adapter-mix.json").read_text())
+            runs = (doc.get("payload") or {}).get("runs") or doc.get("runs") or []  # a result document: payload.runs
             rps = max(r["throughput_rps"] for r in runs if r["target"].startswith("adapters-"))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError) as e:
+            print(
+                f"[demo]   WARNING: no adapters-N throughput in load-adapter-mix.json ({e!r}); open loop at 1 req/s",
+                flush=True,
+            )
             rps = 0.0
         return max(1.0, 0.5 * rps)
 

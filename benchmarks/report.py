@@ -149,7 +149,7 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
         )
         sw = doc.get("adapter_sweep")
         if sw:
-            chk = sw["check"]
+            chk = memory_check(sw)
             parts.append(f"\n### Resident adapters (via {sw['via']}; copies of `{sw['source_adapter']}`)\n")
             lim = {r["adapters"]: r for r in chk["rows"]}
             rows = [
@@ -412,11 +412,26 @@ def _at(runs: list[dict[str, Any]], target: str, concurrency: int | None = None)
     return max(rs, key=lambda r: r["concurrency"]) if rs else None
 
 
+def _level(runs: list[dict[str, Any]], targets: list[str | None], prefer: int | None = None) -> int | None:
+    """The concurrency a ratio of `targets` is taken at: `prefer` where all succeeded there, else the highest
+    level at which every one of them had a successful request (never two targets at two levels)."""
+    levels = None
+    for t in targets:
+        if t is None:
+            continue
+        have = {r["concurrency"] for r in runs if r["target"] == t and r["mode"] == "closed" and r.get("ok", 1) > 0}
+        levels = have if levels is None else levels & have
+    if not levels:
+        return None
+    return prefer if prefer in levels else max(levels)
+
+
 def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) -> list[list[Any]]:
     """The load experiments' target rows from one machine's runs (and its accuracy runs, for agreement)."""
     rows: list[list[Any]] = []
-    svc, base = _at(runs, "service", 32) or _at(runs, "service"), _at(runs, "baseline", 32) or _at(runs, "baseline")
-    if svc and base and svc["concurrency"] == base["concurrency"]:
+    c = _level(runs, ["service", "baseline"], prefer=32)
+    svc, base = (_at(runs, "service", c), _at(runs, "baseline", c)) if c is not None else (None, None)
+    if svc and base:
         ratio = svc["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else None
         ok = ratio is not None and ratio >= 6 and svc["latency"]["p99_ms"] < base["latency"]["p50_ms"]
         rows.append(
@@ -427,11 +442,10 @@ def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) ->
                 _met(ok),
             ]
         )
-    one, many, merged = (
-        _at(runs, "adapter-1"),
-        next((_at(runs, t) for t in sorted({r["target"] for r in runs}) if t.startswith("adapters-")), None),
-        _at(runs, "merged"),
-    )
+    many_t = next((t for t in sorted({r["target"] for r in runs}) if t.startswith("adapters-")), None)
+    c = _level(runs, ["adapter-1", many_t]) if many_t else None
+    one, many = (_at(runs, "adapter-1", c), _at(runs, many_t, c)) if c is not None else (None, None)
+    merged = _at(runs, "merged", c) if c is not None else None
     if one and many:
         r1 = many["throughput_rps"] / one["throughput_rps"] if one["throughput_rps"] else None
         r2 = many["throughput_rps"] / merged["throughput_rps"] if merged and merged["throughput_rps"] else None
@@ -447,7 +461,10 @@ def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) ->
                 _met(ok),
             ]
         )
-    t32, i8 = _at(runs, "torch-fp32"), _at(runs, "onnx-int8")
+    c = _level(runs, ["torch-fp32", "onnx-int8"])
+    t32, i8 = (
+        (_at(runs, "torch-fp32", c), _at(runs, "onnx-int8", c)) if c is not None else (_at(runs, "torch-fp32"), None)
+    )
     if t32 and i8:
         ratio = i8["throughput_rps"] / t32["throughput_rps"]
         agree = None
@@ -481,27 +498,38 @@ def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) ->
     return rows
 
 
+def memory_check(sweep: dict[str, Any]) -> dict[str, Any]:
+    """The resident-adapters check of a stored sweep, worked out again from its measured points by today's
+    rule (benchmarks.memory.adapter_check), so files written under an older rule are judged alike."""
+    from benchmarks.memory import adapter_check
+
+    return adapter_check(sweep["points"], sweep["check"]["adapter_bytes"])
+
+
 def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str:
     rows = []
-    # Load targets are ratios of two targets of one machine (never across machines): one set per machine.
-    by_machine: dict[str, list[dict[str, Any]]] = {}
+    # Load targets are ratios of two targets of one run (never across runs, commits or machines): one set per
+    # results file, labelled with its machine and commit; agreement from an accuracy run of the same commit
+    # where there is one, else of the same machine.
     for _, d in groups["load"]:
-        machine = machine_of(d)
-        by_machine.setdefault(machine, []).extend({**r, "machine": machine} for r in d["runs"])
-    for machine, runs in by_machine.items():
-        accuracy = [d for _, d in groups["accuracy"] if machine_of(d) == machine]
+        where = run_of(d)
+        runs = [{**r, "machine": where} for r in d["runs"]]
+        accuracy = [a for _, a in groups["accuracy"] if run_of(a) == where] or [
+            a for _, a in groups["accuracy"] if machine_of(a) == machine_of(d)
+        ]
         rows += _load_targets(runs, accuracy)
     for _, d in groups["memory"]:
         sw = d.get("adapter_sweep")
         if sw:
-            mx = max(sw["check"]["rows"], key=lambda r: r["adapters"])
+            check = memory_check(sw)
+            mx = max(check["rows"], key=lambda r: r["adapters"])
             rows.append(
                 [
                     f"memory, {mx['adapters']} resident adapters ({sw['via']}; {run_of(d)})",
                     "≤ base + 1.2 × adapters' bytes",
                     f"{mx['rss_bytes'] / MiB:.1f} MiB vs limit {mx['limit_bytes'] / MiB:.1f} MiB "
-                    f"(marginal ×{_fmt(sw['check'].get('marginal_over_adapter_bytes'), 2)} of adapter bytes)",
-                    _met(sw["check"]["passed"]),
+                    f"(marginal ×{_fmt(check.get('marginal_over_adapter_bytes'), 2)} of adapter bytes)",
+                    _met(check["passed"]),
                 ]
             )
     for _, d in groups["hotswap"]:

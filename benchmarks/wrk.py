@@ -101,7 +101,8 @@ def run_wrk(
     """
     if connections < 1:
         raise ValueError(f"connections must be >= 1, got {connections}")
-    threads = min(2, connections)
+    # wrk opens connections // threads per thread: two threads only where that keeps every connection
+    threads = 2 if connections % 2 == 0 else 1
     duration_whole_s = max(1, math.ceil(duration_s))  # wrk takes whole seconds only
     cores = os.cpu_count() or 1
     parts = urlsplit(url)
@@ -124,6 +125,7 @@ def run_wrk(
             **os.environ,
             "WRK_BODIES": str(bodies),
             "WRK_THREADS": str(threads),
+            "WRK_CONNECTIONS": str(connections),  # wrk_load.lua undoes wrk's latency correction with it
             **({"WRK_SLO_US": str(int(slo_ms * 1000))} if slo_ms is not None else {}),
         }
         server_cpu0 = process_tree_cpu_s(server_pid)

@@ -83,6 +83,58 @@ local function num(v)
   return string.format("%.6f", v)
 end
 
+-- {{value_us, count}, ...} ascending: wrk's latency histogram with stats_correct's synthetic samples taken
+-- out (processed from the top down, each bin's count is real once the bins above it are undone), and the
+-- number of real samples. Cost: one scan of the histogram per distinct value (wrk's latency(i)).
+function real_histogram(latency, runtime_us, complete, connections)
+  local vals, count = {}, {}
+  for i = 1, #latency do
+    local v, c = latency(i)
+    vals[i] = v
+    count[v] = c
+  end
+  local per_conn = math.floor(complete / connections)
+  if per_conn > 0 then
+    local interval = math.floor(runtime_us / per_conn)
+    for i = #vals, 1, -1 do
+      local n = vals[i]
+      local c = count[n]
+      if interval > 0 and n >= 2 * interval and c > 0 then
+        local m = n - interval
+        while m > interval do
+          count[m] = (count[m] or 0) - c
+          m = m - interval
+        end
+      end
+    end
+  end
+  local out, total = {}, 0
+  for _, v in ipairs(vals) do
+    if count[v] > 0 then
+      out[#out + 1] = { v, count[v] }
+      total = total + count[v]
+    end
+  end
+  return out, total
+end
+
+-- linear-interpolation percentile (numpy's default) of a histogram of `total` samples
+function hist_pct(hist, total, p)
+  local pos = (total - 1) * p / 100
+  local lo = math.floor(pos)
+  local frac = pos - lo
+  local function at(k) -- value of the k-th sample (0-based)
+    local cum = 0
+    for _, vc in ipairs(hist) do
+      cum = cum + vc[2]
+      if k < cum then return vc[1] end
+    end
+    return hist[#hist][1]
+  end
+  local a, b = at(lo), at(math.min(lo + 1, total - 1))
+  return a + (b - a) * frac
+end
+
 function done(summary, latency, requests)
   local statuses_all, compute_all, queue_all, sent_by_thread = {}, {}, {}, {}
   local tokens_all = 0
@@ -93,33 +145,32 @@ function done(summary, latency, requests)
     tokens_all = tokens_all + t:get("tokens")
     sent_by_thread[i] = tostring(t:get("sent"))
   end
-  -- requests answered within the SLO (all statuses): the largest percentile at or under it, found
-  -- by bisection on latency:percentile (wrk's histogram is not indexable by value from Lua)
+  -- wrk 4.x "corrects" its histogram for coordinated omission before done() (stats_correct): every latency
+  -- n >= 2 * interval adds synthetic samples at n - interval, n - 2 * interval, ... (> interval), with
+  -- interval = runtime / (requests / connections). A closed loop omits nothing; the figures must be the
+  -- requests' own, so the synthetic samples are taken out again (exactly: they are a function of the counts).
+  local hist, n_real = real_histogram(latency, summary.duration, summary.requests,
+    tonumber(os.getenv("WRK_CONNECTIONS") or "1"))
+  -- requests answered within the SLO (all statuses), counted from the real histogram
   local within = "null"
   local slo_us = tonumber(os.getenv("WRK_SLO_US") or "")
   if slo_us then
-    local frac
-    if latency.max <= slo_us then
-      frac = 1
-    elseif latency.min > slo_us then
-      frac = 0
-    else
-      local lo, hi = 0, 100
-      for _ = 1, 40 do
-        local mid = (lo + hi) / 2
-        if latency:percentile(mid) <= slo_us then lo = mid else hi = mid end
-      end
-      frac = lo / 100
-    end
-    within = tostring(math.floor(frac * summary.requests + 0.5))
+    local k = 0
+    for _, vc in ipairs(hist) do if vc[1] <= slo_us then k = k + vc[2] end end
+    within = tostring(k)
   end
   local st = {}
   for k, v in pairs(statuses_all) do st[#st + 1] = string.format('"%s":%d', k, v) end
   local e = summary.errors
-  -- wrk's latency object is in microseconds and covers every completed request
-  local lat = string.format('{"p50_ms":%s,"p90_ms":%s,"p99_ms":%s,"max_ms":%s,"mean_ms":%s}',
-    num(latency:percentile(50) / 1000), num(latency:percentile(90) / 1000), num(latency:percentile(99) / 1000),
-    num(latency.max / 1000), num(latency.mean / 1000))
+  -- microseconds -> ms; every response received within --timeout (wrk keeps no later ones)
+  local lat = '{"p50_ms":null,"p90_ms":null,"p99_ms":null,"max_ms":null,"mean_ms":null}'
+  if n_real > 0 then
+    local sum = 0
+    for _, vc in ipairs(hist) do sum = sum + vc[1] * vc[2] end
+    lat = string.format('{"p50_ms":%s,"p90_ms":%s,"p99_ms":%s,"max_ms":%s,"mean_ms":%s}',
+      num(hist_pct(hist, n_real, 50) / 1000), num(hist_pct(hist, n_real, 90) / 1000),
+      num(hist_pct(hist, n_real, 99) / 1000), num(hist[#hist][1] / 1000), num(sum / n_real / 1000))
+  end
   io.write(string.format(
     'WRKJSON {"duration_s":%.6f,"requests":%d,"bytes":%d,"statuses":{%s},' ..
     '"socket_errors":{"connect":%d,"read":%d,"write":%d,"timeout":%d},"latency":%s,' ..

@@ -293,3 +293,24 @@ def test_recipe_compare_takes_the_medians_of_the_training_runs_and_keeps_each():
     assert [r["samples_per_s"] for r in m["runs"]] == [50.0, 70.0, 60.0]
     assert set(m["runs"][0]) == {"train_time_s", "samples_per_s", "steady_samples_per_s"}
     assert _medians([{"samples_per_s": 1.0}])["steady_samples_per_s"] is None
+
+
+def test_the_demo_paces_its_open_loop_at_half_the_measured_adapter_mix_throughput(tmp_path):
+    """Demo.open_loop_rate reads the closed-loop adapters-N throughput from the result document just
+    written (its runs are under payload; it read a top-level "runs", found none and ran at 1 req/s)."""
+    import json
+
+    from benchmarks.demo import Demo
+
+    d = Demo(tmp_path / "run", quick=True, report=tmp_path / "REPORT.md")
+    doc = {
+        "kind": "load",
+        "payload": {
+            "runs": [
+                {"target": "adapters-32", "throughput_rps": 216.0},
+                {"target": "adapter-1", "throughput_rps": 300.0},
+            ]
+        },
+    }
+    (d.results / "load-adapter-mix.json").write_text(json.dumps(doc))
+    assert d.open_loop_rate() == 108.0

@@ -200,3 +200,55 @@ def test_load_targets_are_ratios_within_one_machine(tmp_path: Path) -> None:
     assert len(rows) == 2, rows
     assert any("Xeon" in r and f"{ratio:.2f}×" in r for r in rows), rows
     assert any("Other CPU" in r and f"{ratio * 10:.2f}×" in r for r in rows), rows
+
+
+def _load_run(target: str, c: int, rps: float, ok: int = 100) -> dict:
+    return {
+        "target": target,
+        "mode": "closed",
+        "concurrency": c,
+        "throughput_rps": rps,
+        "ok": ok,
+        "requests": max(ok, 1),
+        "errors_by_status": {} if ok else {"timeout": 5},
+        "models": ["m"],
+        "latency": {"p50_ms": 10.0 if ok else None, "p90_ms": None, "p99_ms": 20.0 if ok else None},
+    }
+
+
+def test_a_target_ratio_is_taken_at_one_concurrency_of_one_run():
+    """A level where one of two targets got no successful request is left out of their ratio for both
+    (was: each fell back to its own highest level: the mix at c=8 over one adapter at c=32 read 0.50x,
+    missed, where both did 100 req/s at c=8)."""
+    from benchmarks.report import targets_section
+
+    meta = {"hardware": {"cpu": "Test CPU", "cpu_count": 2, "native_bf16": False}, "git": {"sha": "abc1234"}}
+    runs = [
+        _load_run("adapter-1", 8, 100.0),
+        _load_run("adapter-1", 32, 200.0),
+        _load_run("adapters-32", 8, 100.0),
+        _load_run("adapters-32", 32, 0.0, ok=0),
+        _load_run("torch-fp32", 8, 50.0),
+        _load_run("torch-fp32", 32, 60.0),
+        _load_run("onnx-int8", 8, 250.0),
+        _load_run("onnx-int8", 32, 0.0, ok=0),
+    ]
+    doc = {"kind": "load", "meta": meta, "runs": runs, "settings": {}, "command": ["python"], "status": "ok"}
+    out = targets_section({"load": [(None, doc)], "memory": [], "hotswap": [], "accuracy": []})
+    mix = next(line for line in out.splitlines() if line.startswith("| adapters-32"))
+    onnx = next(line for line in out.splitlines() if line.startswith("| ONNX"))
+    assert "1.00×" in mix and "0.50×" not in mix, mix
+    assert "5.00×" in onnx and "4.17×" not in onnx, onnx
+
+
+def test_the_memory_check_is_not_loosened_by_one_high_reading():
+    """The base under the adapters is the smallest RSS(K) - K x adapter bytes over every K, and the marginal
+    cost is fitted without the noisiest, smallest K (was: the base from K=1 alone: one reading 47 MiB high
+    raised the limit at every K by as much, and the slope read x0.49 where every step cost x1.18)."""
+    from benchmarks.memory import adapter_check
+
+    mib, one = 2**20, 300 * 1024
+    rss = {1: 922 * mib, 8: 875 * mib, 32: 875 * mib + 24 * one * 1.18, 128: 875 * mib + 120 * one * 1.18}
+    check = adapter_check([{"adapters": k, "rss_bytes": v} for k, v in rss.items()], one)
+    assert check["base_estimate_bytes"] <= 875 * mib - 8 * one
+    assert abs(check["marginal_over_adapter_bytes"] - 1.18) < 0.01
