@@ -54,9 +54,15 @@ def bucket(n: int, buckets: Sequence[int]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
-def buckets_of(rows: list[list[int]]) -> tuple[int | None, int | None]:
-    """(rows bucket, length bucket) of a batch of unpadded rows; None where it is beyond the largest."""
-    return bucket(len(rows), ROW_BUCKETS), bucket(max(len(r) for r in rows), LENGTH_BUCKETS)
+def buckets_of(rows: list[list[int]], max_width: int | None = None) -> tuple[int | None, int | None]:
+    """(rows bucket, length bucket) of a batch of unpadded rows; None where it is beyond the largest. A length
+    bucket wider than `max_width` (the model's position table) is cut to it: BERT numbers every padded position,
+    and an index past its table is a device-side assert on CUDA, not an error to fall back from."""
+    longest = max(len(r) for r in rows)
+    w = bucket(longest, LENGTH_BUCKETS)
+    if w is not None and max_width is not None and w > max_width:
+        w = max_width if longest <= max_width else None
+    return bucket(len(rows), ROW_BUCKETS), w
 
 
 @dataclass
@@ -83,9 +89,11 @@ class GraphedForward:
         key: Callable[[], Any] = lambda: 0,
         capture_lock: Any = None,
         tolerance: float = 1e-3,
+        max_width: int | None = None,
     ):
         self.fn, self.device, self.pad_id, self.with_slots = fn, device, pad_id, with_slots
         self.tolerance = tolerance
+        self.max_width = max_width  # the model's position table (buckets_of)
         self.capture, self.pool, self.key = capture, pool, key
         # held by whoever else uses this GPU from another thread (the swap worker's golden checks):
         # work on another stream during a capture can break it
@@ -97,7 +105,7 @@ class GraphedForward:
 
     def __call__(self, rows: list[list[int]], slots: list[int] | None = None) -> torch.Tensor:
         """fp32 CPU logits of `rows` (token ids, unpadded); `slots`: each row's LoRA bank slot."""
-        h, w = buckets_of(rows)
+        h, w = buckets_of(rows, self.max_width)
         if h is None or w is None or self.disabled:
             return self._eager(rows, slots)
         if self.key() != self._key:  # the weights it read moved: recapture on demand

@@ -497,7 +497,9 @@ class Runtime:
         """
         if entry.kind != "lora" or self.bank is None or entry.lora is None:
             return False
-        with self.lock:
+        # its copy into the bank is GPU work on this thread: not while the batcher captures a CUDA graph
+        # (work on another stream during a capture can break it; graphs.GraphedForward takes gpu_lock to capture)
+        with self.gpu_lock if self.graph_mode == "capture" else contextlib.nullcontext(), self.lock:
             if not self.bank.fits(entry.lora):
                 return False
             self._commit(entry, beside=True)
@@ -789,7 +791,7 @@ class Runtime:
                 with self.autocast():
                     return model(input_ids=ids, attention_mask=mask(attention)).logits
 
-            entry.graphed = self._graph_runner(fn, entry.tokenizer.pad_token_id or 0, with_slots=False)
+            entry.graphed = self._graph_runner(fn, entry.tokenizer.pad_token_id or 0, with_slots=False, model=model)
         return entry.graphed
 
     def _graphed_lora(self) -> GraphedForward:
@@ -805,10 +807,11 @@ class Runtime:
                 self.base_tokenizer.pad_token_id or 0,
                 with_slots=True,
                 key=lambda: (id(self.bank), self.bank.generation if self.bank else -1),
+                model=self.base,
             )
         return self.lora_graphed
 
-    def _graph_runner(self, fn: Any, pad_id: int, *, with_slots: bool, key: Any = None) -> GraphedForward:
+    def _graph_runner(self, fn: Any, pad_id: int, *, with_slots: bool, model: Any, key: Any = None) -> GraphedForward:
         return GraphedForward(
             fn,
             device=self.device,
@@ -819,6 +822,7 @@ class Runtime:
             key=key or (lambda: 0),
             capture_lock=self.gpu_lock,
             tolerance=load_tolerance("full", self.precision),  # a bucket's first replay vs the plain forward
+            max_width=getattr(getattr(model, "config", None), "max_position_embeddings", None),
         )
 
     def graph_state(self) -> dict[str, Any]:

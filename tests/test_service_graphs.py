@@ -79,3 +79,30 @@ def test_a_bucket_that_disagrees_with_the_plain_forward_is_never_served() -> Non
         assert state["captured"] == [] and state["disabled"] == runner.disabled
         again = runner(rows)  # from now on eager, with the same answers
         assert torch.allclose(again, plain, atol=1e-6) and runner.eager == 2
+
+
+def test_a_length_bucket_never_runs_past_the_models_position_table() -> None:
+    """A BERT with 40 positions and rows of 35 tokens: the 48-token bucket is cut to 40 (BERT numbers every
+    padded position; past its table it is a device-side assert on CUDA, which no fallback survives)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from service.graphs import buckets_of
+
+    config = tiny_classifier("bert").config.to_dict()
+    model = BertForSequenceClassification(BertConfig(**{**config, "max_position_embeddings": 40})).eval()
+    runner = GraphedForward(
+        lambda ids, mask, _: model(input_ids=ids, attention_mask=query_key_mask(mask)).logits,
+        device=torch.device("cpu"),
+        pad_id=tokenizer().pad_token_id,
+        with_slots=False,
+        capture=False,
+        max_width=40,
+    )
+    rows = [list(range(1000, 1035)), list(range(2000, 2020))]
+    assert buckets_of(rows, 40) == (2, 40) and buckets_of(rows) == (2, 48) and buckets_of([[1] * 41], 40)[1] is None
+    with torch.inference_mode():
+        got = runner(rows)
+        ids, mask = pad_rows(rows, tokenizer().pad_token_id)
+        eager = model(input_ids=ids, attention_mask=query_key_mask(mask)).logits
+    assert runner.disabled is None and runner.state()["captured"] == ["2x40"], runner.state()
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
