@@ -48,6 +48,9 @@ INT8_LOAD_TOLERANCE = 0.1
 # below these bounds. int8 is not bounded (quantisation moves logits by design): its parity is
 # recorded, with argmax agreement, but not enforced.
 EXPORT_TOLERANCE: dict[str, float | None] = {"merged": 1e-3, "onnx": 5e-3, "onnx-int8": None}
+# An export without a logit bound (int8) must still keep its source's classes: every golden text whose
+# source top-2 margin exceeds twice this keeps its argmax (compare_golden's decisive texts), else refused.
+UNBOUNDED_EXPORT_SLACK = 0.5
 
 
 def load_tolerance(kind: str, precision: str = "fp32") -> float:
@@ -161,9 +164,14 @@ def export_parity(
 ) -> tuple[float, float, float | None, bool]:
     """(max |Δlogit|, argmax agreement, tolerance, passed) of an export's logits on its source's golden set.
 
-    `tolerance` overrides EXPORT_TOLERANCE[fmt]; None there means report only (int8).
+    `tolerance` overrides EXPORT_TOLERANCE[fmt]; None there (int8) bounds no logit but still refuses an
+    export that changes the class of a text its source decides by more than 2 * UNBOUNDED_EXPORT_SLACK.
     """
     tol = tolerance if tolerance is not None else EXPORT_TOLERANCE.get(fmt)
     max_abs, agreement = compare_golden(source.golden, logits)
-    passed = tol is None or (agreement == 1.0 and max_abs <= tol)
+    if tol is None:  # logits not bounded, but decisive texts must keep their class
+        _, decisive = compare_golden(source.golden, logits, UNBOUNDED_EXPORT_SLACK)
+        passed = max_abs != float("inf") and decisive == 1.0
+    else:
+        passed = agreement == 1.0 and max_abs <= tol
     return max_abs, agreement, tol, passed

@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(argv)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    supervisor = EngineSupervisor(cfg, on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
-    frontend_cfg = cfg.model_copy(update={"engine_address": supervisor.address})
+    supervisor = None
+    frontend_cfg = cfg
+    if not cfg.engine_address:  # else front-ends only, for the engine running there
+        supervisor = EngineSupervisor(cfg, on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        frontend_cfg = cfg.model_copy(update={"engine_address": supervisor.address})
     if cfg.frontend_nice:
         # nice is per thread on Linux and inherited: the supervisor's thread (which (re)starts the engine)
         # already runs at 0; this thread, uvicorn's and any front-end worker processes get the niceness
@@ -51,10 +54,11 @@ def main(argv: list[str] | None = None) -> None:
             os.environ[CONFIG_ENV] = frontend_cfg.model_dump_json()
             uvicorn.run("service.app:app_from_env", factory=True, workers=cfg.frontends, **common)
     finally:
-        supervisor.stop(drain_timeout_s=cfg.request_timeout_s)
+        if supervisor is not None:
+            supervisor.stop(drain_timeout_s=cfg.request_timeout_s)
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    sys.exit(1 if supervisor.failed else 0)
+    sys.exit(1 if supervisor is not None and supervisor.failed else 0)
 
 
 if __name__ == "__main__":

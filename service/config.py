@@ -54,7 +54,8 @@ def auto_threads(device: str, frontends: int, cores: int | None = None) -> int:
 class ServiceConfig(BaseModel):
     """Everything a running server needs to know; see `python -m service --help`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf/nan: model_dump_json writes them as null, which the engine and front-end workers cannot read back
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     store: Path = Field(description="model store directory (see models/store.py)")
     host: str = Field("127.0.0.1", description="interface to bind")
@@ -149,7 +150,9 @@ class ServiceConfig(BaseModel):
         "(MiniLM, 2-core Xeon, wrk c=4 background load): replace p50 48 ms fp32 / 42 ms bf16 with 1 text, "
         "58 / 58 ms with 2, ~250 ms with 8",
     )
-    log_level: str = Field("info", description="uvicorn log level")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level (uvicorn and logging)"
+    )
     frontends: int | Literal["auto"] = Field(
         "auto",
         description="HTTP front-end processes sharing the port; each parses, validates and tokenises, and "
@@ -168,6 +171,18 @@ class ServiceConfig(BaseModel):
     engine_address: str | None = Field(
         None, description="Unix socket of a running engine (unix://PATH); default: start one and supervise it"
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("--api-key / SERVICE_API_KEY is empty; unset it to leave admin endpoints open")
+        return v
 
     @field_validator("frontends")
     @classmethod

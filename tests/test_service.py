@@ -224,9 +224,17 @@ def test_config_layers_env_and_cli():
         (["--store", "/s"], {"SERVICE_PORT": "x"}),
         (["--store", "/s", "--lanes", "0"], {}),
         (["--store", "/s", "--device", "cuda", "--lanes", "2"], {}),
+        # accepted before, failing later: inf is written as null for the engine and front-end processes
+        # (they could not read their config back); a log level logging does not know; a blank admin key
+        # (`-e SERVICE_API_KEY=$KEY` with KEY unset) that switched admin auth off
+        (["--store", "/s", "--request-timeout-s", "inf"], {}),
+        (["--store", "/s", "--max-wait-ms", "nan"], {}),
+        (["--store", "/s", "--log-level", "verbose"], {}),
+        (["--store", "/s"], {"SERVICE_API_KEY": " "}),
     ]:
         with pytest.raises(SystemExit):
             load_config(argv, env=env)
+    assert load_config(["--store", "/s", "--log-level", "DEBUG"], env={}).log_level == "debug"
 
 
 def test_unload_and_reload_non_lora_kinds(bert):

@@ -285,6 +285,25 @@ def test_the_engine_client_forgets_cancelled_calls_and_recovers_from_a_failed_re
         asyncio.run(scenario(srv))
 
 
+def test_python_m_service_with_engine_address_serves_from_that_engine(tmp_path):
+    """`python -m service --engine-address unix://...` is front-ends only, for an engine running there
+    (was: it started and supervised an engine of its own anyway, loading every model a second time)."""
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    with running(store.root) as srv:
+        port = free_port()
+        address = srv.app.state.supervisor.address
+        proc = _serve(store.root, port, frontends=1, SERVICE_ENGINE_ADDRESS=address)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}", proc)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "lora-0", "inputs": GOLDEN_TEXTS})
+            probs = [[{p["label"]: p["score"] for p in row}[lab] for lab in LABELS] for row in r.json()["predictions"]]
+            np.testing.assert_allclose(probs, golden_probs(store, "lora-0"), atol=TOL)
+            assert _engine_children(proc.pid) == []  # no engine of its own
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=60) in (0, -signal.SIGTERM), proc.stdout.read()[-2000:]
+
+
 def test_twenty_hot_swaps_across_two_frontends_fail_no_request(tmp_path):
     store = make_store(tmp_path / "store", arch="bert", n_adapters=3, full=False)
     version_a = golden_probs(store, "lora-0")

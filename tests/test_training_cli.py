@@ -234,6 +234,32 @@ def test_failing_export_is_not_registered(trained, tmp_path, capsys):
     assert "cannot make merged from 'tiny-bert-full' (kind full)" in capsys.readouterr().err
 
 
+def test_an_int8_export_that_changes_its_sources_classes_is_refused(tmp_path):
+    """int8 parity bounds no logit (quantisation moves them), but a text its source decides by a clear margin
+    must keep its class. Here the source's reference says another class, decisively, for every text (as a label
+    order mixed up between source and export would): refused like the fp32 export (it registered, passed)."""
+    from tiny import make_store
+
+    from models.golden import EXPORT_TOLERANCE
+    from training.export import ExportRefused, export
+
+    store = make_store(tmp_path / "store", n_adapters=0)
+    assert EXPORT_TOLERANCE["onnx-int8"] is None
+    good = export(store, "full", "onnx-int8", name="good-int8")  # an honest export still registers
+    assert good.parity.passed and good.parity.argmax_agreement == 1.0
+    path = store.path("full") / "manifest.json"
+    data = json.loads(path.read_text())
+    data["golden"]["logits"] = [
+        [5.0 if j == (row.index(max(row)) + 1) % len(row) else 0.0 for j in range(len(row))]
+        for row in data["golden"]["logits"]
+    ]
+    path.write_text(json.dumps(data))
+    for fmt in ("onnx", "onnx-int8"):
+        with pytest.raises(ExportRefused, match="failed parity"):
+            export(store, "full", fmt, name=f"bad-{fmt}")
+        assert f"bad-{fmt}" not in store.names()
+
+
 def test_eval_works_for_every_kind(trained, data_dir, capsys):
     store, runs = trained
     test_accuracy = json.loads((runs / "tiny-bert-lora.json").read_text())["train_info"]["test_accuracy"]

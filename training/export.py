@@ -46,7 +46,8 @@ def check_parity(source: Manifest, logits: Any, fmt: str, tolerance: float | Non
     if not passed:
         raise ExportRefused(
             f"{fmt} export of '{source.name}' failed parity on {len(source.golden.texts)} golden texts: "
-            f"max |Δlogit| {max_abs:.3g} (tolerance {tol:g}), argmax agreement {agreement:.1%}; "
+            f"max |Δlogit| {max_abs:.3g} (tolerance {'none' if tol is None else f'{tol:g}'}), "
+            f"argmax agreement {agreement:.1%}; "
             "not registered — check the source variant and the exporter versions"
         )
     return Parity(
