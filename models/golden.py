@@ -50,7 +50,9 @@ INT8_LOAD_TOLERANCE = 0.1
 EXPORT_TOLERANCE: dict[str, float | None] = {"merged": 1e-3, "onnx": 5e-3, "onnx-int8": None}
 # An export without a logit bound (int8) must still keep its source's classes: every golden text whose
 # source top-2 margin exceeds twice this keeps its argmax (compare_golden's decisive texts), else refused.
-UNBOUNDED_EXPORT_SLACK = 0.5
+# Measured: MiniLM fine-tuned 150 steps (logits up to 3.2), int8 export max |Δlogit| 0.40 (2-core Xeon): a
+# healthy export moves a margin by at most twice its max |Δ|, well under 2.0; a label mix-up moves it by all of it.
+UNBOUNDED_EXPORT_SLACK = 1.0
 
 
 def load_tolerance(kind: str, precision: str = "fp32") -> float:

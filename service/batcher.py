@@ -165,6 +165,9 @@ class Batcher:
         """Load/replace or unload `name`. A load is verified on the swap worker while batches go on; only
         its commit (attach + rename) waits for a gap between batches, like an unload."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        # running from the start: a waiter that gives up (asyncio.wrap_future cancels the future it wraps)
+        # cannot cancel a command the engine will carry out anyway, nor make its answer raise InvalidStateError
+        fut.set_running_or_notify_cancel()
         t0 = time.perf_counter()
         if op == "load" and self.ready.is_set():
             self._swap_worker.submit(self._prepare, name, fut, t0)

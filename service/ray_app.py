@@ -153,6 +153,9 @@ class LocalEngine:
         except asyncio.TimeoutError:
             job.cancelled = True  # its rows are skipped
             raise Timeout(f"no result within {timeout_s:g}s; retry later or raise request_timeout_s") from None
+        except asyncio.CancelledError:  # Ray cancelled the request (front-end timeout, client gone): nobody waits
+            job.cancelled = True
+            raise
         if error is not None:
             raise error
         logits = np.stack(job.logits).astype(np.float32, copy=False)
@@ -201,6 +204,7 @@ class EngineReplica:
         self.held: set[str] = set()  # variants Ray's cache holds here (what Ray routes by)
         self.inflight: Counter[str] = Counter()
         self.unloading: dict[str, asyncio.Task] = {}
+        self.loading: dict[str, asyncio.Task] = {}  # engine loads in progress (shared by every request waiting)
         self.loads: Counter[str] = Counter()  # engine loads per variant on this replica
         self.requests = self.hits = 0
 
@@ -210,10 +214,25 @@ class EngineReplica:
         if pending is not None:  # Ray evicted it and wants it back: let the unload finish first
             await asyncio.shield(pending)
         if name not in self.engine.runtime.entries:
-            await self.engine.command("load", name)
-            self.loads[name] += 1
+            # shielded: a cancelled request (front-end timeout, client gone) must not cancel the engine's future
+            # half-way (the batcher commits the load anyway); once it lands, it is unloaded unless Ray holds it
+            load = self.loading.get(name)
+            if load is None:
+                load = self.loading[name] = asyncio.ensure_future(self._engine_load(name))
+            try:
+                await asyncio.shield(load)
+            except asyncio.CancelledError:
+                load.add_done_callback(lambda f: f.cancelled() or f.exception() or self._maybe_unload(name))
+                raise
         self.held.add(name)
         return _Held(self, name)
+
+    async def _engine_load(self, name: str) -> None:
+        try:
+            await self.engine.command("load", name)
+            self.loads[name] += 1
+        finally:
+            self.loading.pop(name, None)
 
     def evicted(self, name: str) -> None:
         """Ray dropped `name` from this replica's cache: unload it once no request here still needs it."""
@@ -322,10 +341,11 @@ class RayEngineClient:
 
     async def _remote(self, method: str, *args: Any, model: str | None = None, timeout_s: float) -> Any:
         handle = self.handle.options(multiplexed_model_id=model) if model else self.handle
+        deadline = time.monotonic() + timeout_s  # one budget for the request, retries included
         for attempt in range(REPLICA_RETRIES + 1):
             response = getattr(handle, method).remote(*args)
             try:
-                return await asyncio.wait_for(_awaited(response), timeout_s)
+                return await asyncio.wait_for(_awaited(response), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 response.cancel()
                 raise Timeout(f"no result within {timeout_s:g}s; retry later or raise request_timeout_s") from None

@@ -268,3 +268,84 @@ def test_the_single_machine_service_never_imports_ray():
         "benchmarks.experiment.load_all(); assert 'ray' not in sys.modules, 'ray was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=120)
+
+
+# ---- cancellation on an engine replica, without a cluster: the replica's own code over the real batcher and
+# runtime; only Ray's replica-context lookups are stood in for (what `serve.get_*` answer inside a replica)
+
+
+@needs_ray
+def test_a_cancelled_replica_request_is_not_computed(tmp_path):
+    """Ray cancels the replica's request (the front-end's response.cancel() after its timeout, or a client
+    gone) while its job waits in the batcher: its rows are skipped (were computed until the deadline)."""
+    import asyncio
+
+    from service.config import ServiceConfig
+    from service.ray_app import LocalEngine
+
+    store = make_store(tmp_path / "store", n_adapters=1)
+    engine = LocalEngine(ServiceConfig(store=store.root, variants="full", precision="fp32", threads=1)).start()
+    try:
+        forwarded: list[str] = []
+        forward = engine.runtime.forward
+
+        def slow_forward(entries, rows):
+            time.sleep(0.8)
+            forwarded.extend(e.name for e in entries)
+            return forward(entries, rows)
+
+        engine.runtime.forward = slow_forward
+
+        async def scenario() -> None:
+            first = asyncio.ensure_future(engine.infer("full", ["first"], 30.0))
+            await asyncio.sleep(0.2)  # its batch is running
+            second = asyncio.ensure_future(engine.infer("full", ["second", "third"], 30.0))
+            await asyncio.sleep(0.1)
+            second.cancel()
+            await first
+            await asyncio.sleep(2.0)
+
+        asyncio.run(scenario())
+        assert len(forwarded) == 1, f"the cancelled request's rows ran anyway ({len(forwarded) - 1})"
+    finally:
+        engine.stop()
+
+
+@needs_ray
+def test_a_load_cancelled_half_way_is_unloaded_once_it_lands(tmp_path, monkeypatch):
+    """A replica request cancelled while its variant loads: the load completes once (not counted as refused),
+    and since Ray's cache never took it, it is unloaded (was: held by the engine beyond its cap, unknown to
+    Ray, never unloaded; the batcher logged an InvalidStateError)."""
+    import asyncio
+    import types
+
+    import service.ray_app as ra
+    from service.config import ServiceConfig
+
+    class Replica(ra.EngineReplica):  # what engine_deployment builds, less Ray's multiplexing LRU
+        async def get_model(self, name):
+            return await self._load(name)
+
+    store = make_store(tmp_path / "store", n_adapters=1)
+    cfg = ServiceConfig(store=store.root, variants="", precision="fp32", threads=1, max_adapters=1)
+    context = types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id="r1"))
+    monkeypatch.setattr(ra.serve, "get_replica_context", lambda: context)
+    monkeypatch.setattr(ra.serve, "get_multiplexed_model_id", lambda: "full")
+    replica = Replica(cfg.model_dump_json())
+    try:
+        runtime = replica.engine.runtime
+        prepare = runtime.prepare
+        runtime.prepare = lambda name: (time.sleep(1.0), prepare(name))[1]  # a slow load (a large variant)
+
+        async def scenario() -> None:
+            request = asyncio.ensure_future(replica.infer(["hello"], 30.0))
+            await asyncio.sleep(0.3)
+            request.cancel()
+            await asyncio.sleep(3.0)  # the load lands, then the unload
+
+        asyncio.run(scenario())
+        swaps = replica.engine.metrics.swaps
+        assert swaps.labels("load", "refused")._value.get() == 0 and replica.loads["full"] == 1
+        assert "full" not in runtime.entries and "full" not in replica.held
+    finally:
+        replica.engine.stop()
