@@ -151,6 +151,8 @@ def load_variant(
         adapter = adapter_name or "default"
         if onto is None:
             base, tok, _ = load_base(store, m, dtype=dtype, device=device)
+            if "tokenizer.json" in m.files:  # the adapter's own (the one it trained with, hashed by verify)
+                tok = load_tokenizer(path)
         else:
             if isinstance(onto, LoadedVariant):
                 base, tok, held = onto.model, onto.tokenizer, onto.manifest.base_fingerprint

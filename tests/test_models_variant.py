@@ -343,3 +343,23 @@ def test_golden_subset_takes_the_shortest_text_of_each_stratum():
     assert sub.texts == ["a", "bbb", "c", "ddd"]  # one per class, the shortest: a small padded batch
     assert [row[0] for row in sub.logits] == [1.0, 2.0, 5.0, 7.0]  # logits follow their texts
     assert golden_subset(golden, None) is golden and golden_subset(golden, 8) is golden
+
+
+def test_a_lora_variant_loads_with_its_own_hashed_tokenizer(tmp_path):
+    """load_variant of a LoRA variant (training eval, exports, benchmarks) tokenises with the adapter's own
+    tokenizer.json, which its manifest hashes, not the base snapshot's, which no checksum covers: here two
+    vocabulary entries of the snapshot's file are swapped, and the merged export and eval stay right."""
+    import json
+
+    from models.variant import load_variant
+    from tests.tiny import make_store
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    text = "the football final"
+    before = load_variant(store, "lora-0").tokenizer(text)["input_ids"]
+    (snapshot,) = (store.root / "_bases").iterdir()
+    data = json.loads((snapshot / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["football"], vocab["election"] = vocab["election"], vocab["football"]
+    (snapshot / "tokenizer.json").write_text(json.dumps(data))
+    assert load_variant(store, "lora-0").tokenizer(text)["input_ids"] == before
