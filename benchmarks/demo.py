@@ -328,9 +328,9 @@ class Demo:
         """Half the closed-loop throughput just measured with 32 adapters: a load the server can sustain."""
         try:
             doc = json.loads((self.results / "load-adapter-mix.json").read_text())
-            runs = (doc.get("payload") or {}).get("runs") or doc.get("runs") or []  # a result document: payload.runs
+            runs = doc["payload"]["runs"]  # a result document (benchmarks.experiment.result_doc)
             rps = max(r["throughput_rps"] for r in runs if r["target"].startswith("adapters-"))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # none, or a failed run (payload null)
             print(
                 f"[demo]   WARNING: no adapters-N throughput in load-adapter-mix.json ({e!r}); open loop at 1 req/s",
                 flush=True,

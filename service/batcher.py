@@ -81,7 +81,7 @@ class Job:
     def labels(self) -> list[str] | None:
         """The label names of the version that computed the answer (a swap may have changed them since the
         front-end cached the variant's)."""
-        return None if self.entry is None else list(self.entry.manifest.labels)
+        return None if self.entry is None else self.entry.manifest.labels
 
 
 @dataclass

@@ -249,8 +249,10 @@ class Runtime:
         self.base_fingerprint: str | None = None
         self.base_manifest: Manifest | None = None
         self.base_tok_lock = threading.Lock()  # shared by every LoRA entry: one tokenizer object
-        self.base_tok_key: str | None = None
         self.base_tok_json: str | None = None
+        # per truncation length: LoRA entries share the base's tokenizer, and front-ends truncate to the
+        # max_length the engine answers for a key, so each length is a key of its own (hashing takes ~8 ms)
+        self._lora_tok_keys: dict[int, str] = {}
         self._base_tok_model: dict[str, Any] | None = None  # tokenizer_model of the base tokenizer served
         self._tok_matches: set[str] = set()  # sha256 of adapters' tokenizer.json files found equal to it
         self._adapter_ids = itertools.count()
@@ -384,7 +386,7 @@ class Runtime:
         )
         self.base_manifest = m
         self.base_tok_json = self.base_tokenizer.backend_tokenizer.to_str()
-        self.base_tok_key = tokenizer_key(self.base_tok_json, m.max_length)
+        self._lora_tok_keys = {}
         self._base_tok_model, self._tok_matches = tokenizer_model(self.base_tok_json), set()
         pad_id = self.base_tokenizer.pad_token_id or 0
         self.base = self._serving(self._choose_precision(self.base.eval(), pad_id), pad_id)
@@ -414,13 +416,9 @@ class Runtime:
         path = self.store.path(name)
         self._check_tokenizer(name, m)
         weights = self._read(name)
-        # every adapter shares the base's tokenizer; its key also hashes the adapter's own truncation length
-        # (front-ends truncate to the max_length the engine answers for the key)
-        tok_key = (
-            self.base_tok_key
-            if self.base_manifest is not None and m.max_length == self.base_manifest.max_length
-            else tokenizer_key(self.base_tok_json, m.max_length)
-        )
+        if m.max_length not in self._lora_tok_keys:
+            self._lora_tok_keys[m.max_length] = tokenizer_key(self.base_tok_json, m.max_length)
+        tok_key = self._lora_tok_keys[m.max_length]
         entry = Entry(
             name,
             m,

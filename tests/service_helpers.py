@@ -37,15 +37,16 @@ def _common(arch: str, fp: str) -> dict:
     )
 
 
-def write_lora(store: Store, name: str, *, arch: str = "bert", seed: int = 100, base_seed: int = 0) -> Manifest:
+def write_lora(
+    store: Store, name: str, *, arch: str = "bert", seed: int = 100, base_seed: int = 0, max_length: int = MAX_LENGTH
+) -> Manifest:
     """A LoRA variant over tiny_classifier(arch, base_seed); base_seed != 0 gives a foreign base."""
     base = tiny_classifier(arch, seed=base_seed)
     fp = fingerprint(base)
     if base_seed != 0:
         save_base_snapshot(store, base, tokenizer(), base_model=f"tiny-{arch}", init="random")
-    return write_variant(
-        store, name=name, kind="lora", model=tiny_lora(base, seed=seed), overwrite=True, **_common(arch, fp)
-    )
+    common = {**_common(arch, fp), "max_length": max_length}
+    return write_variant(store, name=name, kind="lora", model=tiny_lora(base, seed=seed), overwrite=True, **common)
 
 
 def write_merged(store: Store, name: str, *, source: str, arch: str = "bert", seed: int = 100) -> Manifest:

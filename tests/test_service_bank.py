@@ -240,28 +240,13 @@ def test_each_adapter_is_served_with_its_own_truncation_length(tmp_path: Path) -
     tokenizer by key) each answers a long text as the variant alone (was: every adapter truncated to the
     max_length of whichever entry first held the base tokenizer's one key)."""
     import numpy as np
-    from service_helpers import running
+    from service_helpers import running, write_lora
 
-    from models.loading import fingerprint
     from models.variant import load_variant
-    from models.writing import write_variant
-    from tests.tiny import GOLDEN_TEXTS, LABELS, make_store
+    from tests.tiny import make_store
 
     store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)  # lora-0: max_length 64
-    base = tiny_classifier("bert", seed=0)
-    write_variant(
-        store,
-        name="short",
-        kind="lora",
-        model=tiny_lora(base, seed=9),
-        tokenizer=tokenizer(),
-        labels=LABELS,
-        max_length=8,
-        base_model="tiny-bert",
-        base_fingerprint=fingerprint(base),
-        init="random",
-        golden_texts=GOLDEN_TEXTS,
-    )
+    write_lora(store, "short", seed=9, max_length=8)
     with running(store.root) as srv:
         for name in ("lora-0", "short"):
             alone = torch.softmax(load_variant(store, name).logits([LONG]), -1).tolist()

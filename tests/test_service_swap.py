@@ -331,11 +331,8 @@ def test_a_cold_reload_serves_only_the_version_it_checked(tmp_path, writer_lands
     hashes, so it serves the old version exactly or is refused (was: checked first, read second: the new,
     never golden-checked weights served under the old entry, every logit off)."""
     import torch
-    from tiny import LABELS, MAX_LENGTH, tiny_classifier, tiny_lora, tokenizer
 
-    from models.loading import fingerprint
     from models.store import VariantRefused
-    from models.writing import write_variant
     from service.config import ServiceConfig
     from service.runtime import Runtime
 
@@ -349,21 +346,7 @@ def test_a_cold_reload_serves_only_the_version_it_checked(tmp_path, writer_lands
     assert not entry.resident
 
     def writer() -> None:
-        base = tiny_classifier("bert", seed=0)
-        write_variant(
-            store,
-            name="lora-0",
-            kind="lora",
-            model=tiny_lora(base, seed=777),
-            tokenizer=tokenizer(),
-            labels=LABELS,
-            max_length=MAX_LENGTH,
-            base_model="tiny-bert",
-            base_fingerprint=fingerprint(base),
-            init="random",
-            golden_texts=GOLDEN_TEXTS,
-            overwrite=True,
-        )
+        write_lora(store, "lora-0", seed=777)
 
     if writer_lands == "after the hashes were checked":
         verify = store.verify
