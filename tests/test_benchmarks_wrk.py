@@ -205,8 +205,9 @@ def test_a_terminated_experiment_stops_its_servers_and_records_the_failure(store
 def test_wrk_latency_figures_are_the_requests_own(tmp_path):
     """wrk 4.x "corrects" its latency histogram for coordinated omission before the Lua done() reads it,
     adding synthetic samples below every latency >= 2x the per-connection interval; a closed loop omits
-    nothing, so wrk_load.lua takes them out again. A server where every 10th request takes 50 ms and the
-    rest 5 ms (c=1): p90 and the share within a 20 ms SLO are the requests' (were ~40 ms and ~76 %)."""
+    nothing, so wrk_load.lua takes them out again. A server where every 20th request takes 50 ms and the
+    rest 5 ms (c=1; 5 % slow keeps the 90th percentile off the fast/slow boundary): p90 and the share within a
+    20 ms SLO are the requests' (with the synthetic samples, ~5 per slow request, p90 lands among them)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -222,7 +223,7 @@ def test_wrk_latency_figures_are_the_requests_own(tmp_path):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             seen["n"] += 1
-            time.sleep(0.05 if seen["n"] % 10 == 0 else 0.005)
+            time.sleep(0.05 if seen["n"] % 20 == 0 else 0.005)
             body = b'{"predictions":[],"usage":{"tokens":3},"timing":{"queue_ms":0.1,"compute_ms":1.0}}'
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -245,5 +246,5 @@ def test_wrk_latency_figures_are_the_requests_own(tmp_path):
         httpd.shutdown()
     assert w["ok"] > 50
     share = w["within_slo"] / w["ok"]
-    assert 0.85 <= share <= 0.95, (share, w["latency_all"])  # one in ten is slow
+    assert 0.90 <= share <= 0.99, (share, w["latency_all"])  # one in twenty is slow
     assert w["latency_all"]["p90_ms"] < 20 and w["latency_all"]["max_ms"] >= 50, w["latency_all"]
