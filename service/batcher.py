@@ -83,6 +83,18 @@ class Job:
         front-end cached the variant's)."""
         return None if self.entry is None else self.entry.manifest.labels
 
+    def result(self) -> dict[str, Any]:
+        """The answer as the engine hands it to a front-end (zmq engine and Ray replica alike)."""
+        logits = np.stack(self.logits).astype(np.float32, copy=False)
+        return {
+            "logits": logits.tobytes(),
+            "labels": logits.shape[1],
+            "names": self.labels,
+            "queue_ms": self.queue_ms,
+            "compute_ms": self.compute_ms,
+            "tokens": self.tokens,
+        }
+
 
 @dataclass
 class Row:

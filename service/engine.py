@@ -25,8 +25,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
 from models import Store
 from service.batcher import Batcher, Job
 from service.config import ServiceConfig
@@ -79,19 +77,7 @@ class Engine:
     def _job_done(self, peer: Peer, req_id: int, job: Job, error: Exception | None) -> None:
         if error is not None:
             return self._error(peer, req_id, error)
-        logits = np.stack(job.logits).astype(np.float32, copy=False)
-        self._reply(
-            peer,
-            {
-                "id": req_id,
-                "logits": logits.tobytes(),
-                "labels": logits.shape[1],
-                "names": job.labels,
-                "queue_ms": job.queue_ms,
-                "compute_ms": job.compute_ms,
-                "tokens": job.tokens,
-            },
-        )
+        self._reply(peer, {"id": req_id, **job.result()})
 
     # ---- requests (main thread) ----------------------------------------------------------------
     def _handle(self, peer: Peer, msg: dict[str, Any]) -> None:

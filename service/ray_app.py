@@ -158,15 +158,7 @@ class LocalEngine:
             raise
         if error is not None:
             raise error
-        logits = np.stack(job.logits).astype(np.float32, copy=False)
-        return {
-            "logits": logits.tobytes(),
-            "labels": logits.shape[1],
-            "names": job.labels,
-            "queue_ms": job.queue_ms,
-            "compute_ms": job.compute_ms,
-            "tokens": job.tokens,
-        }
+        return job.result()
 
     def state(self) -> dict[str, Any]:
         """The shape the admin routes read (as the engine process's `state` reply)."""
