@@ -29,8 +29,32 @@ from models.heads import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from models.store import VariantRefused
 
 PREFIX = "base_model.model."
-# adapter_config.json fields that, when set, change the computation beyond plain LoRA
-UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "layer_replication", "trainable_token_indices")
+# adapter_config.json fields that, when set, change the computation beyond plain LoRA (peft 0.21): other
+# forward rules (DoRA, aLoRA, QA-LoRA, BD-LoRA, KaSA, MonteCLoRA, Arrow routing, Megatron, LoRA on raw
+# parameters) or an initialisation that rewrote the base weights (LoftQ, CorDA, LoRA-GA), which this base is not.
+# A denylist, not an allowlist: a newer peft adds fields with truthy defaults that change nothing, and the
+# golden check still stands behind this for any rule it does not name.
+UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "layer_replication",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "kasa_config",
+    "monteclora_config",
+    "arrow_config",
+    "megatron_config",
+    "target_parameters",
+    "loftq_config",
+    "corda_config",
+    "lora_ga_config",
+)
+# init_lora_weights values that leave the base residual (W - BA) unless peft converted the adapter on save
+# (it then writes init_lora_weights=true)
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass
@@ -70,6 +94,11 @@ def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
     if cfg.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type {cfg.get('peft_type')} is not LORA")
     problems += [f"{k}={cfg[k]!r} (the service serves plain LoRA)" for k in UNSUPPORTED if cfg.get(k)]
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        problems.append(
+            f"init_lora_weights={init!r} trained against a rewritten base (save it converted to plain LoRA)"
+        )
     if cfg.get("bias", "none") != "none":
         problems.append(f"bias={cfg['bias']!r} (the service serves plain LoRA: bias='none')")
     saved = cfg.get("modules_to_save") or []

@@ -115,13 +115,14 @@ def test_read_lora_refuses_what_the_bank_cannot_serve(tmp_path: Path) -> None:
     tiny_lora(base, seed=1).save_pretrained(tmp_path / "a")
     cfg_path = tmp_path / "a" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.update(use_dora=True, bias="all")
+    cfg.update(use_dora=True, bias="all", alora_invocation_tokens=[5, 6], init_lora_weights="pissa_niter_4")
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(VariantRefused) as e:
         read_lora("a", tmp_path / "a", base)
-    assert any("use_dora" in r for r in e.value.reasons) and any("bias" in r for r in e.value.reasons)
+    for option in ("use_dora", "bias", "alora_invocation_tokens", "pissa"):
+        assert any(option in r for r in e.value.reasons), (option, e.value.reasons)
     other = tiny_classifier("roberta")  # a base whose layers the adapter's tensors do not fit
-    cfg.update(use_dora=False, bias="none")
+    cfg.update(use_dora=False, bias="none", alora_invocation_tokens=None, init_lora_weights=True)
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(VariantRefused, match="not an nn.Linear|do not fit"):
         read_lora("a", tmp_path / "a", other)
