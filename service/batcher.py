@@ -165,6 +165,8 @@ class Batcher:
             if not self._accepting:
                 raise Unavailable("the server is shutting down; retry on another replica", headers={"Retry-After": "1"})
             if len(self._rows) + len(job.rows) > self.cfg.max_queue:
+                self._drop_stale()  # rows nobody waits for any more must not turn live requests away
+            if len(self._rows) + len(job.rows) > self.cfg.max_queue:
                 raise QueueFull(
                     f"queue full ({len(self._rows)} rows waiting, limit {self.cfg.max_queue}); retry after a moment",
                     headers={"Retry-After": "1"},
@@ -172,6 +174,16 @@ class Batcher:
             self._rows.extend(Row(job, i) for i in range(len(job.rows)))
             self.metrics.queue_depth.set(len(self._rows))
             self._cond.notify()
+
+    def _drop_stale(self) -> None:
+        """Forget queued rows whose request timed out, left or was started again. Caller holds _cond.
+        (_pick drops them too, with the unloaded-variant rows it must answer under the runtime's lock.)"""
+        now_s = time.time()
+        for row in self._rows:
+            if row.epoch == row.job.epoch and row.job.deadline_s < now_s:
+                row.job.cancelled = True  # the front-end has answered 504 already
+        self._rows = deque(r for r in self._rows if r.epoch == r.job.epoch and not r.job.cancelled)
+        self.metrics.queue_depth.set(len(self._rows))
 
     def command(self, op: str, name: str) -> concurrent.futures.Future:
         """Load/replace or unload `name`. A load is verified on the swap worker while batches go on; only

@@ -160,6 +160,31 @@ def test_queue_full_is_429_with_retry_after(tmp_path):
         assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "queue_full"
 
 
+def test_rows_nobody_waits_for_do_not_fill_the_queue(tmp_path):
+    """Rows of requests that timed out (or were cancelled) stay queued until the next batch is picked; a
+    request arriving meanwhile must not get 429 because of them."""
+    from service.batcher import Batcher, Job
+    from service.config import ServiceConfig
+    from service.errors import QueueFull
+    from service.metrics import EngineMetrics
+    from service.runtime import Runtime
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32", max_queue=4))
+    batcher = Batcher(rt, EngineMetrics())  # not started: nothing takes rows off the queue
+
+    def job(n: int, **kw) -> Job:
+        return Job("lora-0", ["x"] * n, [[0, 5, 2]] * n, None, lambda j, e: None, **kw)
+
+    batcher.submit(job(2, deadline_s=time.time() - 1))  # its front-end answered 504 already
+    gone = job(2)
+    batcher.submit(gone)
+    gone.cancelled = True  # its client left
+    batcher.submit(job(3))  # the queue holds 4 rows, none of them wanted
+    with pytest.raises(QueueFull, match="3 rows waiting, limit 4"):
+        batcher.submit(job(2))  # live rows still count
+
+
 def test_request_timeout_is_504_and_engine_survives(tmp_path):
     store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
     with running(store.root, request_timeout_s=0.5) as s:
