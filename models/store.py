@@ -13,6 +13,7 @@ and manifest are complete, so a reader never sees a half-written variant.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -85,6 +86,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._new_only: set[Path] = set()  # temporary dirs of writing(overwrite=False): commit must not replace
 
     # ---- reading ---------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -169,9 +171,12 @@ class Store:
         if (self.root / name).exists() and not overwrite:
             raise FileExistsError(f"variant '{name}' already exists in {self.root}; pass overwrite to replace it")
         tmp = temp_dir_beside(self.root / name)
+        if not overwrite:
+            self._new_only.add(tmp)
         try:
             yield tmp
         finally:
+            self._new_only.discard(tmp)
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -186,7 +191,20 @@ class Store:
         Manifest.model_validate(manifest.model_dump())  # re-validate after mutation
         manifest.save(tmp)
         final = self.root / manifest.name
-        replace_dir(tmp, final)
+        if tmp in self._new_only:
+            # another writer may have committed this name since writing() checked (a training run takes
+            # minutes): a plain rename onto a non-empty directory fails, so the first commit wins
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                raise FileExistsError(
+                    f"variant '{manifest.name}' was written to {self.root} by someone else meanwhile; "
+                    "pass overwrite to replace it"
+                ) from e
+        else:
+            replace_dir(tmp, final)
         return final
 
     def delete(self, name: str) -> None:

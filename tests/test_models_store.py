@@ -137,6 +137,31 @@ def test_writing_is_atomic(store):
     assert "pickled" not in store.names()
 
 
+def test_two_writers_of_one_new_name_first_commit_wins(store):
+    """writing(overwrite=False) checks the name at the start; a training run later commits minutes after.
+    A second writer of the same name that committed meanwhile must not be replaced silently."""
+    full = store.path("full")
+    first = store.manifest("full").model_copy(update={"name": "new"})
+    with store.writing("new") as tmp_a, store.writing("new") as tmp_b:
+        for tmp, tag in ((tmp_a, b"a"), (tmp_b, b"b")):
+            for f in full.iterdir():
+                if f.name != "manifest.json":
+                    (tmp / f.name).write_bytes(f.read_bytes())
+            (tmp / "writer.txt").write_bytes(tag)
+        store.commit(tmp_a, first.model_copy(deep=True))
+        with pytest.raises(FileExistsError, match="pass overwrite"):
+            store.commit(tmp_b, first.model_copy(deep=True))
+    assert (store.path("new") / "writer.txt").read_bytes() == b"a"
+    assert store.verify("new").name == "new"
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp")]
+    with store.writing("new", overwrite=True) as tmp:  # asked for: replaced
+        for f in store.path("new").iterdir():
+            if f.name != "manifest.json":
+                (tmp / f.name).write_bytes(b"c" if f.name == "writer.txt" else f.read_bytes())
+        store.commit(tmp, first.model_copy(deep=True))
+    assert (store.path("new") / "writer.txt").read_bytes() == b"c"
+
+
 def test_loaded_variants_reproduce_golden_logits(store):
     m = store.verify("lora-0")
     base, tok, fp = load_base(store, m)
