@@ -248,7 +248,8 @@ class EngineReplica:
     async def infer(self, texts: list[str], timeout_s: float) -> dict[str, Any]:
         """Classify `texts` with the request's multiplexed variant; errors come back as fields."""
         name = serve.get_multiplexed_model_id()
-        hit = name in self.held and name in self.engine.runtime.entries
+        # a hit: this request needs no engine load here (held since an earlier request, or preloaded)
+        hit = name in self.engine.runtime.entries and name not in self.unloading
         self.requests += 1
         self.hits += hit
         self.inflight[name] += 1

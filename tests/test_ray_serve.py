@@ -65,6 +65,7 @@ def cluster(store):
                 "engine_replicas": 2,
                 "engine_cpus": 0.5,
                 "max_adapters_per_replica": 8,
+                "preload": "full",
                 "service": {"precision": "fp32", "threads": 1, "max_wait_ms": 20, **LIMITS},
             }
         )
@@ -95,6 +96,16 @@ def _probs(resp: httpx.Response) -> list[list[float]]:
 
 def _classify(client: httpx.Client, model: str, inputs) -> httpx.Response:
     return client.post("/v1/classify", json={"model": model, "inputs": inputs})
+
+
+@needs_ray
+def test_a_preloaded_variant_is_a_hit_from_the_first_request(cluster):
+    """`preload` variants are in every replica's engine from the start: no request for them loads anything,
+    so each is reported as a hit (first run of the module: no request has reached a replica yet)."""
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: _classify(cluster, "full", GOLDEN_TEXTS[0]), range(8)))
+    assert all(r.status_code == 200 for r in replies)
+    assert [(r.headers["x-adapter-hit"], r.headers["x-replica-loads"]) for r in replies] == [("1", "0")] * 8
 
 
 @needs_ray
