@@ -24,7 +24,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 from tokenizers import Tokenizer
 
-from service.errors import ModelNotFound, Timeout, Unavailable
+from service.errors import ModelNotFound, ServiceError, Timeout, Unavailable
 from service.metrics import FrontendMetrics
 from service.protocol import error_from, pack, unpack
 from service.transport import FrameReader, frame, socket_path
@@ -181,7 +181,13 @@ class EngineClient:
         """Fetch the engine's state, and the tokenizers of variants new to this front-end."""
         reply = await self.call("state", STATE_TIMEOUT_S)
         for key in {e["tok"] for e in reply["entries"].values()} - self._tokenizers.keys():
-            await self._fetch_tokenizer(key, STATE_TIMEOUT_S)
+            # its variant may be unloaded or replaced meanwhile (by another front-end): not this refresh's
+            # failure (a request for any other variant would get that 404); `tokenize` fetches on first use
+            try:
+                await self._fetch_tokenizer(key, STATE_TIMEOUT_S)
+            except ServiceError as e:  # the engine's 404 arrives as a ServiceError (protocol.error_from)
+                if e.status != 404:
+                    raise
         self.state, self._version = reply, (reply["e"], reply["v"])
         return reply
 

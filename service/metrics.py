@@ -43,7 +43,9 @@ class FrontendMetrics:
             "service_engine_up", "1 while the engine process is connected", registry=r, multiprocess_mode="min"
         )
         self.engine_disconnects = Counter(
-            "service_engine_disconnects", "Times the engine process went away (crash or restart)", registry=r
+            "service_engine_disconnects",
+            "Times a front-end lost the engine process (crash or restart); summed over front-ends, one crash counts once per front-end",
+            registry=r,
         )
 
     def render(self) -> bytes:

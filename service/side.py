@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 
 from torch import nn
 
@@ -26,12 +27,17 @@ class SideModel:
         self.model: nn.Module = copy.deepcopy(base, shared)
         self.bank = LoraBank(self.model)
         self._ids = itertools.count()
+        # the swap worker (Runtime.prepare) and the batcher thread (Runtime.load of a PUT queued before the
+        # engine was ready) may check at once: LoraBank.add/remove pick and free slots unlocked
+        self._lock = threading.Lock()
 
     def add(self, weights: LoraWeights) -> BankView:
         """The adapter in the side bank, as a classifier module; `remove` it after the check."""
         name = f"side{next(self._ids)}"
-        self.bank.add(name, weights)
+        with self._lock:
+            self.bank.add(name, weights)
         return self.bank.view(name)
 
     def remove(self, view: BankView) -> None:
-        self.bank.remove(view.name)
+        with self._lock:
+            self.bank.remove(view.name)

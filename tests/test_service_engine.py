@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import assert_no_torn_answers, free_port, golden_probs, running, write_lora
+from service_helpers import Server, assert_no_torn_answers, free_port, golden_probs, running, write_lora
 from tiny import GOLDEN_TEXTS, LABELS, make_store
 
 TOL = 1e-4
@@ -283,6 +283,65 @@ def test_the_engine_client_forgets_cancelled_calls_and_recovers_from_a_failed_re
 
     with running(store.root) as srv:
         asyncio.run(scenario(srv))
+
+
+def test_a_second_frontend_reports_an_unloaded_model_not_ready(tmp_path):
+    """Front-end B caches the engine's state; KServe's ready and metadata calls must ask the engine, not
+    that cache: a DELETE through front-end A left B answering 200 (and old metadata)."""
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=False)
+    with running(store.root) as a:
+        b = Server(store.root, engine_address=a.app.state.supervisor.address).start()
+        try:
+            assert b.client.get("/v2/models/lora-1/ready").status_code == 200
+            assert a.admin.delete("/v1/adapters/lora-1").status_code == 200
+            assert a.client.get("/v2/models/lora-1/ready").status_code == 404  # A knows (refreshed on the reply)
+            r = b.client.get("/v2/models/lora-1/ready")
+            m = b.client.get("/v2/models/lora-1")
+            assert r.status_code == 404 and m.status_code == 404
+        finally:
+            b.stop()
+
+
+def test_a_variant_unloaded_during_a_refresh_fails_no_other_variant(tmp_path):
+    """Front-end C misses 'lora-1' and refreshes: the state names 'lora-9' (a tokenizer key C lacks); another
+    front-end unloads lora-9 before C's tokenizer request lands (forced here). That 404 is not the refresh's
+    failure: the request for lora-1, which is loaded, was answered 404 (and /readyz, /v1/models too)."""
+    import asyncio
+
+    from service.client import EngineClient
+    from service.errors import ServiceError
+    from service.metrics import FrontendMetrics
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=2, full=False)
+    write_lora(store, "lora-9", seed=109, max_length=16)  # another truncation length: another tokenizer key
+
+    async def scenario(srv) -> str:
+        client = EngineClient(srv.app.state.supervisor.address, FrontendMetrics())
+        await client.start()
+        try:
+            while not client.state.get("ready"):
+                await asyncio.sleep(0.05)
+            assert "lora-1" not in client.state["entries"]
+            for name in ("lora-9", "lora-1"):  # through the other front-end: C's cache does not learn of them
+                assert srv.admin.put(f"/v1/adapters/{name}").status_code == 200
+            fetch = client._fetch_tokenizer
+
+            async def fetch_after_unload(key, timeout_s):
+                srv.admin.delete("/v1/adapters/lora-9")  # lands between C's state reply and its tokenizer request
+                return await fetch(key, timeout_s)
+
+            client._fetch_tokenizer = fetch_after_unload
+            try:
+                await client.entry("lora-1")
+                return "ok"
+            except ServiceError as e:
+                return f"{e.status} {e.message}"
+        finally:
+            await client.close()
+
+    with running(store.root, variants="lora-0") as srv:
+        got = asyncio.run(scenario(srv))
+    assert got == "ok"
 
 
 def test_python_m_service_with_engine_address_serves_from_that_engine(tmp_path):

@@ -54,6 +54,16 @@ BAD = [
     ("POST", "/models/nope", {"inputs": "x"}, 404, "model_not_found", "PUT /v1/adapters/nope"),
     ("POST", "/models/lora-0", {"parameters": {}}, 422, "invalid_request", "inputs"),
     ("POST", "/models/lora-0", {"inputs": "x", "parameters": {"top_k": -1}}, 422, "invalid_request", "top_k"),
+    # JSON may escape a lone surrogate; UTF-8 (the tokenizer) cannot hold it (pydantic refuses it on CLASSIFY)
+    ("POST", "/models/lora-0", b'{"inputs": "caf\\ud800e"}', 422, "invalid_request", "lone surrogate"),
+    (
+        "POST",
+        V2,
+        b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["\\udfff"]}]}',
+        422,
+        "invalid_request",
+        "lone surrogate",
+    ),
     ("POST", V2, b"{", 422, "invalid_request", "V2"),
     ("POST", V2, _v2(datatype="FP32"), 422, "invalid_request", "BYTES"),
     ("POST", V2, _v2(data=None), 422, "invalid_request", "data"),

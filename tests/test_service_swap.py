@@ -421,3 +421,40 @@ def test_lanes_answer_exactly_through_swaps_and_evictions(tmp_path):
     assert float(lane.split()[-1]) > 0
     cold = next(ln for ln in text.splitlines() if ln.startswith("service_adapter_evictions_total"))
     assert float(cold.split()[-1]) > 0
+
+
+def test_two_adapter_loads_checked_at_once_share_the_side_bank_safely(tmp_path, monkeypatch):
+    """A PUT that arrived before the engine was ready is loaded on the batcher thread (Runtime.load) while a
+    PUT that arrives just after goes to the swap worker (Runtime.prepare): both golden-check through the one
+    SideModel/LoraBank, whose add/remove are not thread-safe (both pick the same free slot). The window is
+    widened here by a sleep inside LoraBank._layer (called by add after the slot is chosen)."""
+    from service.batcher import Batcher
+    from service.config import ServiceConfig
+    from service.lora_bank import LoraBank
+    from service.metrics import EngineMetrics
+    from service.runtime import Runtime
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=3, full=False)
+    cfg = ServiceConfig(store=store.root, precision="fp32", threads=1, variants="lora-0")
+    rt = Runtime(store, cfg)
+    layer = LoraBank._layer
+
+    def slow_layer(self, path, r):
+        if rt.side is not None and self is rt.side.bank:
+            time.sleep(0.05)
+        return layer(self, path, r)
+
+    monkeypatch.setattr(LoraBank, "_layer", slow_layer)
+    b = Batcher(rt, EngineMetrics())
+    early = b.command("load", "lora-1")  # before ready: queued for the batcher thread
+    b.start()
+    assert b.ready.wait(60)
+    late = b.command("load", "lora-2")  # after ready: the swap worker
+    errors = []
+    for name, fut in (("lora-1", early), ("lora-2", late)):
+        try:
+            fut.result(60)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+    b.stop(5)
+    assert not errors

@@ -37,6 +37,13 @@ def check_inputs(request: Request, inputs: str | list[str]) -> list[str]:
     for i, t in enumerate(texts):
         if len(t) > cfg.max_input_chars:
             raise BadRequest(f"inputs[{i}] has {len(t)} characters; the limit is {cfg.max_input_chars} — shorten it")
+        if not t.isascii():
+            try:
+                t.encode()
+            except UnicodeEncodeError:  # a lone surrogate escape (\ud800): JSON allows it, UTF-8 cannot hold it
+                raise BadRequest(
+                    f"inputs[{i}] holds a lone surrogate (e.g. \\ud800); send valid Unicode text"
+                ) from None
     return texts
 
 

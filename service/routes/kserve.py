@@ -38,9 +38,18 @@ async def ready(request: Request) -> Response:
     return Response(status_code=200)
 
 
+async def resolve_fresh(request: Request, name: str) -> dict:
+    """`resolve` against the engine's state now, not this front-end's cache (another front-end may have
+    unloaded or replaced `name` since: the cache learns it only from this front-end's next engine reply)."""
+    engine = request.app.state.engine
+    if engine.connected:
+        await engine.refresh()
+    return await resolve(request, name)
+
+
 @router.get("/models/{name}", response_model=V2ModelMetadata)
 async def model_metadata(name: str, request: Request) -> V2ModelMetadata:
-    entry = await resolve(request, name)
+    entry = await resolve_fresh(request, name)
     return V2ModelMetadata(
         name=name,
         platform=f"agnews_{entry['kind']}",
@@ -54,7 +63,7 @@ async def model_metadata(name: str, request: Request) -> V2ModelMetadata:
 
 @router.get("/models/{name}/ready")
 async def model_ready(name: str, request: Request) -> Response:
-    await resolve(request, name)
+    await resolve_fresh(request, name)
     return Response(status_code=200)
 
 
