@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,9 +43,9 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _launch_two(data_dir: Path, out: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch` two CPU processes training the tiny config into out/store and out/runs."""
-    cmd = [
+def _launch_cmd(data_dir: Path, out: Path, *overrides: str) -> list[str]:
+    """`accelerate launch` of two CPU processes training the tiny config into out/store and out/runs."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -67,8 +70,14 @@ def _launch_two(data_dir: Path, out: Path, *overrides: str, env: dict | None = N
         "--runs-dir",
         str(out / "runs"),
     ]
-    base = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**base, **(env or {})})
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def _launch_two(data_dir: Path, out: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = _launch_cmd(data_dir, out, *overrides)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**ENV, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -128,3 +137,28 @@ def test_a_compiler_that_cannot_run_leaves_both_processes_training_eagerly(tmp_p
     assert [p["loss"] for p in info["train_loss_curve"]] == pytest.approx(
         [p["loss"] for p in eager["train_loss_curve"]], rel=1e-5
     )
+
+
+def test_workers_of_a_killed_launcher_stop_before_writing_anything(tmp_path, data_dir):
+    """torch elastic starts each worker in a session of its own: a SIGKILL of `accelerate launch` (what a user,
+    a CI cancel or `timeout -s KILL` hits) left both ranks training the killed run, writing the store and
+    removing the checkpoint that the --resume started meanwhile needed. They stop at their next step now."""
+    out = tmp_path / "o"
+    cmd = _launch_cmd(data_dir, out, "max_steps=5000", "batch_size=5", "checkpoint_every=4", "eval_test=false")
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / "runs" / "tiny-bert-full.ckpt" / "state.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    assert checkpoint.exists() and len(workers) >= 2, launcher.stderr.read()[-2000:] if launcher.poll() else workers
+    launcher.kill()
+    launcher.wait()
+    try:
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers still training 30 s after their launcher was killed: {alive}"
+    finally:
+        for w in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
+    assert checkpoint.exists() and not Store(out / "store").names()  # left for --resume, nothing written

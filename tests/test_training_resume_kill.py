@@ -114,6 +114,32 @@ def test_resume_with_other_settings_is_a_clear_error_and_a_fresh_run_drops_the_o
     assert "no checkpoint in" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_checkpoint_of_other_rows_or_another_chosen_precision(tmp_path, capsys, monkeypatch):
+    """The config only names the data file and says `precision: auto`; the checkpoint also records what they
+    gave (the rows as tokenised, the precision auto chose on that machine). A file regenerated under the same
+    path, or a resume where auto chooses otherwise, was continued silently at the saved position."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = pd.read_parquet(AGNEWS / "train_subset_20k.parquet").groupby("label")
+    rows.head(10).to_parquet(data / "train.parquet")
+    overrides = [f"data={data}", "checkpoint_every=2", "eval_test=false", "name=same-path", "max_steps=4"]
+    runs, store = tmp_path / "runs", tmp_path / "store"
+    monkeypatch.setenv("CPU_NATIVE_BF16", "1")  # what the probe says on a CPU with native bf16
+    train(load_config("configs/tiny-bert-full.yaml", overrides), store=Store(store), runs_dir=runs, stop_after_steps=2)
+    args = ["train", "configs/tiny-bert-full.yaml", "--store", str(store), "--runs-dir", str(runs), "--resume"]
+    rows.head(12).to_parquet(data / "train.parquet")  # regenerated: 8 more rows
+    assert main([*args, "--set", *overrides]) == 2
+    assert "data: checkpoint" in capsys.readouterr().err
+    rows.head(10).to_parquet(data / "train.parquet")  # the same rows again
+    monkeypatch.setenv("CPU_NATIVE_BF16", "0")  # resumed on a CPU without it
+    assert main([*args, "--set", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "precision: checkpoint 'bf16', this run 'fp32'" in err and "data:" not in err
+    monkeypatch.setenv("CPU_NATIVE_BF16", "1")
+    assert main([*args, "--set", *overrides]) == 0
+    assert json.loads((runs / "same-path.json").read_text())["run_info"]["resumed"]
+
+
 def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp_path, monkeypatch):
     """save_checkpoint replaces the checkpoint directory in two renames (models.atomic.replace_dir: the old
     one aside, the new one in). Killed between them, --resume finds the previous checkpoint where the first

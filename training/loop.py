@@ -16,8 +16,10 @@ Speed rules the loop keeps (issue 9):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -206,6 +208,17 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return load_file(str(ckpt_dir / CKPT_TRAINABLE)), best, state
 
 
+def data_digest(*parts: Encoded) -> str:
+    """What the run trained and validated on, as tokenised: a changed file or tokenizer under the same path
+    changes it (the config, which only names them, does not)."""
+    h = hashlib.sha256()
+    for d in parts:
+        h.update(np.asarray(d.labels, dtype=np.int64).tobytes())
+        for ids in d.input_ids:
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def resume_conflicts(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     """The config keys (outside RESUME_MAY_CHANGE) whose value differs from the checkpoint's run."""
     if saved is None:  # a checkpoint from before configs were recorded in it
@@ -273,6 +286,21 @@ def steady_throughput(marks: list[tuple[int, float, int, int]]) -> dict[str, Any
         },
         "first_interval_s": t0,
     }
+
+
+def launcher_watch() -> Any:
+    """Under torchrun / `accelerate launch` (TORCHELASTIC_RUN_ID set): a check that raises once this worker's
+    launcher is gone. torch elastic starts each worker in a session of its own, so a SIGKILL of the launcher
+    leaves the workers training the killed run on, racing a --resume for its checkpoint and the store."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return lambda: None
+    launcher = os.getppid()
+
+    def check() -> None:
+        if os.getppid() != launcher:
+            raise RuntimeError(f"the launcher (pid {launcher}) is gone: this run was killed; continue it with --resume")
+
+    return check
 
 
 class _NoWriter:
@@ -485,6 +513,8 @@ def _train(
     # after the first interval excludes warm-up (allocator, cuBLAS/oneDNN selection, compilation)
     marks: list[tuple[int, float, int, int]] = []
     ckpt_dir = runs_dir / f"{cfg.name}.ckpt"
+    # what a resume must find unchanged besides the config: the rows as tokenised, the precision `auto` chose
+    inputs = {"data": data_digest(train_data, val_data), "precision": precision.precision}
     if resume:
         weights, best, st = load_checkpoint(ckpt_dir)
         if st["num_processes"] != world:
@@ -493,6 +523,7 @@ def _train(
                 f"resume with accelerate launch --num_processes {st['num_processes']} (the data order depends on it)"
             )
         conflicts = resume_conflicts(st.get("config"), cfg.to_dict())
+        conflicts += [f"{k}: checkpoint {st[k]!r}, this run {v!r}" for k, v in inputs.items() if st.get(k, v) != v]
         if conflicts:
             raise ValueError(
                 f"checkpoint in {ckpt_dir} is of a run with other settings ({'; '.join(conflicts)}); resume with "
@@ -530,7 +561,9 @@ def _train(
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=None if is_main else True)
     epoch_cache: dict[int, list[np.ndarray]] = {}
     t_resume = time.perf_counter()
+    orphaned = launcher_watch()
     while step < total_steps:
+        orphaned()  # one getppid() a step: a killed launcher's workers stop before they write anything more
         # ---- one optimizer step: no device value is read back to the host in here ----
         step_batches = []
         for _ in range(cfg.grad_accum):
@@ -603,6 +636,7 @@ def _train(
                         "rng": rngs,
                         "num_processes": world,
                         "config": cfg.to_dict(),  # a resume must continue this run (resume_conflicts)
+                        **inputs,  # ... on the same rows, in the same precision
                         "step": step,
                         "micro": micro,
                         "samples_seen": samples_seen,
@@ -669,6 +703,7 @@ def _train(
         return info
 
     # ---- write the variant (fp32 weights; temp dir + rename inside the store) ----
+    orphaned()
     metrics = {k: v for k, v in info.items() if k.startswith("test_") and isinstance(v, float)}
     metrics.update({"best_val_macro_f1": best_f1, "train_time_s": train_time_s})
     model = unwrapped.to("cpu")
