@@ -1,6 +1,7 @@
 """`python -m benchmarks EXPERIMENT [flags]` runs one experiment; also `baseline-server`, `report`, `demo`.
 
-Experiments (load, ceiling, accuracy, memory, hotswap, lora-mix, recipe-compare, step-overhead)
+Experiments (load, ceiling, accuracy, memory, hotswap, lora-mix, recipe-compare, step-overhead,
+train-speed, ray-routing)
 are registered in `benchmarks/experiment.py`; their flags come from their typed settings and each
 writes one result document (`--out`), also when it fails, and exits non-zero then.
 """

@@ -153,7 +153,8 @@ class Store:
         if expected_base_fingerprint is not None and m.base_fingerprint != expected_base_fingerprint:
             reasons.append(
                 f"built on base {m.base_fingerprint[:12]}… but the loaded base is "
-                f"{expected_base_fingerprint[:12]}…; train the adapter on this base"
+                f"{expected_base_fingerprint[:12]}…; train the adapter on this base, or serve its base "
+                f"(python -m service --base {m.base_fingerprint[:12]})"
             )
         if reasons:
             raise VariantRefused(name, reasons)

@@ -28,6 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     from service.supervisor import EngineSupervisor
 
     cfg = load_config(argv)
+    if cfg.device == "cuda":  # else the engine dies in its constructor 5 times (a torch traceback each) first
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(
+                f"python -m service: error: --device cuda, but torch {torch.__version__} sees no CUDA device "
+                "(CPU-only build or no driver); use --device cpu"
+            )
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     supervisor = None
     frontend_cfg = cfg

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in ServiceConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         # default=None so that "not given" is distinguishable from a value; pydantic fills defaults.
-        p.add_argument(flag, dest=name, default=None, help=field.description)
+        shown = "" if field.is_required() or field.default is None else f" (default: {field.default})"
+        p.add_argument(flag, dest=name, default=None, help=f"{field.description}{shown}")
     return p
 
 

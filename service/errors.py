@@ -70,8 +70,10 @@ def _validation_message(exc: RequestValidationError) -> str:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
         if err.get("type") == "json_invalid":
             return f"request body is not valid JSON ({err.get('msg')}); send a JSON object"
+        if loc == "body" and err.get("type") == "model_attributes_type":  # FastAPI did not read it as JSON
+            return "request body is not a JSON object; send one with 'Content-Type: application/json'"
         parts.append(f"{loc}: {err.get('msg')}")
-    return "invalid request: " + "; ".join(parts) + "; see /docs for the request schema"
+    return "invalid request: " + "; ".join(parts) + "; see /openapi.json (or /docs) for the request schema"
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -103,9 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc.__cause__, ServiceError):  # e.g. the body limit tripped while FastAPI read the body
             return await _service_error(request, exc.__cause__)
         if exc.status_code == 404:
-            msg = f"no route {request.method} {request.url.path}; see /docs for the API"
+            msg = f"no route {request.method} {request.url.path}; see /openapi.json (or /docs) for the API"
         elif exc.status_code == 405:
-            msg = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
+            msg = f"{request.method} is not allowed on {request.url.path}; see /openapi.json (or /docs) for the API"
         else:
             msg = str(exc.detail)
         return JSONResponse(

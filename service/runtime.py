@@ -376,8 +376,25 @@ class Runtime:
         return next(m for m in loras if m.base_fingerprint == top_fp)
 
     def load_base(self) -> None:
+        if not self.store.root.is_dir():  # a typo or the wrong CWD: say so instead of serving nothing, "ready"
+            raise FileNotFoundError(
+                f"store {self.store.root} is not a directory; give --store the store training wrote "
+                "(default ./store; `make demo` writes demo-run/full/store)"
+            )
         m = self.choose_base()
         if m is None:
+            if self.cfg.base:
+                bases = sorted(
+                    {
+                        i.manifest.base_fingerprint[:12]
+                        for i in self.store.list()
+                        if i.manifest and i.manifest.kind == "lora"
+                    }
+                )
+                raise ValueError(
+                    f"--base {self.cfg.base} matches no LoRA variant's base; the store's LoRA bases: "
+                    f"{', '.join(bases) or 'none'}"
+                )
             log.info("no LoRA variants in %s; serving full/merged/ONNX variants only", self.store.root)
             return
         t0 = time.perf_counter()

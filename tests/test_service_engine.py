@@ -178,6 +178,54 @@ def test_ctrl_c_lets_a_request_in_flight_finish_on_the_one_engine(tmp_path):
             proc.wait()
 
 
+def _startup_failure(srv) -> str:
+    """/readyz's message once the engine's startup has failed (503, 'startup failed')."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if "startup failed" in (ready := srv.client.get("/readyz")).text:
+                break
+        time.sleep(0.1)
+    assert ready.status_code == 503 and "startup failed" in ready.text, ready.text
+    return ready.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("wrong", ["store path", "base prefix"])
+def test_a_store_or_base_that_is_not_there_fails_startup_saying_so(tmp_path, wrong):
+    """A mistyped --store or --base served nothing and said ready (the log: 'no LoRA variants'); every
+    adapter was then refused with 'start the server with --base set to its base'."""
+    from service_helpers import Server
+
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    fingerprint = store.manifest("lora-0").base_fingerprint
+    srv = Server(tmp_path / "stroe") if wrong == "store path" else Server(store.root, base="deadbeef")
+    srv.thread.start()
+    try:
+        message = _startup_failure(srv)
+    finally:
+        srv.stop()
+    if wrong == "store path":
+        assert "is not a directory; give --store the store training wrote" in message
+    else:
+        assert f"--base deadbeef matches no LoRA variant's base; the store's LoRA bases: {fingerprint[:12]}" in message
+
+
+def test_device_cuda_without_cuda_exits_at_once_saying_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "service", "--store", str(tmp_path), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "--device cuda, but torch" in r.stderr and "use --device cpu" in r.stderr
+    assert time.monotonic() - t0 < 60 and "Traceback" not in r.stderr  # was: 5 engine crashes, then exit 1
+
+
 def test_admin_calls_after_a_failed_engine_startup_answer_503_at_once(tmp_path):
     """The engine's startup failed (here its LoRA base snapshot is missing): /readyz says why, and a
     PUT or DELETE /v1/adapters gets 503 naming it at once (was: queued for the batcher thread that had
@@ -191,13 +239,7 @@ def test_admin_calls_after_a_failed_engine_startup_answer_503_at_once(tmp_path):
     srv = Server(store.root)
     srv.thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if "startup failed" in (ready := srv.client.get("/readyz")).text:
-                    break
-            time.sleep(0.1)
-        assert ready.status_code == 503 and "startup failed" in ready.text, ready.text
+        _startup_failure(srv)
         for call in (srv.admin.put, srv.admin.delete):
             r = call("/v1/adapters/lora-0", timeout=15)
             assert r.status_code == 503 and "startup failed" in r.json()["error"]["message"], r.text

@@ -170,6 +170,19 @@ def test_queue_full_is_429_with_retry_after(tmp_path):
         assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "queue_full"
 
 
+def test_a_body_sent_as_a_form_is_told_to_send_json(tmp_path):
+    """`curl -d` sends application/x-www-form-urlencoded: the HF route got pydantic's 'Input should be a
+    valid dictionary or object to extract fields from'."""
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    with running(store.root) as s:
+        r = s.client.post(
+            "/models/lora-0",
+            content=b'{"inputs": "Stocks rallied"}',
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+
+
 def test_rows_nobody_waits_for_do_not_fill_the_queue(tmp_path):
     """Rows of requests that timed out (or were cancelled) stay queued until the next batch is picked; a
     request arriving meanwhile must not get 429 because of them."""

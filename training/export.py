@@ -75,7 +75,7 @@ def export(
         )
     name = name or default_name(source, src.kind, fmt)
     if name in store.names() and not overwrite:
-        raise FileExistsError(f"variant '{name}' already exists; pass --name NEW or delete it first")
+        raise FileExistsError(f"variant '{name}' already exists; pass --name NEW, or --overwrite to replace it")
     if fmt == "merged":
         return _merged(store, src, name, tolerance, overwrite)
     return _onnx(store, src, name, fmt, tolerance, overwrite)
