@@ -198,7 +198,8 @@ class GraphedForward:
 
     def state(self) -> dict[str, Any]:
         return {
-            "captured": sorted(f"{h}x{w}" for h, w in self.graphs),
+            # a snapshot (one C call): the engine's socket thread asks while the batcher adds or clears buckets
+            "captured": sorted(f"{h}x{w}" for h, w in list(self.graphs)),
             "replays": self.replays,
             "eager_batches": self.eager,
             "disabled": self.disabled,

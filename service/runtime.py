@@ -843,7 +843,8 @@ class Runtime:
     def graph_state(self) -> dict[str, Any]:
         """What /v1/models shows about CUDA graphs: the mode and, per model, the captured buckets."""
         # a snapshot (one C call): the socket thread asks while the batcher or swap worker add/remove names
-        per = {e.name: e.graphed.state() for e in list(self.entries.values()) if e.graphed is not None}
-        if self.lora_graphed is not None:
-            per[LORA_GROUP] = self.lora_graphed.state()
+        # read each `graphed` once: the batcher may release it (None) between a test and a use
+        per = {e.name: g.state() for e in list(self.entries.values()) if (g := e.graphed) is not None}
+        if (g := self.lora_graphed) is not None:
+            per[LORA_GROUP] = g.state()
         return {"mode": self.graph_mode, "models": per}
