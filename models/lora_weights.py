@@ -15,6 +15,7 @@ fan_in_fan_out, embedding LoRA, ...) is refused with the reason, never served ap
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_bytes
 from torch import nn
 
 from models.heads import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -64,6 +65,7 @@ class LoraWeights:
 
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     heads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # sha256 of the files these tensors were parsed from
 
     def to(self, dtype: torch.dtype, device: torch.device | str) -> LoraWeights:
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -72,6 +74,7 @@ class LoraWeights:
         return LoraWeights(
             {k: (cast(a), cast(b), s) for k, (a, b, s) in self.layers.items()},
             {k: (cast(w), cast(b)) for k, (w, b) in self.heads.items()},
+            self.digests,
         )
 
 
@@ -89,7 +92,8 @@ def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
     Raises VariantRefused listing every reason it cannot be served as plain LoRA on this model.
     """
     path = Path(path)
-    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    raw_cfg, raw_w = (path / ADAPTER_CONFIG).read_bytes(), (path / ADAPTER_WEIGHTS).read_bytes()
+    cfg = json.loads(raw_cfg)
     problems = []
     if cfg.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type {cfg.get('peft_type')} is not LORA")
@@ -102,9 +106,11 @@ def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
     if cfg.get("bias", "none") != "none":
         problems.append(f"bias={cfg['bias']!r} (the service serves plain LoRA: bias='none')")
     saved = cfg.get("modules_to_save") or []
-    state = load_file(str(path / ADAPTER_WEIGHTS))
+    state = load_bytes(raw_w)
     modules = dict(model.named_modules())
-    out = LoraWeights()
+    out = LoraWeights(
+        digests={n: hashlib.sha256(b).hexdigest() for n, b in ((ADAPTER_CONFIG, raw_cfg), (ADAPTER_WEIGHTS, raw_w))}
+    )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -131,6 +132,9 @@ class Batcher:
         self.startup_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._checking = 0
+        # arrival order of admin commands: a PUT whose commit waits for the batcher must not land after a later
+        # PUT/DELETE of the same name that went by it (commit_beside), so the runtime drops the older (Entry.seq)
+        self._seq = itertools.count(1)
         # Lanes: see the module docstring. Measured in-process (2-core Xeon, MiniLM): two 1-thread lanes
         # gave 1.45x (fp32) to 2x (bf16) the rows/s of one 2-thread forward (benchmarks ceiling --lanes).
         self._lanes_by_cost = self.cfg.lanes == "auto"  # else every torch model's batches use the lanes
@@ -192,11 +196,11 @@ class Batcher:
         # running from the start: a waiter that gives up (asyncio.wrap_future cancels the future it wraps)
         # cannot cancel a command the engine will carry out anyway, nor make its answer raise InvalidStateError
         fut.set_running_or_notify_cancel()
-        t0 = time.perf_counter()
+        t0, seq = time.perf_counter(), next(self._seq)
         if op == "load" and self.ready.is_set():
-            self._swap_worker.submit(self._prepare, name, fut, t0)
+            self._swap_worker.submit(self._prepare, name, fut, t0, seq)
         else:  # before startup is done, loads queue behind it on the batcher thread
-            self._enqueue((op, name, fut, t0))
+            self._enqueue((op, (name, seq), fut, t0))
         return fut
 
     def _enqueue(self, command: tuple[str, Any, concurrent.futures.Future, float]) -> None:
@@ -210,12 +214,13 @@ class Batcher:
     def _startup_failed(self) -> Unavailable:
         return Unavailable(f"the engine's startup failed ({self.startup_error}); fix the store and restart the service")
 
-    def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float) -> None:
+    def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float, seq: int = 0) -> None:
         """Swap worker thread: verify + golden-check `name`, then commit it here when the bank has a free
         slot for it (Runtime.commit_beside), else hand it to the batcher to commit between batches."""
         self._checking += 1
         try:
             entry = self.runtime.prepare(name)
+            entry.seq = seq
             existed = name in self.runtime.entries
             if self.runtime.commit_beside(entry):
                 self._loaded(entry, existed, t0, fut)
@@ -350,14 +355,14 @@ class Batcher:
                 op, target, fut, t0 = self._commands.popleft()
             try:
                 if op in ("load", "commit"):  # "commit": prepared on the swap worker; "load": all here
-                    name = target.name if op == "commit" else target
+                    name = target.name if op == "commit" else target[0]
                     existed = name in self.runtime.entries
-                    entry = self.runtime.commit(target) if op == "commit" else self.runtime.load(name)
+                    entry = self.runtime.commit(target) if op == "commit" else self.runtime.load(*target)
                     self._loaded(entry, existed, t0, fut)
                     continue
-                self.runtime.unload(target)
+                self.runtime.unload(*target)
                 self.metrics.swaps.labels(op, "ok").inc()
-                fut.set_result({"name": target, "status": "unloaded"})
+                fut.set_result({"name": target[0], "status": "unloaded"})
             except Exception as e:
                 self.metrics.swaps.labels("load" if op == "commit" else op, "refused").inc()
                 fut.set_exception(e)

@@ -93,6 +93,7 @@ class Entry:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = 0.0
     request_count: int = 0
+    seq: int = 0  # arrival order of the PUT that loaded it (Batcher.command; 0 at startup)
     _tok_key: str | None = None
 
     @property
@@ -244,6 +245,7 @@ class Runtime:
         self._retired: list[Entry] = []
         self._fresh: set[str] = set()
         self.refused: dict[str, str] = {}  # name -> last refusal reason (shown in /v1/models)
+        self._last_op: dict[str, int] = {}  # name -> seq of the last load/unload applied (see _commit)
         self.base: Any = None  # the plain classifier every LoRA adapter runs over (through self.bank)
         self.base_tokenizer: Any = None
         self.base_fingerprint: str | None = None
@@ -413,9 +415,11 @@ class Runtime:
         log.info("base %s (%s…) loaded in %.2fs", m.base_model, m.base_fingerprint[:12], time.perf_counter() - t0)
 
     # ---- load / unload (batcher thread only) -----------------------------------------------
-    def load(self, name: str) -> Entry:
+    def load(self, name: str, seq: int = 0) -> Entry:
         """Load or replace `name` from the store; the old version keeps serving unless this succeeds."""
-        return self.commit(self._refusals(name, self.cfg.golden_check_texts))
+        entry = self._refusals(name, self.cfg.golden_check_texts)
+        entry.seq = seq
+        return self.commit(entry)
 
     def prepare(self, name: str) -> Entry:
         """Verify and load `name` without touching any serving model (the swap worker thread calls this).
@@ -433,6 +437,10 @@ class Runtime:
         path = self.store.path(name)
         self._check_tokenizer(name, m)
         weights = self._read(name)
+        # verified first, read second: the bytes parsed must be the ones verify hashed (as ensure_resident
+        # checks), else a writer's files would serve under this manifest's hashes, golden set and labels
+        if any(m.files.get(f) != d for f, d in weights.digests.items()):
+            raise VariantRefused(name, ["its files were replaced while it was loaded; PUT it again"])
         if m.max_length not in self._lora_tok_keys:
             self._lora_tok_keys[m.max_length] = tokenizer_key(self.base_tok_json, m.max_length)
         tok_key = self._lora_tok_keys[m.max_length]
@@ -522,6 +530,10 @@ class Runtime:
 
     def _commit(self, entry: Entry, *, beside: bool) -> Entry:
         name = entry.name
+        if entry.seq < self._last_op.get(name, 0):  # a later PUT/DELETE of the name landed first: superseded
+            entry.lora = None
+            return entry
+        self._last_op[name] = entry.seq
         # the golden set (~20 KiB of texts and logits per variant) was needed for the check only; a
         # service holding hundreds of adapters keeps the rest of each manifest
         entry.manifest = entry.manifest.model_copy(update={"golden": NO_GOLDEN})
@@ -533,7 +545,7 @@ class Runtime:
         self.version += 1
         self.refused.pop(name, None)
         if old is not None:
-            entry.request_count = old.request_count
+            entry.request_count, entry.last_used = old.request_count, old.last_used  # its name's history (LRU)
             if beside:
                 self._retired.append(old)
             else:
@@ -560,11 +572,14 @@ class Runtime:
                 self._release(old)
             self.evict_over_cap(fresh)
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, seq: int = 0) -> None:
         with self.lock:
+            if seq < self._last_op.get(name, 0):  # a later PUT of the name landed first: this DELETE came before it
+                return
             entry = self.entries.pop(name, None)
             if entry is None:
                 raise ModelNotFound(f"'{name}' is not loaded; loaded: {', '.join(sorted(self.entries)) or 'none'}")
+            self._last_op[name] = seq
             self.version += 1
             self._release(entry)
 

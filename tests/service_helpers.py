@@ -38,7 +38,14 @@ def _common(arch: str, fp: str) -> dict:
 
 
 def write_lora(
-    store: Store, name: str, *, arch: str = "bert", seed: int = 100, base_seed: int = 0, max_length: int = MAX_LENGTH
+    store: Store,
+    name: str,
+    *,
+    arch: str = "bert",
+    seed: int = 100,
+    base_seed: int = 0,
+    max_length: int = MAX_LENGTH,
+    r: int | None = None,
 ) -> Manifest:
     """A LoRA variant over tiny_classifier(arch, base_seed); base_seed != 0 gives a foreign base."""
     base = tiny_classifier(arch, seed=base_seed)
@@ -46,7 +53,8 @@ def write_lora(
     if base_seed != 0:
         save_base_snapshot(store, base, tokenizer(), base_model=f"tiny-{arch}", init="random")
     common = {**_common(arch, fp), "max_length": max_length}
-    return write_variant(store, name=name, kind="lora", model=tiny_lora(base, seed=seed), overwrite=True, **common)
+    model = tiny_lora(base, seed=seed) if r is None else tiny_lora(base, seed=seed, r=r)
+    return write_variant(store, name=name, kind="lora", model=model, overwrite=True, **common)
 
 
 def write_merged(store: Store, name: str, *, source: str, arch: str = "bert", seed: int = 100) -> Manifest:

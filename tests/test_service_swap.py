@@ -458,3 +458,118 @@ def test_two_adapter_loads_checked_at_once_share_the_side_bank_safely(tmp_path, 
             errors.append(f"{name}: {type(e).__name__}: {e}")
     b.stop(5)
     assert not errors
+
+
+def test_a_put_serves_the_bytes_it_verified(tmp_path):
+    """A PUT verified the store's hashes, then read the files: a writer re-committing the variant in between
+    got its files served under the old manifest's hashes, golden set and labels, and the next cold reload
+    after an eviction refused it (503 for every request while /v1/models listed it). The PUT is refused now;
+    the next one loads the new files."""
+    import json
+    import shutil
+
+    from models import Manifest
+    from service.config import ServiceConfig
+    from service.errors import Refused
+    from service.runtime import Runtime
+
+    store = make_store(tmp_path / "store", n_adapters=2, full=False)
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32", max_adapters=1))
+    rt.load_base()
+    rt.load("lora-0")
+    verify, landed = store.verify, []
+
+    def verify_then_a_writer(name, **kw):  # a re-export lands right after the PUT's check (forced timing)
+        m = verify(name, **kw)
+        if name == "lora-0" and not landed:
+            landed.append(name)
+            src = store.path(name)
+            with store.writing(name, overwrite=True) as tmp:
+                shutil.rmtree(tmp)
+                shutil.copytree(src, tmp)
+                cfg = json.loads((tmp / "adapter_config.json").read_text())
+                (tmp / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "re-export"}))
+                (tmp / "manifest.json").unlink()
+                store.commit(tmp, Manifest.load(src))
+        return m
+
+    store.verify = verify_then_a_writer
+    with pytest.raises(Refused, match="replaced while it was loaded; PUT it again"):
+        rt.prepare("lora-0")
+    store.verify = verify
+    entry = rt.commit(rt.prepare("lora-0"))  # PUT again: the new files, their own hashes
+    assert entry.manifest.files == store.verify("lora-0").files
+    rt.load("lora-1")  # over --max-adapters 1: lora-0 evicted
+    assert not entry.resident
+    rt.ensure_resident(entry, protect=set())  # a request for lora-0: the cold reload accepts what it serves
+    assert entry.resident
+
+
+def _batcher(store, **cfg):
+    from service.batcher import Batcher
+    from service.config import ServiceConfig
+    from service.metrics import EngineMetrics
+    from service.runtime import Runtime
+
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32", threads=1, **cfg))
+    b = Batcher(rt, EngineMetrics())
+    b.start()
+    assert b.ready.wait(60)
+    return rt, b
+
+
+def test_a_later_put_of_a_name_is_not_overwritten_by_an_earlier_one(tmp_path):
+    """PUT #1 (rank 8: the bank must reallocate, so its commit waits for the batcher, busy with a long batch),
+    then PUT #2 (rank 4: a free slot, committed beside at once). The batcher then committed #1 over #2: the
+    name served the older read of the store, and both answered 200."""
+    import torch
+
+    from service.batcher import Job
+
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    rt, b = _batcher(store)
+    try:
+        forward, slow = rt.forward, []
+
+        def forward_slowly_once(entries, rows):
+            if slow:
+                slow.pop()
+                time.sleep(1.5)
+            return forward(entries, rows)
+
+        rt.forward = forward_slowly_once
+        e = rt.entries["lora-0"]
+        assert rt.bank.slots == 2 and len(rt.bank.index) == 1  # one free slot
+        slow.append(1)
+        b.submit(Job("lora-0", GOLDEN_TEXTS[:1], e.encode(GOLDEN_TEXTS[:1]), e.tok_key, lambda j, err: None))
+        time.sleep(0.2)  # the long batch runs on the batcher thread
+        write_lora(store, "lora-0", seed=200, r=8)
+        first = b.command("load", "lora-0")
+        deadline = time.monotonic() + 30
+        while not b._commands and time.monotonic() < deadline:  # checked; its commit waits for the batcher
+            time.sleep(0.01)
+        write_lora(store, "lora-0", seed=300, r=4)
+        second = b.command("load", "lora-0")
+        assert second.result(30)["status"] == first.result(30)["status"] == "replaced"
+        served = rt.entries["lora-0"]
+        got = torch.softmax(rt.forward([served], served.encode(GOLDEN_TEXTS[:1])), -1)
+    finally:
+        b.stop(5)
+    np.testing.assert_allclose(got.numpy(), golden_probs(store, "lora-0")[:1], atol=1e-4)
+
+
+def test_a_delete_issued_after_a_put_wins(tmp_path):
+    """A DELETE goes straight to the batcher; a PUT issued just before it was still golden-checked on the
+    swap worker (forced: 0.5 s), landed after it and loaded the adapter again."""
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    rt, b = _batcher(store)
+    try:
+        prepare = rt.prepare
+        rt.prepare = lambda name: (time.sleep(0.5), prepare(name))[1]
+        put = b.command("load", "lora-0")
+        time.sleep(0.05)
+        delete = b.command("unload", "lora-0")
+        assert delete.result(30)["status"] == "unloaded" and put.result(30)["name"] == "lora-0"  # both 200
+    finally:
+        b.stop(5)
+    assert "lora-0" not in rt.entries
