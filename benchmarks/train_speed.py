@@ -150,6 +150,10 @@ def run(s: TrainSpeedSettings) -> dict[str, Any]:
                     continue
                 finally:
                     gc.collect()
+                if comp != "false" and not info["compile"]["enabled"]:  # the loop fell back to eager
+                    failed[key] = f"compiling failed, measured nothing compiled: {info['compile']['reason']}"
+                    print(f"[train-speed] {key}: FAILED {failed[key]}", flush=True)
+                    continue
                 steady = info.get("steady")
                 if not steady:
                     failed[key] = f"fewer than two log boundaries in {s.steps} steps (log_every {s.log_every})"

@@ -257,6 +257,32 @@ def test_a_compiler_that_cannot_run_leaves_an_eager_run_with_the_reason(tmp_path
     )
 
 
+def test_train_speed_does_not_report_an_eager_fallback_as_compiled(monkeypatch):
+    """A compiled run whose compiler failed trains eagerly (above); train-speed recorded its figures under
+    compile=true. It is a failed run now, with the loop's reason."""
+    import torch._inductor.config as inductor_config
+
+    from benchmarks.train_speed import TrainSpeedSettings, run
+
+    monkeypatch.setenv("AGNEWS_DATA", str(AGNEWS))
+    settings = TrainSpeedSettings(
+        methods=["full"],
+        batch_sizes=[4],
+        compile=["true"],
+        steps=4,
+        log_every=2,
+        precision="fp32",
+        overrides=["arch_preset=tiny-roberta", "train_subset=200", "val_subset=16"],
+    )
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        out = run(settings)
+    torch._dynamo.reset()
+    assert out["runs"] == []
+    (reason,) = out["failed"].values()
+    assert reason.startswith("compiling failed, measured nothing compiled: compile failed at step 1"), reason
+
+
 def test_compiled_step_trains_like_eager_and_compiles_once_per_shape(tmp_path, data_dir):
     """compile=true (what auto picks on CUDA): same losses as eager, one graph for every padded width."""
     from torch._dynamo.utils import counters

@@ -36,7 +36,14 @@ from torch import nn
 from models import Store
 from models.atomic import atomic_dir, set_aside
 from models.hardware import resolve_precision, width_multiple
-from models.loading import fingerprint, load_tokenizer, mask_in_autocast_dtype, model_mask, save_base_snapshot
+from models.loading import (
+    fingerprint,
+    load_tokenizer,
+    mask_in_autocast_dtype,
+    model_mask,
+    padded_width,
+    save_base_snapshot,
+)
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
 from models.store import dir_bytes
 from models.writing import write_variant
@@ -471,15 +478,27 @@ def _train(
     eager_forward_loss = forward_loss
     if compiled:
         from torch import _dynamo
+        from torch.fx.experimental import _config as fx_config
 
         # Widths are padded to a few buckets (bucket_tokens) and rows are fixed: dynamic=True compiles
         # once for all of them (and for every batch size: the compile caches then serve the next run);
         # never fall back to eager over recompiles. reduce-overhead records one CUDA graph per width on top.
         _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 16)
+        # no duck sizing: a first batch as tall as it is wide (64 rows x 64 tokens) would give rows and width one
+        # symbol, and the first batch of another width would compile the whole step again
+        fx_config.use_duck_shape = False
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
         forward_loss = torch.compile(forward_loss, dynamic=True, mode=mode)
     # a CUDA-graphed step's outputs live in the graph's memory until the next step begins
     graphed = compiled and cfg.compile_mode == "reduce-overhead" and device.type == "cuda"
+    # ... gradients included: AccumulateGrad adopts a graphed backward's outputs as .grad, and the next
+    # micro-batch's replay overwrites them ("accessing gradient tensor output of CUDAGraphs that has been
+    # overwritten"). With accumulation, gradients go into .grad buffers made here, outside the graphs' pool.
+    keep_grads = graphed and cfg.grad_accum > 1
+    if keep_grads:
+        for p in unwrapped.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
 
     def micro_batches(step_batches: list[np.ndarray], step_rows: int) -> torch.Tensor:
         """Forward + backward of one optimizer step's micro-batches; their summed loss, on the device."""
@@ -497,6 +516,24 @@ def _train(
                 accelerator.backward(scaler.scale(loss_sum * (world / step_rows)))
             step_loss += loss_sum.detach()
         return step_loss
+
+    def warm_graphs() -> None:
+        """Record every padded width's CUDA graphs before the steps timed as steady: cudagraph trees run a new
+        shape eagerly once, record it the second time and replay it from the third, and length-grouped batches
+        meet some widths first late in a run. Dummy rows, gradients dropped, the CUDA RNG put back."""
+        rng = torch.cuda.get_rng_state(device)
+        rows = shape["rows"]
+        widths = {padded_width(int(n), shape["length_multiple"], shape["max_length"]) for n in np.unique(lengths)}
+        for width in sorted(widths, key=lambda w: (w == rows, w)):  # never rows x rows first (duck sizing)
+            ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+            for _ in range(2):
+                torch.compiler.cudagraph_mark_step_begin()
+                with accelerator.no_sync(model):
+                    accelerator.backward(
+                        forward_loss(ids, torch.ones_like(ids), torch.zeros(rows, dtype=torch.long, device=device))
+                    )
+        optimizer.zero_grad(set_to_none=not keep_grads)
+        torch.cuda.set_rng_state(rng, device)
 
     # ---- state that a checkpoint carries ----
     step = 0  # optimizer steps done
@@ -562,6 +599,7 @@ def _train(
     epoch_cache: dict[int, list[np.ndarray]] = {}
     t_resume = time.perf_counter()
     orphaned = launcher_watch()
+    warm_pending = graphed
     while step < total_steps:
         orphaned()  # one getppid() a step: a killed launcher's workers stop before they write anything more
         # ---- one optimizer step: no device value is read back to the host in here ----
@@ -574,6 +612,15 @@ def _train(
             micro += 1
         step_rows = sum(len(b) for b in step_batches)  # global rows in this step
         try:
+            if warm_pending:  # inside the first interval, which steady_throughput leaves out
+                warm_pending = False
+                try:
+                    warm_graphs()
+                except Exception as e:  # a measuring aid, never the run's end (a compiler failure still is)
+                    if compiler_failed(e):
+                        raise
+                    optimizer.zero_grad(set_to_none=not keep_grads)
+                    print(f"warning: warming CUDA graphs failed ({e!r}); widths record on first use", file=sys.stderr)
             step_loss = micro_batches(step_batches, step_rows)
         except Exception as e:
             if not (compiled and compiler_failed(e)):
@@ -596,7 +643,7 @@ def _train(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         step += 1
         bar.update(1)
 
