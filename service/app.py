@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import Store
@@ -58,10 +59,13 @@ class LimitsAndMetrics:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._too_large(scope, send, endpoint)
         received = 0
+        gone = False  # the client closed the connection before any response: nobody to answer (499)
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, gone
             msg = await receive()
+            if msg["type"] == "http.disconnect" and status == 499:
+                gone = True
             received += len(msg.get("body", b""))
             if received > limit:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes; send fewer or shorter inputs")
@@ -72,14 +76,16 @@ class LimitsAndMetrics:
 
         async def send_status(msg: Message) -> None:
             nonlocal status
-            if msg["type"] == "http.response.start":
+            if msg["type"] == "http.response.start" and not gone:
                 status = msg["status"]
             await send(msg)
 
         app = classify_fast if endpoint == "classify" and scope["method"] == "POST" else self.app
         try:
             await app(scope, limited_receive, send_status)
-        except BaseException:
+        except BaseException as exc:
+            if gone and isinstance(exc, ClientDisconnect):
+                return  # not a server error (FastAPI routes raise it from request.body())
             if status == 499:
                 status = 500  # it raised before any response: a server error
             raise

@@ -104,6 +104,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, ServiceError):  # e.g. the body limit tripped while FastAPI read the body
             return await _service_error(request, exc.__cause__)
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the JSON body
+            cause = exc.__cause__
+            return error_response(
+                BadRequest(
+                    f"request body could not be read as JSON ({type(cause).__name__}: {str(cause)[:200]}); "
+                    "send uncompressed UTF-8 JSON with 'Content-Type: application/json'"
+                )
+            )
         if exc.status_code == 404:
             msg = f"no route {request.method} {request.url.path}; see /openapi.json (or /docs) for the API"
         elif exc.status_code == 405:

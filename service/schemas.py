@@ -14,7 +14,7 @@ class ClassifyRequest(BaseModel):
 
     model: str = Field(min_length=1, description="variant name, see GET /v1/models")
     inputs: str | list[str] = Field(description="one text or a list of texts")
-    top_k: int | None = Field(None, ge=1, description="labels per input, best first (default: all)")
+    top_k: int | None = Field(None, ge=1, strict=True, description="labels per input, best first (default: all)")
 
 
 class LabelScore(BaseModel):
@@ -41,7 +41,7 @@ class ClassifyResponse(BaseModel):
 class HFParameters(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send more generic parameters than we use
 
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1, strict=True)
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = None
 
 

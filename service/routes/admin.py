@@ -85,7 +85,7 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/healthz", response_model=Health, tags=["ops"])
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, tags=["ops"])
 async def healthz() -> Health:
     """The front-end process is up (the engine may still be loading, or restarting)."""
     return Health(status="ok")
@@ -104,7 +104,7 @@ async def engine_ready(request: Request) -> dict:
     return state
 
 
-@router.get("/readyz", response_model=Health, tags=["ops"])
+@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["ops"])
 async def readyz(request: Request) -> Health:
     """Ready once the engine process runs and its startup loads are done."""
     state = await engine_ready(request)

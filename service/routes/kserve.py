@@ -27,12 +27,12 @@ async def server_metadata() -> dict:
     return {"name": "agnews-lora-serving", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live")
+@router.api_route("/health/live", methods=["GET", "HEAD"])
 async def live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/health/ready")
+@router.api_route("/health/ready", methods=["GET", "HEAD"])
 async def ready(request: Request) -> Response:
     await engine_ready(request)
     return Response(status_code=200)
@@ -74,8 +74,15 @@ def _decode_bytes_tensor(raw: bytes, count: int) -> list[str]:
         if pos + 4 > len(raw):
             raise BadRequest("binary BYTES tensor is shorter than its shape says; re-encode the input")
         (n,) = struct.unpack_from("<I", raw, pos)
-        out.append(raw[pos + 4 : pos + 4 + n].decode("utf-8", errors="replace"))
+        if pos + 4 + n > len(raw):
+            raise BadRequest("binary BYTES tensor is shorter than its shape says; re-encode the input")
+        try:
+            out.append(raw[pos + 4 : pos + 4 + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadRequest(f"binary BYTES element {len(out)} is not UTF-8; send UTF-8 text") from None
         pos += 4 + n
+    if pos != len(raw):
+        raise BadRequest(f"binary_data_size is {len(raw)} bytes but the shape's elements fill {pos}; fix either")
     return out
 
 
@@ -83,6 +90,8 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest,
     """The request and its texts, from plain JSON or the binary-tensor extension."""
     try:
         split = int(header_length) if header_length else len(body)
+        if not 0 <= split <= len(body):
+            raise ValueError(f"Inference-Header-Content-Length {split} is outside the body's {len(body)} bytes")
         req = V2InferRequest.model_validate(json.loads(body[:split]))
     except (ValueError, ValidationError, RecursionError) as e:
         raise BadRequest(
@@ -91,6 +100,8 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest,
     if len(req.inputs) != 1 or req.inputs[0].datatype != "BYTES":
         raise BadRequest("send exactly one input tensor of datatype BYTES holding the texts")
     tensor = req.inputs[0]
+    if any(d < 0 for d in tensor.shape):
+        raise BadRequest(f"input shape {tensor.shape} has a negative dimension; send the actual sizes")
     count = 1
     for d in tensor.shape:
         count *= d
@@ -98,12 +109,16 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[V2InferRequest,
     if binary_size is not None:
         if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
             raise BadRequest(f"binary_data_size must be a non-negative integer, not {binary_size!r}")
+        if split + binary_size > len(body):
+            raise BadRequest(f"binary_data_size is {binary_size} but {len(body) - split} bytes follow the header")
         texts = _decode_bytes_tensor(body[split : split + binary_size], count)
     elif tensor.data is not None:
         try:
-            texts = [x if isinstance(x, str) else str(x) for x in _flatten(tensor.data)]
+            texts = _flatten(tensor.data)
         except RecursionError:
             raise BadRequest("the input tensor's data is nested too deeply; send a flat list of texts") from None
+        if not all(isinstance(x, str) for x in texts):
+            raise BadRequest("a BYTES tensor's data must hold only strings; send the texts as JSON strings")
     else:
         raise BadRequest("the input tensor has neither 'data' nor binary_data_size; put the texts in 'data'")
     if len(texts) != count:
