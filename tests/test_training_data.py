@@ -10,6 +10,8 @@ from tiny import AGNEWS, tokenizer
 from training.config import TrainConfig
 from training.data import DataError, collate, encode, epoch_batches, golden_texts, load_raw, load_splits
 
+NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
 
 @pytest.fixture(scope="module")
 def rows() -> pd.DataFrame:
@@ -141,3 +143,69 @@ def test_widths_pad_to_the_multiple_a_bf16_cpu_forward_wants_never_past_max_leng
     longest = int(data.lengths[idx].max())
     assert batch["input_ids"].shape[1] == min(-(-longest // 16) * 16, 20)
     assert batch["attention_mask"].sum().item() == data.lengths[idx].sum()  # the padding is masked
+
+
+# ---- bring-your-own-data review: each of these failed on the old reader ----
+# A configured class with no training rows (binary data + default 4 AG News labels, or a class
+#    only in test) trains silently: 4-class head, variant labels World/Sports/Business/Sci/Tech
+def test_configured_class_without_training_rows_is_an_error(tmp_path, rows):
+    binary = rows[rows["label"] < 2]
+    binary.to_csv(tmp_path / "train.csv", index=False)
+    rows.to_csv(tmp_path / "test.csv", index=False)  # classes 2 and 3 only in test
+    with pytest.raises(DataError) as e:
+        load_splits(_cfg(tmp_path))
+    assert "Business" in str(e.value) and "Sci/Tech" in str(e.value)
+
+
+# Parquet shards: only the first train* file is read, the rest silently dropped
+def test_every_shard_of_a_split_is_read(tmp_path, rows):
+    rows.iloc[::2].to_parquet(tmp_path / "train-00000-of-00002.parquet")
+    rows.iloc[1::2].to_parquet(tmp_path / "train-00001-of-00002.parquet")
+    assert len(load_raw(_cfg(tmp_path))["train"]) == len(rows)
+
+
+# CSV / JSONL type inference rewrites texts that look like numbers ("007" -> "7", "1.50" -> "1.5")
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_numeric_looking_texts_are_kept_verbatim(tmp_path, rows, fmt):
+    df = pd.DataFrame({"text": [f"00{i}.50" for i in range(len(rows))], "label": rows["label"]})
+    path = tmp_path / f"train.{fmt}"
+    df.to_csv(path, index=False) if fmt == "csv" else df.to_json(path, orient="records", lines=True)
+    s = load_splits(_cfg(path))
+    assert set(pd.concat([s.train, s.val])["text"]) == set(df["text"])
+
+
+# a categorical label column (pandas `category`, kept by Parquet) crashes with a TypeError traceback
+def test_categorical_label_names(tmp_path, rows):
+    df = rows.assign(label=pd.Categorical([NAMES[i] for i in rows["label"]]))
+    df.to_parquet(tmp_path / "train.parquet")
+    s = load_splits(_cfg(tmp_path))
+    assert sorted(s.train["label"].unique()) == [0, 1, 2, 3]
+
+
+# JSONL with a UTF-8 BOM: "Expected object or value at position 0", no file named
+def test_jsonl_with_bom(tmp_path, rows):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + rows.to_json(orient="records", lines=True).encode())
+    assert len(load_raw(_cfg(path))["train"]) == len(rows)
+
+
+# subset caps the stratified sampler cannot honour: raw sklearn ValueError naming no config key
+@pytest.mark.parametrize("kw", [dict(train_subset=2), dict(val_subset=3)])
+def test_impossible_subset_names_the_key(tmp_path, rows, kw):
+    rows.to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(DataError) as e:
+        load_splits(_cfg(tmp_path, **kw))
+    assert next(iter(kw)) in str(e.value)
+
+
+# a Hub dataset's ClassLabel names are ignored: config labels in another order mislabel silently
+def test_hub_classlabel_names_must_match_labels(monkeypatch, rows):
+    import datasets
+
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=NAMES)})
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(rows, features=feats, preserve_index=False)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: dd)
+    swapped = ["Sports", "World", "Business", "Sci/Tech"]
+    with pytest.raises(DataError) as e:
+        load_splits(_cfg("someone/news", labels=swapped))
+    assert "World" in str(e.value)

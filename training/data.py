@@ -8,6 +8,7 @@ classes 1..4) or JSONL. A directory holds `train*` and optionally `test*` files.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,20 @@ def read_table(path: Path) -> pd.DataFrame:
     """One local file as a DataFrame; AG News original header-less CSV becomes (text, label)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return pd.read_parquet(path)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=True)
-    if suffix == ".csv":
+    if suffix not in SUFFIXES:
+        raise DataError([f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)}"])
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in (".jsonl", ".json"):
+            # utf-8-sig: a byte-order mark (Windows editors, Excel) is not a parse error
+            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
         return _read_csv(path)
-    raise DataError([f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)}"])
+    except (ValueError, OSError) as e:  # pandas/pyarrow parse errors (ParserError, ArrowInvalid, ...) are ValueErrors
+        what = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(
+            [f"{path}: cannot be read as {suffix[1:]} ({type(e).__name__}: {what}); fix or re-export it"]
+        ) from e
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -55,18 +63,35 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if raw.shape[1] == 3 and first and first[0].strip().isdigit():
         classes = pd.to_numeric(raw[0], errors="coerce")
         return pd.DataFrame({"text": raw[1] + " " + raw[2], "label": classes - 1})
-    return pd.read_csv(path, keep_default_na=False)
+    return pd.read_csv(path, keep_default_na=False, dtype=str)  # texts verbatim; `clean` parses the labels
 
 
-def _split_files(directory: Path) -> dict[str, Path]:
-    files: dict[str, Path] = {}
+def _split_files(directory: Path) -> dict[str, list[Path]]:
+    """Every `<split>*` file of each split, by name (Parquet shards `train-0000N-of-0000M` are one split)."""
+    files: dict[str, list[Path]] = {}
     for p in sorted(directory.iterdir()):
         if p.suffix.lower() not in SUFFIXES:
             continue
         for split in ("train", "test"):
-            if p.name.lower().startswith(split) and split not in files:
-                files[split] = p
+            if p.name.lower().startswith(split):
+                files.setdefault(split, []).append(p)
     return {split: files[split] for split in ("train", "test") if split in files}
+
+
+_SHARD = re.compile(r"-\d+-of-\d+$")
+
+
+def _read_files(split: str, paths: list[Path]) -> pd.DataFrame:
+    """One split from its files: shards (`train-00000-of-00002.parquet`, ...) concatenated in name order;
+    several other `<split>*` files are an error (a copy in another format or a subset beside the full file)."""
+    shards = all(_SHARD.search(p.stem) for p in paths) and len({p.suffix.lower() for p in paths}) == 1
+    if len(paths) > 1 and not shards:
+        raise DataError(
+            [
+                f"{split}: several {split}* files {[p.name for p in paths]}; keep one, or name shards {split}-00000-of-00002.parquet, ..."
+            ]
+        )
+    return pd.concat([read_table(p) for p in paths], ignore_index=True)
 
 
 def load_raw(cfg: TrainConfig) -> dict[str, pd.DataFrame]:
@@ -76,10 +101,10 @@ def load_raw(cfg: TrainConfig) -> dict[str, pd.DataFrame]:
         files = _split_files(src)
         if "train" not in files:
             raise DataError([f"{src} has no train*.parquet/.csv/.jsonl file; put the training split there"])
-        return {split: read_table(p) for split, p in files.items()}
+        return {split: _read_files(split, paths) for split, paths in files.items()}
     if src.is_file():
         return {"train": read_table(src)}
-    return _load_hub(cfg.data)
+    return _load_hub(cfg.data, cfg.label_column, cfg.labels)
 
 
 class MissingSplit(DataError):
@@ -106,7 +131,7 @@ def read_split(
     """One split as a validated (text, label) frame, picked and read exactly as training does.
 
     The one AG News reader: evaluation and the benchmarks call this, so every consumer reads
-    the same file (a directory's first `<split>*` file by name; a single file is the split
+    the same files (a directory's `<split>*` files, in name order; a single file is the split
     asked for; otherwise a Hub dataset id).
     """
     src = Path(data)
@@ -114,11 +139,11 @@ def read_split(
         files = _split_files(src)
         if split not in files:
             raise MissingSplit([f"{src} has no {split}*.parquet/.csv/.jsonl file; put the {split} split there"])
-        raw = read_table(files[split])
+        raw = _read_files(split, files[split])
     elif src.is_file():
         raw = read_table(src)
     else:
-        splits = _load_hub(str(data))
+        splits = _load_hub(str(data), label_column, list(labels))
         if split not in splits:
             raise MissingSplit([f"Hub dataset '{data}' has no '{split}' split; it has {sorted(splits)}"])
         raw = splits[split]
@@ -128,7 +153,7 @@ def read_split(
     return df
 
 
-def _load_hub(dataset_id: str) -> dict[str, pd.DataFrame]:
+def _load_hub(dataset_id: str, label_column: str, labels: Sequence[str]) -> dict[str, pd.DataFrame]:
     try:
         import datasets
 
@@ -140,7 +165,19 @@ def _load_hub(dataset_id: str) -> dict[str, pd.DataFrame]:
                 f"offline, use a local copy: {OFFLINE_HINT}"
             ]
         ) from e
-    return {split: ds[split].to_pandas() for split in ("train", "test") if split in ds}
+    splits = [split for split in ("train", "test") if split in ds]
+    # A ClassLabel column carries the dataset's own names, in index order: `labels` must be those names in
+    # that order (else every name the variant reports is another class's).
+    for split in splits:
+        names = getattr(ds[split].features.get(label_column), "names", None)
+        if names is not None and list(names) != list(labels):
+            raise DataError(
+                [
+                    f"Hub dataset '{dataset_id}' names its {label_column} classes {list(names)} (in index order), "
+                    f"labels is {list(labels)}; set labels: {list(names)}"
+                ]
+            )
+    return {split: ds[split].to_pandas() for split in splits}
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -156,6 +193,8 @@ def clean(df: pd.DataFrame, cfg: TrainConfig, split: str) -> tuple[pd.DataFrame,
         ]
     text = df[cfg.text_column].astype(str)
     raw = df[cfg.label_column]
+    if isinstance(raw.dtype, pd.CategoricalDtype):  # pandas `category` (kept by Parquet): compare values, not codes
+        raw = raw.astype(object)
     n = len(cfg.labels)
     if not pd.api.types.is_numeric_dtype(raw) and not pd.to_numeric(raw, errors="coerce").notna().all():
         index = {name: i for i, name in enumerate(cfg.labels)}
@@ -183,6 +222,20 @@ def clean(df: pd.DataFrame, cfg: TrainConfig, split: str) -> tuple[pd.DataFrame,
         return df, problems
     out = pd.DataFrame({"text": text.to_numpy(), "label": labels.astype(int).to_numpy()})
     return out, problems
+
+
+def _cap_problem(df: pd.DataFrame, cap: int | None, key: str, split: str) -> str | None:
+    """Why `cap` rows cannot be a stratified sample of `df` (sklearn's conditions), or None."""
+    if cap is None or cap >= len(df):
+        return None
+    counts = df["label"].value_counts()
+    if counts.size <= cap <= len(df) - counts.size and counts.min() >= 2:
+        return None
+    return (
+        f"{key}: {cap} cannot be a stratified sample of the {len(df)} {split} rows (class counts "
+        f"{counts.to_dict()}): it needs {counts.size}..{len(df) - counts.size} rows and >= 2 rows in every class; "
+        f"change {key} or set it to null"
+    )
 
 
 def _stratified_cap(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
@@ -215,14 +268,27 @@ def load_splits(cfg: TrainConfig) -> Splits:
     if problems:
         raise DataError(problems)
     train = cleaned["train"]
-    counts = train["label"].value_counts()
-    if len(train) < 2 * len(cfg.labels) or counts.min() < 2:
-        raise DataError([f"train: {len(train)} rows with class counts {counts.to_dict()}; need >= 2 per class"])
+    # every configured class, those with no row included (value_counts leaves them out)
+    counts = train["label"].value_counts().reindex(range(len(cfg.labels)), fill_value=0)
+    if counts.min() < 2:
+        per_class = {cfg.labels[i]: int(c) for i, c in counts.items()}
+        raise DataError(
+            [
+                f"train: class counts {per_class}; every class in labels needs >= 2 training rows — "
+                "set labels to the classes your data has, in index order, or add rows"
+            ]
+        )
     n_val = max(len(cfg.labels), math.ceil(cfg.val_fraction * len(train)))
     train, val = train_test_split(train, test_size=n_val, stratify=train["label"], random_state=cfg.seed)
+    test = cleaned.get("test")
+    caps = [(train, cfg.train_subset, "train_subset", "training"), (val, cfg.val_subset, "val_subset", "validation")]
+    if test is not None:
+        caps.append((test, cfg.test_subset, "test_subset", "test"))
+    problems = [p for df, cap, key, split in caps if (p := _cap_problem(df, cap, key, split))]
+    if problems:
+        raise DataError(problems)
     train = _stratified_cap(train.sort_index(), cfg.train_subset, cfg.seed)
     val = _stratified_cap(val.sort_index(), cfg.val_subset, cfg.seed)
-    test = cleaned.get("test")
     if test is not None:
         test = _stratified_cap(test, cfg.test_subset, cfg.seed)
     return Splits(
