@@ -348,8 +348,8 @@ class Batcher:
             return
         self._wait_idle()
         rt.settle()
-        if rt.evict_over_cap(set()):  # a batch needed more adapters than --max-adapters at once
-            self._update_gauges()
+        rt.evict_over_cap(set())  # a batch needed more adapters than --max-adapters at once
+        self._update_gauges()  # settle may have freed or evicted adapters (a PUT committed beside, over the cap)
         while self._commands:
             with self._cond:
                 op, target, fut, t0 = self._commands.popleft()
@@ -445,7 +445,6 @@ class Batcher:
 
     def _dispatch(self, batch: list[tuple[Row, Entry]]) -> None:
         """Run `batch` on a free lane, or here (see the module docstring)."""
-        start_s = time.perf_counter()
         batch = self._make_resident(batch)
         if not batch:
             return
@@ -471,7 +470,7 @@ class Batcher:
         ):
             with self._cond:
                 self._busy += 1
-            self._lane_pool.submit(self._on_lane, rows, entries, ids, start_s)
+            self._lane_pool.submit(self._on_lane, rows, entries, ids)
             return
         heavy = self.cfg.lone_threads > self.cfg.threads and self.runtime.batch_cost_s(entries, ids) > HEAVY_BATCH_S
         # While a swap worker checks a new variant (on the cores a lane leaves; every core without lanes)
@@ -479,11 +478,11 @@ class Batcher:
         # p50 46-58 -> 41-49 ms).
         threads = self.cfg.lone_threads if (lone or heavy) and not self._checking else self.cfg.threads
         self._wait_idle()
-        self._execute(rows, entries, ids, start_s, threads, "batcher")
+        self._execute(rows, entries, ids, threads, "batcher")
 
-    def _on_lane(self, rows: list[Row], entries: list[Entry], ids: list[list[int]], start_s: float) -> None:
+    def _on_lane(self, rows: list[Row], entries: list[Entry], ids: list[list[int]]) -> None:
         try:
-            self._execute(rows, entries, ids, start_s, self._lane_threads, "lane")
+            self._execute(rows, entries, ids, self._lane_threads, "lane")
         except Exception:  # never a lost lane: log; the batch's requests were answered or failed
             log.exception("lane error")
         finally:
@@ -491,13 +490,13 @@ class Batcher:
                 self._busy -= 1
                 self._cond.notify_all()
 
-    def _execute(
-        self, rows: list[Row], entries: list[Entry], ids: list[list[int]], start_s: float, threads: int, where: str
-    ) -> None:
+    def _execute(self, rows: list[Row], entries: list[Entry], ids: list[list[int]], threads: int, where: str) -> None:
         """One forward of the batch on this thread with `threads` torch threads, then the answers."""
         if torch.get_num_threads() != threads:  # per thread: each lane keeps its own count
             torch.set_num_threads(threads)
-        cpu0 = time.thread_time()
+        # the batch starts here: cold reloads (service_adapter_load_seconds) and waits for running lanes
+        # before it are queueing, not compute
+        start_s, cpu0 = time.perf_counter(), time.thread_time()
         try:
             logits = self.runtime.forward(entries, ids)
         except Exception as e:

@@ -40,7 +40,7 @@ class FrontendMetrics:
             registry=r,
         )
         self.engine_up = Gauge(
-            "service_engine_up", "1 while the engine process is connected", registry=r, multiprocess_mode="min"
+            "service_engine_up", "1 while the engine process is connected", registry=r, multiprocess_mode="livemin"
         )
         self.engine_disconnects = Counter(
             "service_engine_disconnects",
@@ -52,10 +52,28 @@ class FrontendMetrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several front-end processes: sum their files
             from prometheus_client import multiprocess
 
+            _forget_dead_frontends()
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _forget_dead_frontends() -> None:
+    """Drop the live gauges (service_engine_up) of front-end workers that died: uvicorn restarts them under a
+    new pid, and a dead one's last value (0 if the engine was down then) would be the minimum for good."""
+    import glob
+
+    from prometheus_client import multiprocess
+
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "gauge_live*_*.db")):
+        pid = int(path.rsplit("_", 1)[1].removesuffix(".db"))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid)
+        except PermissionError:
+            pass
 
 
 class EngineMetrics:

@@ -75,6 +75,14 @@ def tokenizer_key(tokenizer_json: str, max_length: int) -> str:
 
 
 @dataclass
+class Usage:
+    """A name's request history, shared by its versions: a batch formed before a hot-swap answers on the old one."""
+
+    last_used: float = 0.0
+    request_count: int = 0
+
+
+@dataclass
 class Entry:
     """One servable variant. `model` is a torch module or ONNX session; LoRA entries use `adapter`."""
 
@@ -91,14 +99,29 @@ class Entry:
     tok_lock: threading.Lock = field(default_factory=threading.Lock)
     graphed: GraphedForward | None = None  # CUDA graphs of this full/merged model (service/graphs.py)
     loaded_at: float = field(default_factory=time.time)
-    last_used: float = 0.0
-    request_count: int = 0
+    usage: Usage = field(default_factory=Usage)
     seq: int = 0  # arrival order of the PUT that loaded it (Batcher.command; 0 at startup)
     _tok_key: str | None = None
 
     @property
     def kind(self) -> str:
         return self.manifest.kind
+
+    @property
+    def last_used(self) -> float:
+        return self.usage.last_used
+
+    @last_used.setter
+    def last_used(self, t: float) -> None:
+        self.usage.last_used = t
+
+    @property
+    def request_count(self) -> int:
+        return self.usage.request_count
+
+    @request_count.setter
+    def request_count(self, n: int) -> None:
+        self.usage.request_count = n
 
     @property
     def tok_key(self) -> str:
@@ -545,7 +568,7 @@ class Runtime:
         self.version += 1
         self.refused.pop(name, None)
         if old is not None:
-            entry.request_count, entry.last_used = old.request_count, old.last_used  # its name's history (LRU)
+            entry.usage = old.usage  # its name's history (LRU), shared: batches still running on `old` count too
             if beside:
                 self._retired.append(old)
             else:

@@ -143,6 +143,37 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> Non
     raise RuntimeError("service not ready")
 
 
+def test_engine_up_recovers_after_a_frontend_died_while_the_engine_was_down(tmp_path):
+    """--frontends 2: service_engine_up is the minimum over front-ends. A worker that died while the engine was
+    down left its 0 in the multi-process files (uvicorn restarts it under a new pid), so the metric said
+    'engine down' for good while the service served again."""
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(store.root, port, frontends=2)
+    try:
+        _wait_ready(url, proc)
+        workers = [k for k in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(k.cmdline())]
+        assert len(workers) == 2 and _metric(url, "service_engine_up") == 1
+        os.kill(_engine_children(proc.pid)[0], signal.SIGKILL)  # the engine crashes ...
+        time.sleep(0.2)
+        workers[-1].kill()  # ... and a front-end worker dies meanwhile (OOM, segfault)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, KeyError):
+                if httpx.get(f"{url}/readyz").status_code == 200 and _metric(url, "service_engine_up") == 1:
+                    break
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        assert _metric(url, "service_engine_up") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def test_ctrl_c_lets_a_request_in_flight_finish_on_the_one_engine(tmp_path):
     """Ctrl-C in a terminal signals the service's whole process group. The engine runs in a session of its
     own, so it is stopped by the service after uvicorn's in-flight requests, not ahead of them: a request

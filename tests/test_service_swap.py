@@ -573,3 +573,101 @@ def test_a_delete_issued_after_a_put_wins(tmp_path):
     finally:
         b.stop(5)
     assert "lora-0" not in rt.entries
+
+
+def _engine(tmp_path, store, **cfg):
+    """The engine process's objects in this process (its socket is never served): batcher started, ready."""
+    from service.config import ServiceConfig
+    from service.engine import Engine
+
+    eng = Engine(ServiceConfig(store=store.root, precision="fp32", threads=1, **cfg), f"unix://{tmp_path}/engine.sock")
+    eng.batcher.start()
+    assert eng.batcher.ready.wait(60)
+    return eng
+
+
+def _ask(eng, name: str):
+    from service.batcher import Job
+
+    e, done = eng.runtime.entries[name], threading.Event()
+    job = Job(name, GOLDEN_TEXTS[:1], e.encode(GOLDEN_TEXTS[:1]), e.tok_key, lambda j, err: done.set())
+    eng.batcher.submit(job)
+    assert done.wait(30)
+    return job
+
+
+def test_compute_time_is_the_forward_not_a_cold_reload(tmp_path):
+    """compute_ms and service_compute_seconds started before the batch's evicted adapters were reloaded from
+    disk (and before waiting for running lanes): a cold reload counted as compute, not as queueing."""
+    store = make_store(tmp_path / "store", n_adapters=2, full=False)
+    eng = _engine(tmp_path, store, variants="lora-0,lora-1", max_adapters=1)
+    try:
+        forward, forwards_ms = eng.runtime.forward, []
+
+        def timed_forward(entries, rows):
+            t0 = time.perf_counter()
+            out = forward(entries, rows)
+            forwards_ms.append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        eng.runtime.forward = timed_forward
+        read = eng.runtime._read
+
+        def slow_read(name):  # a cold reload that takes a while (a big adapter, a slow disk)
+            time.sleep(0.2)
+            return read(name)
+
+        eng.runtime._read = slow_read
+        assert eng.runtime.entries["lora-1"].resident and not eng.runtime.entries["lora-0"].resident
+        # the first is resident; the second and third reload their adapter (evicting the other)
+        jobs = [_ask(eng, name) for name in ("lora-1", "lora-0", "lora-1")]
+    finally:
+        eng.batcher.stop(5)
+    for job, forward_ms in zip(jobs, forwards_ms, strict=True):
+        assert forward_ms <= job.compute_ms < forward_ms + 50, (job.compute_ms, forward_ms)
+    assert jobs[0].queue_ms < 200 <= min(jobs[1].queue_ms, jobs[2].queue_ms)  # a reload waits in the queue
+    assert eng.metrics.compute.labels("__lora__")._sum.get() * 1e3 < sum(forwards_ms) + 100
+
+
+def test_requests_answered_by_a_replaced_version_count_for_the_name(tmp_path):
+    """A batch formed before a hot-swap is answered by the old version: its requests went to counters nobody
+    read any more (/v1/models request_count 0 and last_used 0 after answering one; LRU then evicted it first)."""
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    eng = _engine(tmp_path, store, variants="lora-0")
+    try:
+        in_forward, release, forward = threading.Event(), threading.Event(), eng.runtime.forward
+
+        def held_forward(entries, rows):
+            in_forward.set()
+            release.wait(30)
+            return forward(entries, rows)
+
+        eng.runtime.forward = held_forward
+        with ThreadPoolExecutor(1) as pool:
+            answered = pool.submit(_ask, eng, "lora-0")
+            assert in_forward.wait(30)
+            t_put = time.time()
+            assert eng.batcher.command("load", "lora-0").result(60)["status"] == "replaced"
+            release.set()
+            answered.result(30)
+        listed = eng.batcher.state()["entries"]["lora-0"]
+    finally:
+        eng.batcher.stop(5)
+    assert listed["request_count"] == 1 and listed["last_used"] >= t_put, listed
+
+
+def test_the_loaded_adapters_gauge_follows_an_eviction_after_a_put(tmp_path):
+    """A PUT committed beside the batches goes over --max-adapters; the idle batcher's settle evicts the least
+    used one, but service_loaded_adapters kept counting it."""
+    store = make_store(tmp_path / "store", n_adapters=2, full=False)
+    eng = _engine(tmp_path, store, variants="lora-0", max_adapters=1)
+    try:
+        assert eng.batcher.command("load", "lora-1").result(60)["status"] == "loaded"
+        deadline = time.monotonic() + 10
+        while eng.metrics.evictions._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        gauge = eng.metrics.loaded_adapters._value.get()
+    finally:
+        eng.batcher.stop(5)
+    assert eng.metrics.evictions._value.get() == 1 and gauge == eng.runtime.resident_adapters() == 1
