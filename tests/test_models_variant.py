@@ -275,20 +275,26 @@ def test_one_metrics_function_with_one_key_spelling():
 def test_benchmarks_and_training_read_the_same_ag_news_file(tmp_path):
     from benchmarks.common import load_split
     from benchmarks.loadgen import agnews_test_texts
-    from training.data import read_split
+    from training.data import DataError, read_split
 
     texts, labels = load_split(AGNEWS)
     df = read_split(AGNEWS, "test")
     assert texts == df["text"].tolist() and labels == df["label"].tolist() and len(texts) == 7600
     # what every load / ceiling run sends (it once sent the letters of the column name 'text')
     assert agnews_test_texts(str(AGNEWS)) == texts
-    # Two candidate files: both readers must pick the same one (the first test* by name).
+    # Shards of one split: both readers join them in name order.
     d = tmp_path / "data"
     d.mkdir()
-    pd.DataFrame({"text": ["from csv"], "label": [1]}).to_csv(d / "test.csv", index=False)
-    pd.DataFrame({"text": ["from parquet"], "label": [2]}).to_parquet(d / "test.parquet")
+    pd.DataFrame({"text": ["first"], "label": [1]}).to_parquet(d / "test-00000-of-00002.parquet")
+    pd.DataFrame({"text": ["second"], "label": [2]}).to_parquet(d / "test-00001-of-00002.parquet")
     pd.DataFrame({"text": ["t"], "label": [0]}).to_parquet(d / "train.parquet")
-    assert load_split(d) == (read_split(d)["text"].tolist(), read_split(d)["label"].tolist()) == (["from csv"], [1])
+    both = (["first", "second"], [1, 2])
+    assert load_split(d) == (read_split(d)["text"].tolist(), read_split(d)["label"].tolist()) == both
+    # Two other candidate files (a copy in another format): neither reader picks one silently.
+    pd.DataFrame({"text": ["from csv"], "label": [1]}).to_csv(d / "test.csv", index=False)
+    for reader in (load_split, read_split):
+        with pytest.raises(DataError, match="several test\\* files"):
+            reader(d)
 
 
 # ---- import structure ------------------------------------------------------------------------
