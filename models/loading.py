@@ -175,7 +175,19 @@ def fingerprint(model: nn.Module) -> str:
 def load_tokenizer(path_or_id: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path_or_id))
+    try:
+        return AutoTokenizer.from_pretrained(str(path_or_id))
+    except OSError as e:
+        raise not_loadable(path_or_id, e) from None
+
+
+def not_loadable(path_or_id: str | Path, e: OSError) -> FileNotFoundError:
+    """A one-line error for a model/tokenizer that is neither a local model dir nor fetchable."""
+    return FileNotFoundError(
+        f"{path_or_id}: not a local model directory (with config.json) and not loadable from the Hugging Face "
+        f"Hub or its cache ({str(e).splitlines()[0]}); give a local path, or run "
+        f"`huggingface-cli download {path_or_id}` on a machine with network access"
+    )
 
 
 def save_base_snapshot(store: Store, model: nn.Module, tokenizer: Any, base_model: str, init: str) -> str:

@@ -16,7 +16,7 @@ def require_admin(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.strip().encode()):
         raise Unauthorized(
             "admin endpoints need 'Authorization: Bearer <api key>' (the key given with --api-key / SERVICE_API_KEY)",
             headers={"WWW-Authenticate": "Bearer"},

@@ -224,3 +224,20 @@ def test_request_timeout_is_504_and_engine_survives(tmp_path):
         s.app.state.config.request_timeout_s = 10  # the same engine keeps serving
         assert s.classify("lora-0", "fast enough").status_code == 200
         assert s.app.state.supervisor.pid == pid
+
+
+def test_an_api_key_with_surrounding_whitespace_authenticates():
+    """A key read from a file keeps its newline (SERVICE_API_KEY="$(cat key)" does not, a config does): every
+    admin call was refused."""
+    from types import SimpleNamespace
+
+    from service.auth import require_admin
+    from service.errors import Unauthorized
+
+    def request(header: str) -> SimpleNamespace:
+        state = SimpleNamespace(config=SimpleNamespace(api_key=" s3cret\n"))
+        return SimpleNamespace(app=SimpleNamespace(state=state), headers={"authorization": header})
+
+    require_admin(request("Bearer s3cret"))
+    with pytest.raises(Unauthorized):
+        require_admin(request("Bearer s3cre"))

@@ -194,3 +194,37 @@ def test_help_lists_every_key_with_its_description(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "lora.r = 8" in out and "rank of the low-rank update" in out and "log_every = 10" in out
+
+
+def test_a_tilde_base_model_is_expanded(tmp_path, monkeypatch):
+    """`base_model: ~/minilm` (existing) was refused as 'does not exist'."""
+    import os
+
+    (tmp_path / "minilm").symlink_to(os.environ.get("BASE_MODEL", "/work/shared/models/all-MiniLM-L6-v2"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        "configs/tiny-bert-full.yaml", ["init=pretrained", "arch_preset=null", "tokenizer=null", "base_model=~/minilm"]
+    )
+    assert cfg.base_model == str(tmp_path / "minilm")
+
+
+def test_a_hub_id_not_in_the_cache_offline_is_one_line_saying_what_to_do(tmp_path, monkeypatch, capsys):
+    """It was transformers' 54-line OSError traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    args = ["max_steps=1", "init=pretrained", "arch_preset=null", "tokenizer=null", "base_model=no-such-org/no-such"]
+    rc = main(
+        [
+            "train",
+            "configs/tiny-bert-full.yaml",
+            "--store",
+            str(tmp_path / "s"),
+            "--runs-dir",
+            str(tmp_path / "r"),
+            "--set",
+            *args,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert "no-such-org/no-such: not a local model directory" in err and "huggingface-cli download" in err

@@ -217,6 +217,11 @@ class TrainConfig(_Strict):
             check_name(v)  # raises ValueError saying what a store name may contain
         return v
 
+    @field_validator("base_model", "tokenizer", "data")
+    @classmethod
+    def _expand_home(cls, v: str | None) -> str | None:
+        return os.path.expanduser(v) if v and v.startswith("~") else v
+
     @model_validator(mode="after")
     def _cross_field_checks(self) -> TrainConfig:
         """Checks that span fields or the environment; all of them, raised as one error."""

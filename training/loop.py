@@ -98,6 +98,10 @@ def build_model(cfg: TrainConfig, tokenizer: Any, attention: str | None = None) 
         return AutoModelForSequenceClassification.from_pretrained(
             cfg.base_model, torch_dtype=torch.float32, attn_implementation=attention, **labels
         )
+    except OSError as e:
+        from models.loading import not_loadable
+
+        raise not_loadable(cfg.base_model, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
