@@ -103,6 +103,15 @@ class Row:
     index: int
     epoch: int = 0
 
+    def stale(self, now_s: float) -> bool:
+        """Nobody waits for this row: its request was started again (see Job.entry), left, or timed out (then
+        marked cancelled: the front-end has answered 504 already)."""
+        if self.epoch != self.job.epoch:
+            return True
+        if not self.job.cancelled and self.job.deadline_s < now_s:
+            self.job.cancelled = True
+        return self.job.cancelled
+
     @property
     def length(self) -> int:
         return len(self.job.rows[self.index])
@@ -183,10 +192,7 @@ class Batcher:
         """Forget queued rows whose request timed out, left or was started again. Caller holds _cond.
         (_pick drops them too, with the unloaded-variant rows it must answer under the runtime's lock.)"""
         now_s = time.time()
-        for row in self._rows:
-            if row.epoch == row.job.epoch and row.job.deadline_s < now_s:
-                row.job.cancelled = True  # the front-end has answered 504 already
-        self._rows = deque(r for r in self._rows if r.epoch == r.job.epoch and not r.job.cancelled)
+        self._rows = deque(r for r in self._rows if not r.stale(now_s))
         self.metrics.queue_depth.set(len(self._rows))
 
     def command(self, op: str, name: str) -> concurrent.futures.Future:
@@ -214,7 +220,7 @@ class Batcher:
     def _startup_failed(self) -> Unavailable:
         return Unavailable(f"the engine's startup failed ({self.startup_error}); fix the store and restart the service")
 
-    def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float, seq: int = 0) -> None:
+    def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float, seq: int) -> None:
         """Swap worker thread: verify + golden-check `name`, then commit it here when the bank has a free
         slot for it (Runtime.commit_beside), else hand it to the batcher to commit between batches."""
         self._checking += 1
@@ -271,8 +277,8 @@ class Batcher:
                     "tok": e.tok_key,
                     "resident": e.resident,
                     "bytes": e.bytes,
-                    "last_used": e.last_used,
-                    "request_count": e.request_count,
+                    "last_used": e.usage.last_used,
+                    "request_count": e.usage.request_count,
                 }
                 for name, e in entries.items()
             },
@@ -409,10 +415,7 @@ class Batcher:
         live: deque[Row] = deque()
         now_s = time.time()
         for row in self._rows:  # drop timed-out rows and rows whose variant was unloaded
-            if row.epoch != row.job.epoch:  # its request was started again (see Job.entry)
-                continue
-            if row.job.cancelled or row.job.deadline_s < now_s:
-                row.job.cancelled = True  # the front-end has answered 504 already
+            if row.stale(now_s):
                 continue
             if row.job.variant not in entries:
                 self._fail(
@@ -555,9 +558,9 @@ class Batcher:
             if id(job) not in seen:
                 seen.add(id(job))
                 job.compute_ms += compute_s * 1e3
-            entry.last_used = now
+            entry.usage.last_used = now
             if job.remaining == 0 and not job.cancelled:
-                entry.request_count += 1
+                entry.usage.request_count += 1
                 job.done(job, None)
         return len(seen)
 

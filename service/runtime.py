@@ -108,22 +108,6 @@ class Entry:
         return self.manifest.kind
 
     @property
-    def last_used(self) -> float:
-        return self.usage.last_used
-
-    @last_used.setter
-    def last_used(self, t: float) -> None:
-        self.usage.last_used = t
-
-    @property
-    def request_count(self) -> int:
-        return self.usage.request_count
-
-    @request_count.setter
-    def request_count(self, n: int) -> None:
-        self.usage.request_count = n
-
-    @property
     def tok_key(self) -> str:
         """Content hash of the tokenizer and truncation length: front-ends tokenise with the tokenizer of this key."""
         if self._tok_key is None:
@@ -638,7 +622,7 @@ class Runtime:
         """Evict least-recently-used adapters beyond --max-adapters (never those in `protect`)."""
         with self.lock:
             resident = sorted(
-                (e for e in self.entries.values() if e.kind == "lora" and e.resident), key=lambda e: e.last_used
+                (e for e in self.entries.values() if e.kind == "lora" and e.resident), key=lambda e: e.usage.last_used
             )
             evicted = []
             for e in resident:

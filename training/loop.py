@@ -41,6 +41,7 @@ from models.loading import (
     load_tokenizer,
     mask_in_autocast_dtype,
     model_mask,
+    not_loadable,
     padded_width,
     save_base_snapshot,
 )
@@ -99,8 +100,6 @@ def build_model(cfg: TrainConfig, tokenizer: Any, attention: str | None = None) 
             cfg.base_model, torch_dtype=torch.float32, attn_implementation=attention, **labels
         )
     except OSError as e:
-        from models.loading import not_loadable
-
         raise not_loadable(cfg.base_model, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
