@@ -157,7 +157,7 @@ def test_queue_full_is_429_with_retry_after(tmp_path):
         running(store.root, max_queue=4, max_wait_ms=1500, max_batch_tokens=100_000) as s,
         ThreadPoolExecutor(2) as pool,
     ):
-        for _attempt in range(5):  # the first request may be taken alone before the second arrives: retry
+        for _attempt in range(15):  # the first request may be taken alone before the second arrives: retry
             waiting = [pool.submit(s.classify, "lora-0", ["a", "b"]), pool.submit(s.classify, "lora-0", ["c"])]
             deadline = time.monotonic() + 1.0
             while _queued_rows(s) < 3 and time.monotonic() < deadline:
