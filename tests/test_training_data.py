@@ -22,13 +22,18 @@ def _cfg(data, **kw) -> TrainConfig:
     return TrainConfig(data=str(data), **kw)
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+# .json: JSON lines (as `datasets.to_json` writes it) or one array of records, on one line or indented
+# (an array was read as JSON lines: a parse error, or one row of dicts)
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "json-lines", "json-array", "json-array-indented"])
 def test_each_local_format_reads_the_same_rows(tmp_path, rows, fmt):
-    path = tmp_path / f"train.{fmt}"
+    path = tmp_path / f"train.{fmt.split('-')[0]}"
     {
         "parquet": lambda: rows.to_parquet(path),
         "csv": lambda: rows.to_csv(path, index=False),
         "jsonl": lambda: rows.to_json(path, orient="records", lines=True),
+        "json-lines": lambda: rows.to_json(path, orient="records", lines=True),
+        "json-array": lambda: rows.to_json(path, orient="records"),
+        "json-array-indented": lambda: path.write_text("\ufeff\n  " + rows.to_json(orient="records", indent=2)),
     }[fmt]()
     raw = load_raw(_cfg(path))
     assert list(raw) == ["train"]

@@ -116,7 +116,7 @@ class TrainConfig(_Strict):
     )
     # --- data ----------------------------------------------------------------------------
     data: str = Field(
-        "fancyzhx/ag_news", description="Hub dataset id, or a local directory / .parquet / .csv / .jsonl file"
+        "fancyzhx/ag_news", description="Hub dataset id, or a local directory / .parquet / .csv / .jsonl / .json file"
     )
     text_column: str = Field("text", description="column holding the input text")
     label_column: str = Field("label", description="column holding the class index (0..n-1) or label name")

@@ -46,14 +46,27 @@ def read_table(path: Path) -> pd.DataFrame:
         if suffix == ".parquet":
             return pd.read_parquet(path)
         if suffix in (".jsonl", ".json"):
-            # utf-8-sig: a byte-order mark (Windows editors, Excel) is not a parse error
-            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
+            # utf-8-sig: a byte-order mark (Windows editors, Excel) is not a parse error. A .json file
+            # is JSON lines as `datasets.to_json` writes it, or one array of records (`json.dump(rows)`,
+            # `df.to_json(orient="records")`): read as lines, an array became rows of dicts
+            lines = not _starts_with(path, "[")
+            orient = None if lines else "records"
+            return pd.read_json(path, lines=lines, orient=orient, dtype=False, encoding="utf-8-sig")
         return _read_csv(path)
     except (ValueError, OSError) as e:  # pandas/pyarrow parse errors (ParserError, ArrowInvalid, ...) are ValueErrors
         what = (str(e).splitlines() or [""])[0][:200]
         raise DataError(
             [f"{path}: cannot be read as {suffix[1:]} ({type(e).__name__}: {what}); fix or re-export it"]
         ) from e
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the file's first character past a byte-order mark and whitespace is `char`."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped[0] == char
+    return False
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
