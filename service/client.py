@@ -24,7 +24,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 from tokenizers import Tokenizer
 
-from service.errors import ModelNotFound, ServiceError, Timeout, Unavailable
+from service.errors import ServiceError, Timeout, Unavailable, not_loaded
 from service.metrics import FrontendMetrics
 from service.protocol import error_from, pack, unpack
 from service.transport import FrameReader, frame, socket_path
@@ -209,8 +209,7 @@ class EngineClient:
                 raise engine_down()
             if not self.state.get("ready"):  # a (re)started engine still loading its variants
                 raise Unavailable("the engine is still loading models; retry shortly", headers={"Retry-After": "1"})
-            loaded = ", ".join(sorted(entries)) or "none"
-            raise ModelNotFound(f"model '{name}' is not loaded; loaded: {loaded}; load it with PUT /v1/adapters/{name}")
+            raise not_loaded(name, entries)
         return entries[name]
 
     async def tokenize(self, tok_key: str, texts: list[str], timeout_s: float) -> list[list[int]]:

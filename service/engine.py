@@ -28,7 +28,7 @@ from typing import Any
 from models import Store
 from service.batcher import Batcher, Job
 from service.config import ServiceConfig
-from service.errors import ModelNotFound, ServiceError, Unavailable
+from service.errors import ModelNotFound, ServiceError, Unavailable, not_loaded
 from service.metrics import EngineMetrics
 from service.protocol import error_fields, pack, unpack
 from service.runtime import Runtime
@@ -114,10 +114,7 @@ class Engine:
         if not self.batcher.ready.is_set():
             raise Unavailable("the engine is still loading models; retry shortly", headers={"Retry-After": "1"})
         if msg["variant"] not in self.runtime.entries:
-            loaded = ", ".join(sorted(self.runtime.entries)) or "none"
-            raise ModelNotFound(
-                f"model '{msg['variant']}' is not loaded; loaded: {loaded}; load it with PUT /v1/adapters/{msg['variant']}"
-            )
+            raise not_loaded(msg["variant"], self.runtime.entries)
         job = Job(
             msg["variant"],
             msg["texts"],

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.manifest import check_name
 
 log = logging.getLogger("service")
 
@@ -40,6 +43,17 @@ class Unauthorized(ServiceError):
 
 class ModelNotFound(ServiceError):
     status, type = 404, "model_not_found"
+
+
+def not_loaded(name: str, loaded: Iterable[str]) -> ModelNotFound:
+    """404 for a request naming a variant that is not served: what is, and how to load it (a name no
+    variant can have gets the naming rule instead: PUT would refuse it)."""
+    try:
+        check_name(name)
+        advice = f"load it with PUT /v1/adapters/{name}"
+    except ValueError as e:
+        advice = str(e)
+    return ModelNotFound(f"model {name!r} is not loaded; loaded: {', '.join(sorted(loaded)) or 'none'}; {advice}")
 
 
 class Refused(ServiceError):

@@ -52,6 +52,8 @@ BAD = [
         "loaded: full, lora-0; load it with PUT /v1/adapters/nope",
     ),
     ("POST", "/models/nope", {"inputs": "x"}, 404, "model_not_found", "PUT /v1/adapters/nope"),
+    # a name no variant can have: the naming rule, not advice to PUT what PUT refuses with a 422
+    ("POST", CLASSIFY, {"model": "bad name!", "inputs": "x"}, 404, "model_not_found", "invalid variant name"),
     ("POST", "/models/lora-0", {"parameters": {}}, 422, "invalid_request", "inputs"),
     ("POST", "/models/lora-0", {"inputs": "x", "parameters": {"top_k": -1}}, 422, "invalid_request", "top_k"),
     # JSON may escape a lone surrogate; UTF-8 (the tokenizer) cannot hold it (pydantic refuses it on CLASSIFY)
