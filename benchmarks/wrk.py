@@ -144,6 +144,13 @@ def run_wrk(
         )
     raw = json.loads(line[len(MARK) :])
     statuses = {k: int(v) for k, v in raw["statuses"].items()}
+    # wrk's "timeout" errors are responses that arrived after --timeout (response_complete: stats_record
+    # refuses the latency), and every one of them also reached the script's response(), so it is in
+    # `statuses` too. Such a request failed for the client, as a timed-out httpx request does: it is a
+    # timeout, not a success, and one request, not two. wrk does not say its status: it is taken out of
+    # the 200s (ok is then a lower bound where some late answers were errors).
+    late = raw["socket_errors"]["timeout"]
+    ok = max(0, statuses.get("200", 0) - late)
     errors = Counter({k: v for k, v in statuses.items() if k != "200"})
     for key, name in SOCKET_ERROR_NAMES.items():
         if raw["socket_errors"][key]:
@@ -158,8 +165,10 @@ def run_wrk(
         "client": "wrk",
         "threads": threads,
         "window_s": window_s,
-        "requests": sum(statuses.values()) + sum(raw["socket_errors"][k] for k in ("connect", "timeout")),
-        "ok": statuses.get("200", 0),
+        # a read or write error is a request that got no answer (the connection broke under it): counted, as
+        # the httpx client counts its ReadError / WriteError samples, so requests = ok + errors
+        "requests": sum(statuses.values()) + sum(raw["socket_errors"][k] for k in ("connect", "read", "write")),
+        "ok": ok,
         "errors_by_status": dict(sorted(errors.items())),
         "latency_all": raw["latency"],
         "compute": raw["compute"],

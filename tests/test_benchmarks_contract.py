@@ -252,3 +252,54 @@ def test_the_memory_check_is_not_loosened_by_one_high_reading():
     check = adapter_check([{"adapters": k, "rss_bytes": v} for k, v in rss.items()], one)
     assert check["base_estimate_bytes"] <= 875 * mib - 8 * one
     assert abs(check["marginal_over_adapter_bytes"] - 1.18) < 0.01
+
+
+def test_the_mix_target_is_not_met_where_its_merged_half_failed():
+    """The goal has two halves (>= 0.95x one adapter, >= 0.85x merged): a run whose merged target got no
+    successful request is not 'met' on the other half alone (was: met, reading only '1.00x one adapter');
+    where merged succeeded at a lower level, all three are compared there."""
+    from benchmarks.report import targets_section
+
+    meta = {"hardware": {"cpu": "Test CPU", "cpu_count": 2, "native_bf16": False}, "git": {"sha": "abc1234"}}
+
+    def mix_row(runs: list[dict]) -> list[str]:
+        doc = {"kind": "load", "meta": meta, "runs": runs, "settings": {}, "command": ["python"], "status": "partial"}
+        out = targets_section({"load": [(None, doc)], "memory": [], "hotswap": [], "accuracy": []})
+        line = next(line for line in out.splitlines() if line.startswith("| adapters-32"))
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    row = mix_row(
+        [_load_run("adapter-1", 32, 200.0), _load_run("adapters-32", 32, 200.0), _load_run("merged", 32, 0.0, ok=0)]
+    )
+    assert row[-1] != "met" and "merged" in row[2], row
+    row = mix_row(
+        [
+            _load_run("adapter-1", 8, 100.0),
+            _load_run("adapters-32", 8, 100.0),
+            _load_run("merged", 8, 125.0),
+            _load_run("adapter-1", 32, 200.0),
+            _load_run("adapters-32", 32, 200.0),
+            _load_run("merged", 32, 0.0, ok=0),
+        ]
+    )
+    assert "c=8" in row[0] and "0.80× merged" in row[2] and row[-1] == "missed", row
+    # a run without a merged target is judged on the half it measured, as before
+    row = mix_row([_load_run("adapter-1", 32, 200.0), _load_run("adapters-32", 32, 200.0)])
+    assert row[2] == "1.00× one adapter" and row[-1] == "met", row
+
+
+def test_the_recipe_target_is_not_met_without_an_accuracy():
+    """'>= 25x, accuracy not lower' on a CPU run that scored no accuracy (random init: accuracy_delta_points
+    None) is not met on speed alone (was: met, 'accuracy –'); a scored run is judged on both halves."""
+    from benchmarks.report import speed_targets
+
+    meta = {"hardware": {"cpu": "Test CPU", "cpu_count": 2, "native_bf16": True}, "git": {"sha": "abc1234"}}
+
+    def status(delta: float | None) -> str:
+        payload = {"samples_per_s_ratio": 30.0, "steady_samples_per_s_ratio": 31.0, "accuracy_delta_points": delta}
+        doc = {"kind": "recipe-compare", "meta": meta, "payload": payload, "settings": {"steps": 30}}
+        (row,) = speed_targets({"recipe-compare": [(None, doc)]})
+        return row[-1]
+
+    assert status(None) != "met"
+    assert status(1.0) == "met" and status(-1.0) == "missed"
