@@ -313,3 +313,33 @@ def test_bad_input_exits_nonzero_with_every_problem(tmp_path, capsys):
     code = main(["train", "configs/tiny-bert-full.yaml", "--set", "nonsense=1", "lr=-1", "--store", str(store)])
     err = capsys.readouterr().err
     assert code == 2 and "unknown key 'nonsense'" in err and "lr: -1.0 must be in (0, 1)" in err
+
+
+def test_max_length_beyond_the_models_positions_is_a_config_error(tmp_path, data_dir, capsys):
+    """It was a RuntimeError from the embeddings' forward ("expanded size ... must match"), at the first batch
+    holding a text past the positions the model has."""
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    args = ["--set", f"data={data_dir}", "max_length=256", "--store", str(store), "--runs-dir", str(runs)]
+    assert main(["train", "configs/tiny-bert-full.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert "max_length: 256 tokens is more than tiny-bert has positions for; set max_length <= 128" in err
+    assert "Traceback" not in err and Store(store).names() == []
+    assert json.loads((runs / "tiny-bert-full.json").read_text())["run_info"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("preset", ["tiny-bert", "tiny-roberta"])
+def test_position_limit_is_the_longest_text_the_model_takes(preset):
+    """RoBERTa numbers positions from padding_idx + 1: 130 positions with pad id 0 take 129 tokens."""
+    from tiny import tokenizer
+
+    from training.loop import build_model, position_limit
+
+    tok = tokenizer()
+    cfg = load_config(f"configs/{preset}-{'full' if preset == 'tiny-bert' else 'lora'}.yaml")
+    model = build_model(cfg, tok).eval()
+    limit = position_limit(model)
+    assert limit == {"tiny-bert": 128, "tiny-roberta": 129}[preset]
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit), 1000), attention_mask=torch.ones(1, limit, dtype=torch.long))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.full((1, limit + 1), 1000), attention_mask=torch.ones(1, limit + 1, dtype=torch.long))

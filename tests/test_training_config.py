@@ -228,3 +228,36 @@ def test_a_hub_id_not_in_the_cache_offline_is_one_line_saying_what_to_do(tmp_pat
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err[-2000:]
     assert "no-such-org/no-such: not a local model directory" in err and "huggingface-cli download" in err
+
+
+def test_arch_overrides_are_checked_against_the_model_type():
+    """transformers' configs take any keyword: a misspelt arch key silently built the preset unchanged, and
+    arch.num_labels crashed the build with a TypeError (a duplicate keyword beside `labels`)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            "configs/tiny-bert-full.yaml",
+            ["arch.num_hiden_layers=1", "arch.num_labels=3", "arch.zzz=1", "batch_size=0"],
+        )
+    assert e.value.problems == [
+        "batch_size: must be >= 1, got 0",
+        "unknown key 'arch.num_hiden_layers' for model_type bert (did you mean 'num_hidden_layers'?)",
+        "arch.num_labels: set by labels (num_labels, id2label, label2id come from it); remove it",
+        "unknown key 'arch.zzz' for model_type bert (BertConfig has no such setting)",
+    ]
+    with pytest.raises(ConfigError, match=r"arch.model_type: 'robertaa' is not a transformers model type \(did you"):
+        load_config("configs/tiny-bert-full.yaml", ["arch.model_type=robertaa"])
+    ok = [
+        "arch.model_type=roberta",
+        "arch.num_hidden_layers=1",
+        "arch.hidden_dropout_prob=0",
+        "arch.classifier_dropout=0.2",
+    ]
+    assert load_config("configs/tiny-bert-full.yaml", ok).arch["num_hidden_layers"] == 1
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_epochs_must_be_a_finite_number(value):
+    """`epochs: .inf` passed validation and the run died computing its step count (OverflowError traceback)."""
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny-bert-full.yaml", ["max_steps=null", f"epochs={value}"])
+    assert e.value.problems == [f"epochs: expected a finite number, got {float(value[1:])!r}"]

@@ -139,7 +139,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
     eval_batch_size: int = Field(64, ge=1, description="sequences per evaluation batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    epochs: float = Field(1.0, description="passes over the training data (ignored when max_steps is set)")
+    epochs: float = Field(
+        1.0, allow_inf_nan=False, description="passes over the training data (ignored when max_steps is set)"
+    )
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     lr: float | None = Field(None, gt=0, lt=1, description="peak learning rate; null = the method's default_lr")
     weight_decay: float = Field(
@@ -233,6 +235,8 @@ class TrainConfig(_Strict):
             )
         if self.arch and self.init != "random":
             p.append("arch: overrides apply only with init: random (a pretrained model keeps its architecture)")
+        elif self.arch:
+            p += _arch_problems(self.arch, self.arch_preset)
         if len(set(self.labels)) != len(self.labels):
             p.append(f"labels: names must be unique, got {self.labels}")
         if self.max_steps is None and self.epochs <= 0:
@@ -256,6 +260,35 @@ class TrainConfig(_Strict):
         if p:
             raise PydanticCustomError(_CHECKS, "{summary}", {"problems": p, "summary": "; ".join(p)})
         return self
+
+
+# Set from `labels` (build_model passes them beside `arch`): in `arch` they would clash with those.
+_ARCH_FROM_LABELS = ("num_labels", "id2label", "label2id")
+
+
+def _arch_problems(arch: dict[str, Any], preset: str | None) -> list[str]:
+    """Unknown keys of `arch` for its model type: transformers' configs take any keyword silently, so a
+    misspelt `num_hiden_layers` would build the preset's architecture unchanged."""
+    model_type = arch.get("model_type") or ARCH_PRESETS.get(preset or "", {}).get("model_type")
+    if not isinstance(model_type, str):
+        return []  # no model type: reported by the init: random check
+    from transformers import CONFIG_MAPPING  # only when arch overrides are given (importing it takes ~1 s)
+
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else "; e.g. bert, roberta"
+        return [f"arch.model_type: {model_type!r} is not a transformers model type{hint}"]
+    defaults = CONFIG_MAPPING[model_type]()
+    known = [*defaults.to_dict(), *defaults.attribute_map]
+    problems = []
+    for key in arch:
+        if key in _ARCH_FROM_LABELS:
+            problems.append(f"arch.{key}: set by labels ({', '.join(_ARCH_FROM_LABELS)} come from it); remove it")
+        elif key != "model_type" and not hasattr(defaults, key):
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"{type(defaults).__name__} has no such setting"
+            problems.append(f"unknown key 'arch.{key}' for model_type {model_type} ({hint})")
+    return problems
 
 
 def _looks_local(s: str) -> bool:

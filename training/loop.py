@@ -37,6 +37,7 @@ from models import Store
 from models.atomic import atomic_dir, set_aside
 from models.hardware import resolve_precision, width_multiple
 from models.loading import (
+    encoder_of,
     fingerprint,
     load_tokenizer,
     mask_in_autocast_dtype,
@@ -48,7 +49,7 @@ from models.loading import (
 from models.provenance import git_info, hardware, package_versions, peak_rss_bytes
 from models.store import dir_bytes
 from models.writing import write_variant
-from training.config import TrainConfig, arch_config
+from training.config import ConfigError, TrainConfig, arch_config
 from training.data import Encoded, collate, encode, epoch_batches, eval_batches, golden_texts, load_splits, shard
 from training.dropout import use_cpu_dropout
 from training.methods import METHODS, trainable_counts
@@ -103,6 +104,16 @@ def build_model(cfg: TrainConfig, tokenizer: Any, attention: str | None = None) 
         raise not_loadable(cfg.base_model, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens a text may have for `model`'s position embeddings (None: no absolute positions).
+    RoBERTa-style embeddings number positions from padding_idx + 1, so they cover fewer than they hold."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    padding_idx = getattr(getattr(encoder_of(model), "embeddings", None), "padding_idx", None)
+    return positions - (padding_idx + 1 if padding_idx is not None else 0)
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -450,6 +461,14 @@ def _train(
     on_cpu = device.type == "cpu"
     model = build_model(cfg, tokenizer, attention=CPU_ATTENTION if on_cpu else None)
     base_name = cfg.base_model if cfg.init == "pretrained" else (cfg.arch_preset or cfg.base_model)
+    # A longer text would fail in the embeddings' forward at the first batch holding one (or in the service).
+    limit = position_limit(model)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(
+            [
+                f"max_length: {cfg.max_length} tokens is more than {base_name} has positions for; set max_length <= {limit}"
+            ]
+        )
     base_fp = fingerprint(model)
     if method.kind == "lora" and is_main and cfg.save_variant:  # adapters reference a base stored once
         save_base_snapshot(store, model, tokenizer, base_name, cfg.init)
