@@ -18,6 +18,7 @@ still load.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,6 +54,11 @@ EXPORT_TOLERANCE: dict[str, float | None] = {"merged": 1e-3, "onnx": 5e-3, "onnx
 # Measured: MiniLM fine-tuned 150 steps (logits up to 3.2), int8 export max |Δlogit| 0.40 (2-core Xeon): a
 # healthy export moves a margin by at most twice its max |Δ|, well under 2.0; a label mix-up moves it by all of it.
 UNBOUNDED_EXPORT_SLACK = 1.0
+# ... and keep most classes: the slack rule cannot fail while max |Δlogit| <= the slack (no text with a margin
+# over twice it can flip), so on a source whose margins are all under 2.0 (a lightly trained or low-confidence
+# model) it passed an int8 of other weights that changed every golden text's class (agreement 0.0). Healthy int8
+# flips only near-ties: 98.6-98.8 % argmax agreement with fp32 on the 7,600 AG News test texts (reports/REPORT.md).
+UNBOUNDED_EXPORT_MIN_AGREEMENT = 0.5
 
 
 def load_tolerance(kind: str, precision: str = "fp32") -> float:
@@ -167,13 +173,14 @@ def export_parity(
     """(max |Δlogit|, argmax agreement, tolerance, passed) of an export's logits on its source's golden set.
 
     `tolerance` overrides EXPORT_TOLERANCE[fmt]; None there (int8) bounds no logit but still refuses an
-    export that changes the class of a text its source decides by more than 2 * UNBOUNDED_EXPORT_SLACK.
+    export that changes the class of a text its source decides by more than 2 * UNBOUNDED_EXPORT_SLACK, or
+    that keeps the class of fewer than UNBOUNDED_EXPORT_MIN_AGREEMENT of the golden texts.
     """
     tol = tolerance if tolerance is not None else EXPORT_TOLERANCE.get(fmt)
     max_abs, agreement = compare_golden(source.golden, logits)
-    if tol is None:  # logits not bounded, but decisive texts must keep their class
+    if tol is None:  # logits not bounded, but decisive texts must keep their class, and most texts theirs
         _, decisive = compare_golden(source.golden, logits, UNBOUNDED_EXPORT_SLACK)
-        passed = max_abs != float("inf") and decisive == 1.0
+        passed = math.isfinite(max_abs) and decisive == 1.0 and agreement >= UNBOUNDED_EXPORT_MIN_AGREEMENT
     else:
         passed = agreement == 1.0 and max_abs <= tol
     return max_abs, agreement, tol, passed

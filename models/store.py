@@ -89,6 +89,15 @@ class Store:
         self._new_only: set[Path] = set()  # temporary dirs of writing(overwrite=False): commit must not replace
 
     # ---- reading ---------------------------------------------------------------------------
+    def require(self) -> None:
+        """Raise FileNotFoundError saying what to do when the root is not a directory: a typo or the wrong CWD
+        would otherwise read as an empty store ("available: none", a service serving nothing)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"store {self.root} is not a directory; give --store the store training wrote "
+                "(default ./store; `make demo` writes demo-run/full/store)"
+            )
+
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []

@@ -385,11 +385,7 @@ class Runtime:
         return next(m for m in loras if m.base_fingerprint == top_fp)
 
     def load_base(self) -> None:
-        if not self.store.root.is_dir():  # a typo or the wrong CWD: say so instead of serving nothing, "ready"
-            raise FileNotFoundError(
-                f"store {self.store.root} is not a directory; give --store the store training wrote "
-                "(default ./store; `make demo` writes demo-run/full/store)"
-            )
+        self.store.require()  # a typo or the wrong CWD: say so instead of serving nothing, "ready"
         m = self.choose_base()
         if m is None:
             if self.cfg.base:

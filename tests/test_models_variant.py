@@ -257,6 +257,34 @@ def test_copy_adapter_goes_through_the_atomic_writer(store, tmp_path):
     assert not [p for p in st.root.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_int8_export_from_onnx_never_writes_into_its_source(store, tmp_path, monkeypatch):
+    """onnxruntime's quantize_dynamic writes `model-inferred.onnx` beside its input: quantising the source
+    variant's own file put it there, so the source was refused (unlisted file) during the export, and for good
+    when the export died before removing it. Here it dies right after shape inference."""
+    import shutil
+
+    from onnxruntime.quantization import quant_utils
+
+    from training.export import export
+
+    shutil.copytree(store.root, tmp_path / "s", symlinks=True)
+    st = Store(tmp_path / "s")
+    before = sorted(p.name for p in st.path("full-onnx").iterdir())
+    during = {}
+
+    def killed(path, *args, **kwargs):
+        during["source"] = sorted(p.name for p in st.path("full-onnx").iterdir())
+        raise KeyboardInterrupt  # a kill (OOM, Ctrl-C) while the inferred model loads
+
+    monkeypatch.setattr(quant_utils.onnx, "load", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(st, "full-onnx", "onnx-int8", name="again-int8")
+    assert during["source"] == before
+    assert sorted(p.name for p in st.path("full-onnx").iterdir()) == before
+    assert st.verify("full-onnx").name == "full-onnx"  # still servable
+    assert "again-int8" not in st.names() and not [p for p in st.root.iterdir() if p.name.startswith(".tmp")]
+
+
 # ---- one metrics function, one reader ----------------------------------------------------------
 def test_one_metrics_function_with_one_key_spelling():
     import benchmarks.accuracy as acc

@@ -260,6 +260,30 @@ def test_an_int8_export_that_changes_its_sources_classes_is_refused(tmp_path):
         assert f"bad-{fmt}" not in store.names()
 
 
+def test_an_int8_export_that_changes_most_classes_is_refused_whatever_the_margins(tmp_path):
+    """The margin rule above cannot fail while no logit moves by more than its slack (1.0): on a source whose
+    margins are all small (the tiny model's, a lightly trained one's) an int8 that changed the class of every
+    golden text registered as passed. Here the source's reference is each row rolled by one class, as small as
+    the real logits: every class changes, no logit moves far."""
+    from tiny import make_store
+
+    from models.golden import UNBOUNDED_EXPORT_SLACK
+    from training.export import ExportRefused, export
+
+    store = make_store(tmp_path / "store", n_adapters=0)
+    path = store.path("full") / "manifest.json"
+    data = json.loads(path.read_text())
+    rows = data["golden"]["logits"]
+    rolled = [row[-1:] + row[:-1] for row in rows]
+    assert all(max(r) - sorted(r)[-2] < 2 * UNBOUNDED_EXPORT_SLACK for r in rolled)  # no decisive text
+    assert all(r.index(max(r)) != row.index(max(row)) for r, row in zip(rolled, rows, strict=True))
+    data["golden"]["logits"] = rolled
+    path.write_text(json.dumps(data))
+    with pytest.raises(ExportRefused, match=r"failed parity.*argmax agreement 0\.0%"):
+        export(store, "full", "onnx-int8", name="bad-int8")
+    assert "bad-int8" not in store.names()
+
+
 def test_eval_works_for_every_kind(trained, data_dir, capsys):
     store, runs = trained
     test_accuracy = json.loads((runs / "tiny-bert-lora.json").read_text())["train_info"]["test_accuracy"]
@@ -343,3 +367,13 @@ def test_position_limit_is_the_longest_text_the_model_takes(preset):
         model(input_ids=torch.full((1, limit), 1000), attention_mask=torch.ones(1, limit, dtype=torch.long))
         with pytest.raises((IndexError, RuntimeError)):
             model(input_ids=torch.full((1, limit + 1), 1000), attention_mask=torch.ones(1, limit + 1, dtype=torch.long))
+
+
+def test_export_and_eval_name_a_store_that_is_not_there(tmp_path, capsys):
+    """A wrong CWD or a missing --store said "no variant 'x' in the store; available: none", naming no store."""
+    missing = tmp_path / "nowhere" / "store"
+    for argv in (["export", "full", "--format", "onnx"], ["eval", "full"]):
+        assert main([*argv, "--store", str(missing)]) == 2
+        err = capsys.readouterr().err
+        assert f"store {missing} is not a directory" in err and "give --store" in err
+    assert not missing.exists()  # nothing was created by looking

@@ -70,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.export import ExportRefused
 
     store = Store(args.store)
+    if args.command != "train":  # export / eval read a store: a missing one is not an empty one
+        try:
+            store.require()
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         if args.command == "train":
             from training.config import load_config

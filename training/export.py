@@ -128,7 +128,11 @@ def _onnx(store: Store, src: Manifest, name: str, fmt: str, tol: float | None, o
         with store.writing(name, overwrite=overwrite) as tmp:
             fp32_dir = tmp if fmt == "onnx" else scratch
             if src.kind == "onnx":
-                fp32_dir = src_path
+                # A copy, never the source itself: quantize_dynamic writes `model-inferred.onnx` beside its
+                # input (onnxruntime's shape inference) — in the source variant, which verify then refuses
+                # for that unlisted file while it exists, and for good if the export dies before removing it.
+                shutil.copytree(src_path, scratch)
+                fp32_dir = scratch
             else:
                 with warnings.catch_warnings():  # torch.jit tracer warnings about constant masks are expected
                     warnings.simplefilter("ignore")
