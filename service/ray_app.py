@@ -40,9 +40,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Metric, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -199,6 +202,7 @@ class EngineReplica:
         self.loading: dict[str, asyncio.Task] = {}  # engine loads in progress (shared by every request waiting)
         self.loads: Counter[str] = Counter()  # engine loads per variant on this replica
         self.requests = self.hits = 0
+        self._getting: set[asyncio.Task] = set()  # multiplexed loads run to their end (see _get_model_to_the_end)
 
     async def _load(self, name: str) -> _Held:
         self.loop = asyncio.get_running_loop()
@@ -254,7 +258,7 @@ class EngineReplica:
         self.hits += hit
         self.inflight[name] += 1
         try:
-            await self.get_model(name)
+            await self._get_model_to_the_end(name)
             reply = await self.engine.infer(name, texts, timeout_s)
         except ServiceError as e:
             return {"error": error_fields(e)}
@@ -264,6 +268,25 @@ class EngineReplica:
                 self._maybe_unload(name)
         reply["replica"] = {"id": self.replica_id, "hit": hit, "loads": sum(self.loads.values())}
         return reply
+
+    async def _get_model_to_the_end(self, name: str) -> None:
+        """Ray's multiplexed load of `name` (get_model), run to its end even when this request is cancelled (front-end
+        timeout, client gone): Ray's wrapper forgets a load only when it raises an Exception, and CancelledError is
+        not one, so a cancelled get_model left `name` in the ids this replica pushes to the routers for good (held
+        neither in Ray's cache nor, once its load landed and was undone, in the engine), and Ray kept routing
+        `name` here as a hit. Run to its end, the load lands in Ray's cache: what is advertised is what is held."""
+        task = asyncio.ensure_future(self.get_model(name))
+        self._getting.add(task)
+        task.add_done_callback(self._got)
+        try:
+            await asyncio.shield(task)
+        finally:
+            del task  # a cancelled request's traceback keeps this frame: it must not keep the held model too
+
+    def _got(self, task: asyncio.Task) -> None:
+        self._getting.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a refusal whose requester left is not "never retrieved"
 
     async def state(self) -> dict[str, Any]:
         return {
@@ -275,8 +298,9 @@ class EngineReplica:
             "hits": self.hits,
         }
 
-    async def metrics(self) -> str:
-        return self.engine.metrics.render().decode()
+    async def metrics(self) -> dict[str, str]:
+        """This replica's engine metrics, with its id (the front-end labels each replica's series with it)."""
+        return {"replica": self.replica_id, "text": self.engine.metrics.render().decode()}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -352,6 +376,16 @@ class RayEngineClient:
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    async def _all_metrics(self, timeout_s: float) -> str:
+        """Every engine replica's metrics, each series labelled `replica`: one replica's counters alone (what a
+        routed call returns) would jump between replicas' values from scrape to scrape, which Prometheus reads
+        as counter resets. A replica that does not answer in time is left out of this scrape."""
+        try:
+            replies = await self.handle.broadcast("metrics").results_async(timeout_s=timeout_s, return_exceptions=True)
+        except (TimeoutError, DeploymentUnavailableError):
+            return ""
+        return merge_replica_metrics([r for r in replies if isinstance(r, dict)])
+
     async def infer(self, name: str, entry: dict[str, Any], texts: list[str], timeout_s: float) -> Result:
         reply = await self._remote("infer", texts, timeout_s, model=name, timeout_s=timeout_s + 5)
         if "error" in reply:
@@ -377,7 +411,7 @@ class RayEngineClient:
                 headers={"Allow": "GET"},
             )
         if op == "metrics":
-            return {"text": await self._remote("metrics", timeout_s=timeout_s)}
+            return {"text": await self._all_metrics(timeout_s)}
         if op == "state":
             return await self.refresh()
         raise ServiceError(f"unknown engine op {op!r}")
@@ -385,6 +419,25 @@ class RayEngineClient:
 
 async def _awaited(response: Any) -> Any:
     return await response
+
+
+def merge_replica_metrics(replies: list[dict[str, str]]) -> str:
+    """One Prometheus exposition of several replicas' (same metric families, one `replica` label each):
+    concatenated texts would repeat each family's HELP/TYPE, which the text format forbids."""
+    families: dict[str, Metric] = {}
+    for reply in replies:
+        for fam in text_string_to_metric_families(reply["text"]):
+            merged = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+            for s in fam.samples:
+                merged.add_sample(s.name, {**s.labels, "replica": reply["replica"]}, s.value, s.timestamp, s.exemplar)
+
+    class _Merged:
+        def collect(self) -> Any:
+            return iter(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry).decode()
 
 
 class ReplicaHeaders:
@@ -418,6 +471,7 @@ class ReplicaHeaders:
 def frontend_app(cfg: ServiceConfig, engine: RayEngineClient) -> FastAPI:
     """The single-machine service's routes and error contract over `engine` (service/app.py's wiring)."""
     metrics = FrontendMetrics()
+    metrics.engine_up.set(1)  # as `RayEngineClient.connected`: Ray's proxy routes here only while the application runs
     app = FastAPI(
         title="AG News classifier service (Ray Serve)",
         version="0.1.0",

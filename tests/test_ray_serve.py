@@ -9,6 +9,7 @@ Skipped when Ray is not installed (`pip install '.[ray]'`; `make setup` and CI i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -158,6 +159,34 @@ def test_an_adapters_requests_stick_to_replicas_that_hold_it(cluster):
     for n in ADAPTERS:  # with no misses, every request went to a replica that held it before
         holders = {rep for m, rep, _ in seen if m == n}
         assert holders <= replicas and len(holders) <= 2
+
+
+@needs_ray
+def test_metrics_count_every_engine_replica_and_say_the_engine_is_up(cluster):
+    """/metrics on Ray: `service_engine_up` is 1 while replicas serve (was 0: nothing set it on Ray), and the engine
+    series come from every replica, each labelled `replica`, so a counter only grows from scrape to scrape (was: the
+    one replica a routed call reached, unlabelled: its counts jumped between replicas', read as counter resets)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for n in ADAPTERS:
+        assert _classify(cluster, n, GOLDEN_TEXTS[0]).status_code == 200
+    batches: list[dict[str, float]] = []
+    for _ in range(6):
+        r = cluster.get("/metrics")
+        assert r.status_code == 200, r.text
+        families = list(text_string_to_metric_families(r.text))
+        names = [f.name for f in families]
+        assert len(names) == len(set(names)), "a metric family appears twice"
+        by_name = {f.name: f for f in families}
+        assert [s.value for s in by_name["service_engine_up"].samples] == [1.0]
+        per_replica: Counter[str] = Counter()
+        for s in by_name["service_batches"].samples:
+            if s.name == "service_batches_total":
+                per_replica[s.labels["replica"]] += s.value
+        batches.append(dict(per_replica))
+    assert all(len(b) == 2 for b in batches), f"both engine replicas' series in every scrape: {batches}"
+    for before, after in itertools.pairwise(batches):
+        assert all(after[rep] >= before[rep] for rep in before), f"a counter went down between scrapes: {batches}"
 
 
 BAD_ON_RAY = {  # admin rows: on Ray, load/unload is refused with 405 (a valid name) — see service/ray_app.py
@@ -358,5 +387,49 @@ def test_a_load_cancelled_half_way_is_unloaded_once_it_lands(tmp_path, monkeypat
         swaps = replica.engine.metrics.swaps
         assert swaps.labels("load", "refused")._value.get() == 0 and replica.loads["full"] == 1
         assert "full" not in runtime.entries and "full" not in replica.held
+    finally:
+        replica.engine.stop()
+
+
+@needs_ray
+def test_a_cancelled_multiplexed_load_is_advertised_only_where_it_is_held(tmp_path, monkeypatch):
+    """The Engine class with Ray's real @serve.multiplexed wrapper: a request cancelled while its variant loads.
+    What the replica pushes to Ray's routers (the wrapper's loaded + loading ids) must be what it holds; was:
+    Ray's wrapper forgets a load only on an Exception, CancelledError is not one, so the replica advertised the
+    variant for good while neither Ray's cache nor (once the landed load was undone) its engine held it."""
+    import asyncio
+    import types
+
+    import ray.serve.multiplex as multiplex
+
+    import service.ray_app as ra
+
+    store = make_store(tmp_path / "store", n_adapters=1)
+    args = ra.RayAppArgs(store=store.root, max_adapters_per_replica=2, service={"precision": "fp32", "threads": 1})
+    context = types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id="r1"), app_name="a", deployment="Engine")
+    monkeypatch.setattr(ra.serve, "get_replica_context", lambda: context)
+    monkeypatch.setattr(multiplex, "_get_internal_replica_context", lambda: context)
+    monkeypatch.setattr(ra.serve, "get_multiplexed_model_id", lambda: "lora-0")
+    replica = ra.engine_deployment(args).func_or_class(args.service_config().model_dump_json())
+    try:
+        runtime = replica.engine.runtime
+        prepare = runtime.prepare
+        runtime.prepare = lambda name: (time.sleep(1.0), prepare(name))[1]  # a slow load (a large variant)
+
+        async def scenario() -> tuple[list[str], list[str], bool]:
+            request = asyncio.ensure_future(replica.infer(["hello"], 30.0))
+            await asyncio.sleep(0.3)
+            request.cancel()
+            await asyncio.sleep(3.0)  # the load lands (and, on the old code, is unloaded again)
+            wrapper = getattr(replica, "__serve_multiplex_wrapper")
+            advertised = sorted(wrapper._get_loading_and_loaded_model_ids())  # what Ray pushes to the routers
+            in_engine = sorted(runtime.entries)
+            again = await replica.infer(["hello"], 30.0)
+            await wrapper.shutdown()  # Ray's own unload of what it holds, while this loop still runs
+            return advertised, in_engine, again["replica"]["hit"]
+
+        advertised, in_engine, hit = asyncio.run(scenario())
+        assert advertised == in_engine == ["lora-0"], f"advertised {advertised}, engine holds {in_engine}"
+        assert hit and replica.loads["lora-0"] == 1, "the next request is routed here as a hit: it must be one"
     finally:
         replica.engine.stop()
