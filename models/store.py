@@ -8,22 +8,22 @@ Layout::
       .tmp-*/                        in-flight writes (renamed into place when complete)
 
 A variant is written into a temporary directory and renamed into place only when its files
-and manifest are complete, so a reader never sees a half-written variant.
+and manifest are complete, so a reader never sees a half-written variant. Crashes (models.atomic):
+a variant whose replacement was killed between its two renames is renamed back from its aside
+by the next reader; the temporary directories of killed writers are removed by the next writer.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.atomic import remove_dir, replace_dir, temp_dir_beside
+from models.atomic import recover, remove_abandoned, remove_dir, rename_new, replace_dir, temp_dir
 from models.manifest import BASES_DIR, MANIFEST_NAME, Manifest, ManifestError, check_name
 
 # Pickle-based formats can execute code on load; the store refuses them outright.
@@ -101,6 +101,7 @@ class Store:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
+        self._recover_all()
         return sorted(
             p.name
             for p in self.root.iterdir()
@@ -121,12 +122,36 @@ class Store:
     def path(self, name: str) -> Path:
         check_name(name)
         path = self.root / name
-        if not (path / MANIFEST_NAME).exists():
+        if not (path / MANIFEST_NAME).exists() and not self._recover(name):
             raise VariantNotFound(name, self.names())
         return path
 
+    def _recover(self, name: str) -> bool:
+        """Rename back a version of `name` that a killed replacement left aside (models.atomic.recover): only
+        one holding a readable manifest of that name, and only while `name` is missing. True if it is there."""
+
+        def names_it(aside: Path) -> bool:
+            try:
+                return Manifest.load(aside).name == name
+            except ManifestError:
+                return False
+
+        return recover(self.root / name, names_it) and (self.root / name / MANIFEST_NAME).exists()
+
+    def _recover_all(self) -> None:
+        for aside in self.root.glob(".tmp-old-*"):
+            name = aside.name[len(".tmp-old-") : -9]  # .tmp-old-<name>-<8 hex>
+            if name and not (self.root / name).exists():
+                self._recover(name)
+
     def manifest(self, name: str) -> Manifest:
         return Manifest.load(self.path(name))
+
+    def identity(self, name: str) -> tuple[int, int]:
+        """Which directory holds `name` now (device, inode): every write renames a new directory into place,
+        so this changes whenever the variant is replaced, even by one with equal files."""
+        st = os.stat(self.path(name))
+        return st.st_dev, st.st_ino
 
     def base_path(self, fingerprint: str) -> Path:
         return self.root / BASES_DIR / fingerprint[:16]
@@ -178,17 +203,22 @@ class Store:
         store is unchanged.
         """
         check_name(name)
+        # a writer cleans up after killed ones (readers may have a read-only store): versions left aside first
+        # come back (so the check below sees them), then unlocked, old temporary directories go
+        # (models.atomic.remove_abandoned)
+        if self.root.is_dir():
+            self._recover_all()
+        for parent in (self.root, self.root / BASES_DIR):
+            remove_abandoned(parent)
         if (self.root / name).exists() and not overwrite:
             raise FileExistsError(f"variant '{name}' already exists in {self.root}; pass overwrite to replace it")
-        tmp = temp_dir_beside(self.root / name)
-        if not overwrite:
-            self._new_only.add(tmp)
-        try:
-            yield tmp
-        finally:
-            self._new_only.discard(tmp)
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with temp_dir(self.root / name) as tmp:
+            if not overwrite:
+                self._new_only.add(tmp)
+            try:
+                yield tmp
+            finally:
+                self._new_only.discard(tmp)
 
     def commit(self, tmp: Path, manifest: Manifest) -> Path:
         """Hash the files in `tmp`, write the manifest and move it into place atomically."""
@@ -203,12 +233,10 @@ class Store:
         final = self.root / manifest.name
         if tmp in self._new_only:
             # another writer may have committed this name since writing() checked (a training run takes
-            # minutes): a plain rename onto a non-empty directory fails, so the first commit wins
+            # minutes): the first commit wins
             try:
-                os.rename(tmp, final)
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
+                rename_new(tmp, final)
+            except FileExistsError as e:
                 raise FileExistsError(
                     f"variant '{manifest.name}' was written to {self.root} by someone else meanwhile; "
                     "pass overwrite to replace it"

@@ -647,22 +647,35 @@ class Runtime:
         """Verify, load and golden-check `name` on `check_texts` of its golden texts."""
         if self._is_lora(name):
             return self._build_lora(name, check_texts)
-        m = self.store.verify(name)
-        # full, merged, onnx, onnx-int8 through models.load_variant (ONNX: always CPU fp32, onnxruntime)
-        v = load_variant(
-            self.store,
-            name,
-            dtype=self.load_dtype,
-            device=self.cfg.device,
-            manifest=m,
-            # ONNX sessions keep their threads for life: sized for a lone request (--lone-threads), and
-            # with sleeping workers so that under load they leave the front-ends' cores alone. Measured
-            # here (MiniLM fp32 store, 1 front-end; one session thread spinning -> two sleeping): 800
-            # test texts scored one 32-text request at a time 17.4 -> 8.9 s (onnx); wrk c=32 one-sentence
-            # body onnx-int8 658 / 816 -> 786-930 req/s, onnx 320 / 348 -> 386-425; c=1 p50 4.3 -> 4.0-4.2 ms.
-            threads=self.cfg.lone_threads,
-            onnx_spin=self.cfg.lone_threads <= self.cfg.threads,
-        )
+        # verify hashes the files, the loaders read them afterwards (by path, where the LoRA path hashes the bytes
+        # it parsed): a writer renaming a new version in between would be loaded under the old manifest — its
+        # golden check comparing new weights with old logits (a misleading "re-export"), or passing and serving
+        # them under the old labels. So the directory loaded must be the one verified: the same directory before
+        # verify and after the load, holding the same manifest. A replacement caught mid-load is loaded again
+        # (it is what the store now holds); one that keeps landing is refused.
+        for _ in range(2):
+            held = self.store.identity(name)
+            m = self.store.verify(name)
+            # full, merged, onnx, onnx-int8 through models.load_variant (ONNX: always CPU fp32, onnxruntime)
+            v = load_variant(
+                self.store,
+                name,
+                dtype=self.load_dtype,
+                device=self.cfg.device,
+                manifest=m,
+                # ONNX sessions keep their threads for life: sized for a lone request (--lone-threads), and
+                # with sleeping workers so that under load they leave the front-ends' cores alone. Measured
+                # here (MiniLM fp32 store, 1 front-end; one session thread spinning -> two sleeping): 800
+                # test texts scored one 32-text request at a time 17.4 -> 8.9 s (onnx); wrk c=32 one-sentence
+                # body onnx-int8 658 / 816 -> 786-930 req/s, onnx 320 / 348 -> 386-425; c=1 p50 4.3 -> 4.0-4.2 ms.
+                threads=self.cfg.lone_threads,
+                onnx_spin=self.cfg.lone_threads <= self.cfg.threads,
+            )
+            if self.store.identity(name) == held and self.store.manifest(name) == m:
+                break
+            log.info("%s was replaced while it was loaded; loading it again", name)
+        else:
+            raise VariantRefused(name, ["its files were replaced while it was loaded, twice; PUT it again"])
         pad_id = v.tokenizer.pad_token_id or 0
         model = self._serving(self._choose_precision(v.runner, pad_id), pad_id)
         entry = Entry(name, m, v.tokenizer, dir_bytes(self.store.path(name)), model=model)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,123 @@ def test_golden_agreement_counts_only_decisive_texts():
     assert compare_golden(golden, swapped_tie)[1] == 0.5  # no tolerance: every text counts
     flipped = torch.tensor([[0.50, 0.49, 0.0], [0.0, 2.1, 0.0]])
     assert compare_golden(golden, flipped, tolerance=0.25)[1] == 0.0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A writer replacing `full` (its files plus writer.txt) that dies at the window: between replace_dir's two
+# renames ("two-renames", the fallback where renameat2's exchange is missing, forced here) or right after the
+# exchange, before the old version is removed ("exchange").
+KILLED_REPLACE = """
+import os, shutil, sys
+import models.atomic as atomic
+from models import Manifest, Store
+
+store, mode = Store(sys.argv[1]), sys.argv[2]
+if mode == "two-renames":
+    atomic._renameat2_fn = None
+real_replace, real_rmtree, renames = os.replace, shutil.rmtree, []
+
+def replace(src, dst):
+    renames.append(dst)
+    if mode == "two-renames" and len(renames) == 2:
+        os._exit(9)
+    return real_replace(src, dst)
+
+def rmtree(path, *args, **kw):  # replace_dir's removal of the old version, once it is out of the way
+    if mode == "exchange" and os.path.basename(path).startswith(".tmp-"):
+        os._exit(9)
+    return real_rmtree(path, *args, **kw)
+
+os.replace, shutil.rmtree = replace, rmtree
+src = store.path("full")
+with store.writing("full", overwrite=True) as tmp:
+    for f in src.iterdir():
+        if f.name != "manifest.json":
+            (tmp / f.name).write_bytes(f.read_bytes())
+    (tmp / "writer.txt").write_bytes(b"new")
+    store.commit(tmp, Manifest.load(src))
+"""
+
+
+def _child(script: str, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=env, **kw)
+
+
+def _temps(store: Store) -> list[str]:
+    return sorted(p.name for p in store.root.iterdir() if p.name.startswith(".tmp-"))
+
+
+@pytest.mark.parametrize("mode", ["two-renames", "exchange"])
+def test_a_writer_killed_mid_replace_leaves_the_variant(store, monkeypatch, mode):
+    """A kill between replace_dir's two renames left no `full` at all, only `.tmp-old-full-*`, which no reader
+    or writer of the store ever looked at (only training checkpoints did). Now a reader renames that version
+    back, and on Linux the exchange leaves no such window; the next writer removes what the kill left behind."""
+    import models.atomic as atomic
+
+    monkeypatch.setattr(atomic, "RECOVER_AFTER_S", 0.0, raising=False)  # the kill was long ago
+    monkeypatch.setattr(atomic, "ABANDONED_AFTER_S", 0.0, raising=False)
+    old = store.manifest("full")
+    child = _child(KILLED_REPLACE, str(store.root), mode)
+    assert child.wait(120) == 9  # killed at the window, not finished
+    after = Store(store.root)  # a fresh reader, as the service after the kill
+    assert "full" in after.names()
+    m = after.verify("full")
+    if mode == "two-renames":  # the replacement never completed: the old version, whole
+        assert m == old and not (after.path("full") / "writer.txt").exists()
+    else:  # the exchange completed: the new version
+        assert (after.path("full") / "writer.txt").read_bytes() == b"new"
+    with after.writing("other") as tmp:  # the next writer cleans up after the dead one
+        (tmp / "x.json").write_text("{}")
+    assert _temps(after) == []
+
+
+# Holds a writer's temporary directories open ("live") or dies inside them ("dead"): a `Store.writing` and an
+# ONNX export killed between its fp32 export (into `.tmp-export-*`) and the quantisation.
+WRITERS = """
+import os, sys, time
+from models import Store
+
+store, mode = Store(sys.argv[1]), sys.argv[2]
+if mode == "live":
+    with store.writing("live") as tmp:
+        (tmp / "x.json").write_text("{}")
+        print("ready", flush=True)
+        time.sleep(600)
+else:
+    import onnxruntime.quantization
+    from training.export import export
+
+    def killed(*args, **kw):
+        os._exit(9)
+
+    onnxruntime.quantization.quantize_dynamic = killed
+    export(store, "full", "onnx-int8", name="int8", overwrite=True)
+"""
+
+
+def test_only_dead_writers_temporary_directories_are_removed(store, monkeypatch):
+    """Killed writers' `.tmp-*` directories (a variant half written, an export's scratch) stayed in the store
+    for good. A writer now removes the ones nobody holds, never a live writer's, however old."""
+    import models.atomic as atomic
+
+    monkeypatch.setattr(atomic, "ABANDONED_AFTER_S", 0.0, raising=False)  # age alone proves nothing here
+    live = _child(WRITERS, str(store.root), "live", stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "ready"
+        held = _temps(store)
+        assert len(held) == 1 and held[0].startswith(".tmp-live-")
+        dead = _child(WRITERS, str(store.root), "dead")
+        assert dead.wait(300) == 9
+        left = set(_temps(store)) - set(held)
+        assert any(n.startswith(".tmp-export-") for n in left) and any(n.startswith(".tmp-int8-") for n in left)
+        with store.writing("next") as tmp:
+            (tmp / "x.json").write_text("{}")
+        assert _temps(store) == held  # the dead export's gone, the live writer's kept
+    finally:
+        live.kill()
+        live.wait(30)
+    with store.writing("after") as tmp:  # the live writer died too: its directory goes now
+        (tmp / "x.json").write_text("{}")
+    assert _temps(store) == []

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from service_helpers import assert_no_torn_answers, corrupt, free_port, golden_probs, running, tamper_golden, write_lora
 from tiny import GOLDEN_TEXTS, make_store
 
@@ -671,3 +672,56 @@ def test_the_loaded_adapters_gauge_follows_an_eviction_after_a_put(tmp_path):
     finally:
         eng.batcher.stop(5)
     assert eng.metrics.evictions._value.get() == 1 and gauge == eng.runtime.resident_adapters() == 1
+
+
+@pytest.mark.parametrize("landings", [1, 2])
+def test_a_full_variant_replaced_while_loading_serves_under_its_own_manifest(tmp_path, landings):
+    """A full (merged, ONNX) variant is verified (hashed), then read by path: a writer re-committing it in
+    between had its new weights golden-checked against the old manifest (refused as needing a re-export), or,
+    passing, served under the old labels and golden set. The load is repeated once on the version the store
+    now holds; a replacement landing in both tries is refused."""
+    from tiny import tiny_classifier, tokenizer
+
+    from models.writing import write_variant
+    from service.config import ServiceConfig
+    from service.errors import Refused
+    from service.runtime import Runtime
+
+    store = make_store(tmp_path / "store", n_adapters=0, full=True)
+    old = store.manifest("full")
+    rt = Runtime(store, ServiceConfig(store=store.root, precision="fp32"))
+    verify, landed = store.verify, []
+
+    def verify_then_a_writer(name, **kw):  # a re-export lands right after the check (forced timing)
+        m = verify(name, **kw)
+        if name == "full" and len(landed) < landings:
+            landed.append(name)
+            write_variant(
+                store,
+                name="full",
+                kind="full",
+                model=tiny_classifier("bert", seed=8 + len(landed)),  # other weights, other golden logits
+                tokenizer=tokenizer(),
+                labels=list(reversed(old.labels)),
+                max_length=old.max_length,
+                base_model=old.base_model,
+                base_fingerprint=old.base_fingerprint,
+                init=old.init,
+                golden_texts=old.golden.texts,
+                overwrite=True,
+            )
+        return m
+
+    store.verify = verify_then_a_writer
+    if landings == 2:
+        with pytest.raises(Refused, match="replaced while it was loaded, twice; PUT it again"):
+            rt.prepare("full")
+        return
+    entry = rt.commit(rt.prepare("full"))
+    store.verify = verify
+    new = store.verify("full")
+    assert new.files != old.files and entry.manifest.files == new.files
+    assert entry.manifest.labels == new.labels == list(reversed(old.labels))
+    rows = entry.encode(new.golden.texts)
+    logits = rt.forward([entry] * len(rows), rows)
+    assert torch.allclose(logits, torch.tensor(new.golden.logits), atol=1e-4)

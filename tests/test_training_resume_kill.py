@@ -141,9 +141,9 @@ def test_resume_refuses_a_checkpoint_of_other_rows_or_another_chosen_precision(t
 
 
 def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp_path, monkeypatch):
-    """save_checkpoint replaces the checkpoint directory in two renames (models.atomic.replace_dir: the old
-    one aside, the new one in). Killed between them, --resume finds the previous checkpoint where the first
-    rename left it; the next save removes that copy."""
+    """Where renameat2's exchange is missing (forced here), save_checkpoint replaces the checkpoint directory in
+    two renames (models.atomic.replace_dir: the old one aside, the new one in). Killed between them, --resume
+    finds the previous checkpoint where the first rename left it; the next save removes that copy."""
     import models.atomic as atomic
     from training.loop import save_checkpoint
 
@@ -161,6 +161,7 @@ def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp
             raise Killed
         return real(src, dst)
 
+    monkeypatch.setattr(atomic, "_renameat2_fn", None)
     monkeypatch.setattr(atomic.os, "replace", dies_after_the_first_rename)
     with pytest.raises(Killed):
         save_checkpoint(ckpt, model, None, {"step": 4})

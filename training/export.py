@@ -9,7 +9,6 @@ its own golden logits scored one text per batch (see models.golden) so loads can
 from __future__ import annotations
 
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from models import Manifest, Parity, Store
+from models.atomic import temp_dir
 from models.golden import EXPORT_TOLERANCE, export_parity, make_golden
 from models.loading import ONNX_FILE, load_tokenizer, onnx_session
 from models.provenance import git_info, package_versions
@@ -123,50 +123,48 @@ def _onnx(store: Store, src: Manifest, name: str, fmt: str, tol: float | None, o
     from optimum.exporters.onnx import main_export
 
     src_path = store.path(src.name)
-    scratch = store.root / f".tmp-export-{uuid.uuid4().hex[:8]}"
-    try:
-        with store.writing(name, overwrite=overwrite) as tmp:
-            fp32_dir = tmp if fmt == "onnx" else scratch
-            if src.kind == "onnx":
-                # A copy, never the source itself: quantize_dynamic writes `model-inferred.onnx` beside its
-                # input (onnxruntime's shape inference) — in the source variant, which verify then refuses
-                # for that unlisted file while it exists, and for good if the export dies before removing it.
-                shutil.copytree(src_path, scratch)
-                fp32_dir = scratch
-            else:
-                with warnings.catch_warnings():  # torch.jit tracer warnings about constant masks are expected
-                    warnings.simplefilter("ignore")
-                    main_export(str(src_path), output=str(fp32_dir), task="text-classification", do_validation=False)
-            if fmt == "onnx-int8":
-                # onnxruntime's dynamic quantisation: int8 weights, activations quantised at run time.
-                from onnxruntime.quantization import QuantType, quantize_dynamic
+    # the fp32 export to quantise, or the copy of an ONNX source: a temporary directory of the store like the
+    # variant's own, locked while this runs, so a killed export's is removed by a later writer (models.atomic)
+    with temp_dir(store.root / name, tag="export") as scratch, store.writing(name, overwrite=overwrite) as tmp:
+        fp32_dir = tmp if fmt == "onnx" else scratch
+        if src.kind == "onnx":
+            # A copy, never the source itself: quantize_dynamic writes `model-inferred.onnx` beside its
+            # input (onnxruntime's shape inference) — in the source variant, which verify then refuses
+            # for that unlisted file while it exists, and for good if the export dies before removing it.
+            shutil.copytree(src_path, scratch, dirs_exist_ok=True)
+            fp32_dir = scratch
+        else:
+            with warnings.catch_warnings():  # torch.jit tracer warnings about constant masks are expected
+                warnings.simplefilter("ignore")
+                main_export(str(src_path), output=str(fp32_dir), task="text-classification", do_validation=False)
+        if fmt == "onnx-int8":
+            # onnxruntime's dynamic quantisation: int8 weights, activations quantised at run time.
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                quantize_dynamic(str(Path(fp32_dir) / ONNX_FILE), str(tmp / ONNX_FILE), weight_type=QuantType.QInt8)
-                for p in Path(fp32_dir).iterdir():
-                    if p.is_file() and p.suffix in (".json", ".txt") and p.name != "manifest.json":
-                        shutil.copy2(p, tmp / p.name)
-            # The export as it will be loaded: int8 golden texts are scored one per batch (models.golden).
-            draft = src.model_copy(update={"name": name, "kind": fmt, "source": src.name})
-            onnx = LoadedVariant(name, draft, tmp, load_tokenizer(tmp), session=onnx_session(tmp))
-            golden = make_golden(onnx, src.golden.texts)
-            parity = check_parity(src, torch.tensor(golden.logits), fmt, tol)
-            manifest = Manifest(
-                name=name,
-                kind=fmt,
-                architecture=src.architecture,
-                base_model=src.base_model,
-                base_fingerprint=src.base_fingerprint,
-                init=src.init,
-                labels=src.labels,
-                max_length=src.max_length,
-                golden=golden,
-                source=src.name,
-                parity=parity,
-                provenance=_provenance(
-                    src, "optimum main_export" + (" + onnxruntime quantize_dynamic" if fmt == "onnx-int8" else "")
-                ),
-            )
-            store.commit(tmp, manifest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            quantize_dynamic(str(Path(fp32_dir) / ONNX_FILE), str(tmp / ONNX_FILE), weight_type=QuantType.QInt8)
+            for p in Path(fp32_dir).iterdir():
+                if p.is_file() and p.suffix in (".json", ".txt") and p.name != "manifest.json":
+                    shutil.copy2(p, tmp / p.name)
+        # The export as it will be loaded: int8 golden texts are scored one per batch (models.golden).
+        draft = src.model_copy(update={"name": name, "kind": fmt, "source": src.name})
+        onnx = LoadedVariant(name, draft, tmp, load_tokenizer(tmp), session=onnx_session(tmp))
+        golden = make_golden(onnx, src.golden.texts)
+        parity = check_parity(src, torch.tensor(golden.logits), fmt, tol)
+        manifest = Manifest(
+            name=name,
+            kind=fmt,
+            architecture=src.architecture,
+            base_model=src.base_model,
+            base_fingerprint=src.base_fingerprint,
+            init=src.init,
+            labels=src.labels,
+            max_length=src.max_length,
+            golden=golden,
+            source=src.name,
+            parity=parity,
+            provenance=_provenance(
+                src, "optimum main_export" + (" + onnxruntime quantize_dynamic" if fmt == "onnx-int8" else "")
+            ),
+        )
+        store.commit(tmp, manifest)
     return store.manifest(name)
