@@ -184,8 +184,11 @@ async def open_loop(
     return samples, window_s, dropped
 
 
-def summarize(samples: list[Sample], window_s: float, slo_ms: float | None) -> dict[str, Any]:
-    """Throughput, latency percentiles (successful requests), goodput under the SLO, errors by status."""
+def summarize(samples: list[Sample], window_s: float, slo_ms: float | None, dropped: int = 0) -> dict[str, Any]:
+    """Throughput, latency percentiles (successful requests), goodput under the SLO, errors by status.
+
+    `dropped`: open-loop arrivals the client never sent (too many outstanding): not in `requests` (sent),
+    but failed requests for the SLO, since the schedule wanted them sent."""
     ok = [s for s in samples if s.status == "200"]
     errors = Counter(s.status for s in samples if s.status != "200")
     tokens = [s.tokens for s in ok if s.tokens is not None]
@@ -203,7 +206,8 @@ def summarize(samples: list[Sample], window_s: float, slo_ms: float | None) -> d
     }
     if slo_ms is not None:
         good = sum(1 for s in ok if s.latency_ms <= slo_ms)
-        out.update(slo_ms=slo_ms, goodput_rps=good / window_s, slo_attainment=good / len(samples) if samples else None)
+        wanted = len(samples) + dropped
+        out.update(slo_ms=slo_ms, goodput_rps=good / window_s, slo_attainment=good / wanted if wanted else None)
     q = [s.queue_ms for s in ok if s.queue_ms is not None]
     c = [s.compute_ms for s in ok if s.compute_ms is not None]
     out["server_timing"] = {"queue": latency_summary(q), "compute": latency_summary(c)} if (q or c) else None
@@ -325,7 +329,7 @@ def run_level(
         lambda: open_loop(url, wl, rate_per_s, duration_s, timeout_s, wl.seed), server_pid
     )
     res = {"mode": "open", "rate_rps": rate_per_s, "client": "httpx", "dropped_client_side": dropped}
-    res.update(summarize(samples, window_s, slo_ms), client_cpu_share=cshare, server_cpu_share=sshare)
+    res.update(summarize(samples, window_s, slo_ms, dropped), client_cpu_share=cshare, server_cpu_share=sshare)
     return res
 
 
@@ -443,6 +447,7 @@ def _line(r: dict[str, Any]) -> str:
     return (
         f"[load] {r['target']:>12} {level:>10}: {r['ok']}/{r['requests']} ok, {r['throughput_rps']:.1f} req/s, "
         f"p50 {fmt(lat['p50_ms'])} p90 {fmt(lat['p90_ms'])} p99 {fmt(lat['p99_ms'])} ms, errors {r['errors_by_status'] or 0}"
+        + (f", dropped by the client {r['dropped_client_side']}" if r.get("dropped_client_side") else "")
         + (f", client {r.get('client', '?')} CPU {cpu:.0%}" if cpu is not None else "")
         + (f", server CPU {srv:.0%}" if srv is not None else "")
         + (
@@ -562,7 +567,9 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
                     lat["p90_ms"],
                     lat["p99_ms"],
                     r.get("goodput_rps"),
-                    str(r["errors_by_status"] or 0),
+                    str(r["errors_by_status"] or 0)
+                    # open loop: arrivals the client never sent are failed requests too (not in the errors)
+                    + (f"; {r['dropped_client_side']} dropped by the client" if "dropped_client_side" in r else ""),
                     (st.get("queue") or {}).get("p50_ms"),
                     (st.get("compute") or {}).get("p50_ms"),
                     f"{r.get('client', 'httpx')} {cpu:.0%}" if cpu is not None else r.get("client", "httpx"),

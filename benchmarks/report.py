@@ -71,9 +71,10 @@ def machine_of(doc: dict[str, Any]) -> str:
 
 def run_of(doc: dict[str, Any]) -> str:
     """A target row's origin: the machine and the commit measured (runs of one machine at several commits,
-    or reruns of one commit, stand side by side in the targets table)."""
-    sha = ((doc["meta"].get("git") or {}).get("sha") or "?")[:7]
-    return f"{machine_of(doc)}, at {sha}"
+    or reruns of one commit, stand side by side in the targets table); `+dirty` where the tree measured had
+    uncommitted changes, as in the source lines (that commit alone does not say what ran)."""
+    git = doc["meta"].get("git") or {}
+    return f"{machine_of(doc)}, at {(git.get('sha') or '?')[:7]}{'+dirty' if git.get('dirty') else ''}"
 
 
 def _machine(doc: dict[str, Any]) -> str:
@@ -426,6 +427,24 @@ def _level(runs: list[dict[str, Any]], targets: list[str | None], prefer: int | 
     return prefer if prefer in levels else max(levels)
 
 
+def _errors_in(*runs: dict[str, Any] | None) -> str:
+    """'; errors: service 12 (503: 12)' for the compared runs that had any error, else ''."""
+    parts = [
+        f"{r['target']} {sum(e.values())} ({', '.join(f'{k}: {v}' for k, v in e.items())})"
+        for r in runs
+        if r and (e := r.get("errors_by_status") or {})
+    ]
+    return f"; errors: {', '.join(parts)}" if parts else ""
+
+
+def _judged(ok: bool, errors: str) -> str:
+    """A load target's status. A run with errors has not measured the goal, so it is never "met": wrk's
+    latency histogram holds every answer (a fast 503 lowers a p99), the httpx client's only the successful
+    ones (a timed-out request leaves the percentiles), and throughput counts successes only (errors of the
+    reference raise a ratio). Figures that miss anyway stay "missed"; the cell says how many errors."""
+    return "not measured" if ok and errors else _met(ok)
+
+
 def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) -> list[list[Any]]:
     """The load experiments' target rows from one machine's runs (and its accuracy runs, for agreement)."""
     rows: list[list[Any]] = []
@@ -434,12 +453,14 @@ def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) ->
     if svc and base:
         ratio = svc["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else None
         ok = ratio is not None and ratio >= 6 and svc["latency"]["p99_ms"] < base["latency"]["p50_ms"]
+        errors = _errors_in(svc, base)
         rows.append(
             [
                 f"service vs naive baseline, same model, c={svc['concurrency']} ({svc['machine']})",
                 "≥ 6× throughput, service p99 < baseline p50",
-                f"{_fmt(ratio, 2)}×; service p99 {_fmt(svc['latency']['p99_ms'])} ms vs baseline p50 {_fmt(base['latency']['p50_ms'])} ms",
-                _met(ok),
+                f"{_fmt(ratio, 2)}×; service p99 {_fmt(svc['latency']['p99_ms'])} ms vs baseline p50 {_fmt(base['latency']['p50_ms'])} ms"
+                + errors,
+                _judged(ok, errors),
             ]
         )
     many_t = next((t for t in sorted({r["target"] for r in runs}) if t.startswith("adapters-")), None)
@@ -456,7 +477,8 @@ def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) ->
         r1 = many["throughput_rps"] / one["throughput_rps"] if one["throughput_rps"] else None
         r2 = many["throughput_rps"] / merged["throughput_rps"] if merged and merged["throughput_rps"] else None
         ok = r1 is not None and r1 >= 0.95 and (r2 is None or r2 >= 0.85)
-        status = _met(ok)
+        errors = _errors_in(one, many, merged)
+        status = _judged(ok, errors)
         if ok and ran_merged and r2 is None:
             status = "not measured"
         rows.append(
@@ -467,7 +489,8 @@ def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) ->
                 f"{_fmt(r1, 2)}× one adapter"
                 + (f", {r2:.2f}× merged" if r2 is not None else "")
                 + (f"; merged: no successful request at c={c}" if ran_merged and r2 is None else "")
-                + (" (no request of the mix completed inside the window)" if many["requests"] == 0 else ""),
+                + (" (no request of the mix completed inside the window)" if many["requests"] == 0 else "")
+                + errors,
                 status,
             ]
         )
@@ -485,12 +508,13 @@ def _load_targets(runs: list[dict[str, Any]], accuracy: list[dict[str, Any]]) ->
             if ag and i8_name in ag["variants"] and src in ag["variants"]:
                 agree = ag["matrix"][ag["variants"].index(i8_name)][ag["variants"].index(src)]
         ok = ratio >= 4 and agree is not None and agree >= 0.99
+        errors = _errors_in(t32, i8)
         rows.append(
             [
                 f"ONNX int8 vs PyTorch fp32 (CPU), c={i8['concurrency']} ({i8['machine']})",
                 "≥ 4× throughput, ≥ 99% argmax agreement",
-                f"{ratio:.2f}×; agreement {_fmt(agree * 100 if agree is not None else None, 2)}%",
-                _met(ok),
+                f"{ratio:.2f}×; agreement {_fmt(agree * 100 if agree is not None else None, 2)}%" + errors,
+                _judged(ok, errors),
             ]
         )
     elif t32 and any(r["target"] == "onnx-int8" for r in runs):  # ran, but no request succeeded: say why, no ratio

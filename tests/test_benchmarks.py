@@ -116,6 +116,26 @@ def test_summarize_counts_errors_goodput_and_timing():
     assert s["server_timing"]["queue"]["p50_ms"] == 1.5 and s["server_timing"]["compute"]["max_ms"] == 6.0
 
 
+def test_open_loop_drops_are_failed_requests_for_the_slo_and_shown_in_the_table(monkeypatch, tmp_path):
+    """Arrivals the open-loop client dropped (too many outstanding) were left out of slo_attainment (4 of 4
+    sent within the SLO read 1.0 where the schedule wanted 10) and out of the load table."""
+    import benchmarks.loadgen as lg
+
+    async def fake_open_loop(*args, **kwargs):
+        return [Sample(0.1 * i, 10.0, "200", "a") for i in range(4)], 1.0, 6
+
+    monkeypatch.setattr(lg, "open_loop", fake_open_loop)
+    r = lg.run_level("http://127.0.0.1:9", Workload(["t"], ["a"]), rate_per_s=10.0, duration_s=1.0, slo_ms=50.0)
+    assert (r["requests"], r["ok"], r["dropped_client_side"]) == (4, 4, 6)
+    assert r["slo_attainment"] == pytest.approx(0.4) and r["goodput_rps"] == 4.0
+    assert summarize([Sample(0, 10.0, "200", "a")], 1.0, 50.0)["slo_attainment"] == 1.0  # closed loop: no drops
+    r.update(target="service", url="http://127.0.0.1:9", models=["a"])
+    write_results(tmp_path / "r" / "open.json", "load", {"settings": {"rate": 10.0}, "runs": [r]}, ["python"])
+    text = write_report([tmp_path / "r"], tmp_path / "REPORT.md").read_text()
+    (row,) = [line for line in text.splitlines() if line.startswith("| service | a | 10.0/s")]
+    assert "| 0; 6 dropped by the client |" in row, row
+
+
 def test_classification_metrics_on_fixed_predictions():
     labels = ["World", "Sports", "Business", "Sci/Tech"]
     y_true = [0, 0, 1, 1, 2, 2, 3, 3]

@@ -320,3 +320,49 @@ def test_the_recipe_target_is_judged_on_one_figure_not_the_better_of_two():
         return row[-1]
 
     assert status(26.0, 24.0) == "missed" and status(24.0, 26.0) == "met" and status(26.0, None) == "met"
+
+
+def test_a_load_target_is_not_met_on_a_run_with_errors():
+    """wrk's latency holds every answer, errors included: fast 503s brought the service's p99 under the
+    baseline's p50 and the row read "met", never looking at errors_by_status (nor did the ratio rows, whose
+    reference's errors raise the ratio). Now the cell counts the errors and a would-be "met" is "not measured"."""
+    from benchmarks.report import targets_section
+
+    meta = {"hardware": {"cpu": "Test CPU", "cpu_count": 2, "native_bf16": False}, "git": {"sha": "abc1234"}}
+
+    def rows(runs: list[dict]) -> dict[str, list[str]]:
+        doc = {"kind": "load", "meta": meta, "runs": runs, "settings": {}, "command": ["python"], "status": "ok"}
+        out = targets_section({"load": [(None, doc)], "memory": [], "hotswap": [], "accuracy": []})
+        lines = [line for line in out.splitlines()[2:] if line.startswith("| ")]
+        return {line.split(" ")[1]: [c.strip() for c in line.strip("|").split("|")] for line in lines}
+
+    svc, base = _load_run("service", 32, 700.0), _load_run("baseline", 32, 100.0)
+    base["latency"] = {**base["latency"], "p50_ms": 30.0}  # service p99 20 ms < baseline p50 30 ms
+    mix = [_load_run("adapter-1", 32, 200.0), _load_run("adapters-32", 32, 200.0)]
+    clean = rows([svc, base, *mix])
+    assert clean["service"][-1] == "met" and clean["adapters-32"][-1] == "met", clean
+    svc["errors_by_status"] = {"503": 40}
+    mix[0]["errors_by_status"] = {"timeout": 3, "503": 2}
+    got = rows([svc, base, *mix])
+    assert got["service"][-1] == "not measured" and got["service"][2].endswith("; errors: service 40 (503: 40)")
+    mix_row = got["adapters-32"]
+    assert mix_row[-1] == "not measured" and "errors: adapter-1 5 (timeout: 3, 503: 2)" in mix_row[2], mix_row
+    svc["throughput_rps"] = 300.0  # 3x: missed whatever the errors did
+    assert rows([svc, base])["service"][-1] == "missed"
+
+
+def test_a_target_row_measured_on_a_dirty_tree_says_so():
+    """The targets table said "at <sha>" for runs on a tree with uncommitted changes (the source lines said
+    +dirty): that commit alone is not what ran."""
+    from benchmarks.report import run_of, speed_targets
+
+    def row(dirty: bool | None) -> str:
+        git = {"sha": "abc1234def", **({"dirty": dirty} if dirty is not None else {})}
+        meta = {"hardware": {"cpu": "Test CPU", "cpu_count": 2, "native_bf16": True}, "git": git}
+        payload = {"samples_per_s_ratio": 30.0, "accuracy_delta_points": 1.0}
+        doc = {"kind": "recipe-compare", "meta": meta, "payload": payload, "settings": {"steps": 30}}
+        assert run_of(doc) in speed_targets({"recipe-compare": [(None, doc)]})[0][0]
+        return run_of(doc)
+
+    assert row(True).endswith(", at abc1234+dirty")
+    assert row(False).endswith(", at abc1234") and row(None).endswith(", at abc1234")

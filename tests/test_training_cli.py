@@ -322,6 +322,35 @@ def test_eval_of_a_variant_trained_on_one_file_says_it_read_training_rows(traine
     assert (out["split"], out["n"]) == ("test", 40)
 
 
+def test_eval_limit_is_a_seeded_stratified_sample_not_the_first_rows(trained, data_dir, tmp_path, capsys):
+    """`--limit N` took the first N rows: on a source sorted by label with no test split (AG News'
+    train_subset_20k) `--limit 40` scored class 0 only. Now a seeded sample stratified by label."""
+    import shutil
+
+    store = Store(tmp_path / "store")
+    shutil.copytree(trained[0].root, store.root)
+    path = store.path("tiny-bert-full") / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["provenance"]["config"]["data"] = str(data_dir / "train.parquet")  # 4 x 50 rows, sorted by label
+    path.write_text(json.dumps(manifest))
+    assert pd.read_parquet(data_dir / "train.parquet")["label"].is_monotonic_increasing
+    outs = []
+    for _ in range(2):
+        assert main(["eval", "tiny-bert-full", "--store", str(store.root), "--limit", "40"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    out = outs[0]
+    assert (out["split"], out["n"]) == ("train", 40)
+    assert {c: v["support"] for c, v in out["per_class"].items()} == dict.fromkeys(out["per_class"], 10)
+    assert out["sample"] == "40 of 200 rows, stratified by label, seed 0"
+    assert outs[1]["accuracy"] == out["accuracy"]  # seeded: the same rows each time
+    assert main(["eval", "tiny-bert-full", "--store", str(store.root), "--limit", "3"]) == 0  # < 4 classes
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 3 and out["sample"] == "3 of 200 rows, random, seed 0"
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "stratified by label" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bad_input_exits_nonzero_with_every_problem(tmp_path, capsys):
     bad = tmp_path / "train.parquet"
     pd.DataFrame({"text": ["ok", "", "fine"], "label": [0, 9, 1]}).to_parquet(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,20 @@ def test_epochs_must_be_a_finite_number(value):
     with pytest.raises(ConfigError) as e:
         load_config("configs/tiny-bert-full.yaml", ["max_steps=null", f"epochs={value}"])
     assert e.value.problems == [f"epochs: expected a finite number, got {float(value[1:])!r}"]
+
+
+def test_an_arch_preset_with_a_pretrained_init_is_an_error_reported_with_the_rest():
+    """`arch_preset` with `init: pretrained` built nothing (the pretrained base_model is loaded) yet was
+    recorded in the results config and the manifest's provenance; `arch` there was already an error."""
+    base = os.environ.get("BASE_MODEL", "/work/shared/models/all-MiniLM-L6-v2")
+    pretrained = ["init=pretrained", "tokenizer=null", f"base_model={base}"]
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny-bert-full.yaml", [*pretrained, "arch.num_hidden_layers=1", "batch_size=0"])
+    assert e.value.problems == [
+        "batch_size: must be >= 1, got 0",
+        "arch_preset: 'tiny-bert' applies only with init: random (a pretrained model is base_model's "
+        "architecture); remove it (--set arch_preset=null) or set init: random",
+        "arch: overrides apply only with init: random (a pretrained model keeps its architecture)",
+    ]
+    assert load_config("configs/tiny-bert-full.yaml", [*pretrained, "arch_preset=null"]).arch_preset is None
+    assert load_config("configs/tiny-bert-full.yaml").arch_preset == "tiny-bert"  # init: random keeps it

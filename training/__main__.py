@@ -56,7 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("variant")
     v.add_argument("--store", default="store")
     v.add_argument("--data", help="dataset (dir/file/Hub id); default: the data the variant was trained on")
-    v.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    v.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="evaluate a seeded sample of N rows stratified by label (random where stratifying cannot work: "
+        "N below the number of classes, a class of one row), never the first N: a file may be sorted by label",
+    )
+    v.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0)")
     return ap
 
 
@@ -117,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from training.evaluate import evaluate_variant
 
-            out = evaluate_variant(store, args.variant, args.data, args.limit)
+            out = evaluate_variant(store, args.variant, args.data, args.limit, args.seed)
             print(json.dumps(out, indent=2))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

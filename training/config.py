@@ -106,7 +106,9 @@ class TrainConfig(_Strict):
         "pretrained", description="random: build `arch_preset` with random weights (speed work and tests)"
     )
     arch_preset: str | None = Field(
-        None, description=f"architecture for init=random, one of {sorted(ARCH_PRESETS)}; default: base_model"
+        None,
+        description=f"architecture for init=random (an error with init=pretrained), one of {sorted(ARCH_PRESETS)}; "
+        "default: base_model",
     )
     arch: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the preset for init=random, e.g. num_hidden_layers: 2"
@@ -232,6 +234,12 @@ class TrainConfig(_Strict):
             p.append(
                 f"init: random needs arch_preset (one of {sorted(ARCH_PRESETS)}) or arch.model_type "
                 "(or base_model naming a preset)"
+            )
+        if self.arch_preset and self.init != "random":
+            # it built nothing, yet the results config and the manifest's provenance recorded it
+            p.append(
+                f"arch_preset: {self.arch_preset!r} applies only with init: random (a pretrained model is "
+                "base_model's architecture); remove it (--set arch_preset=null) or set init: random"
             )
         if self.arch and self.init != "random":
             p.append("arch: overrides apply only with init: random (a pretrained model keeps its architecture)")

@@ -237,7 +237,7 @@ def clean(df: pd.DataFrame, cfg: TrainConfig, split: str) -> tuple[pd.DataFrame,
     return out, problems
 
 
-def _cap_problem(df: pd.DataFrame, cap: int | None, key: str, split: str) -> str | None:
+def cap_problem(df: pd.DataFrame, cap: int | None, key: str, split: str) -> str | None:
     """Why `cap` rows cannot be a stratified sample of `df` (sklearn's conditions), or None."""
     if cap is None or cap >= len(df):
         return None
@@ -251,7 +251,7 @@ def _cap_problem(df: pd.DataFrame, cap: int | None, key: str, split: str) -> str
     )
 
 
-def _stratified_cap(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
+def stratified_cap(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
     if cap is None or cap >= len(df):
         return df
     from sklearn.model_selection import train_test_split
@@ -297,13 +297,13 @@ def load_splits(cfg: TrainConfig) -> Splits:
     caps = [(train, cfg.train_subset, "train_subset", "training"), (val, cfg.val_subset, "val_subset", "validation")]
     if test is not None:
         caps.append((test, cfg.test_subset, "test_subset", "test"))
-    problems = [p for df, cap, key, split in caps if (p := _cap_problem(df, cap, key, split))]
+    problems = [p for df, cap, key, split in caps if (p := cap_problem(df, cap, key, split))]
     if problems:
         raise DataError(problems)
-    train = _stratified_cap(train.sort_index(), cfg.train_subset, cfg.seed)
-    val = _stratified_cap(val.sort_index(), cfg.val_subset, cfg.seed)
+    train = stratified_cap(train.sort_index(), cfg.train_subset, cfg.seed)
+    val = stratified_cap(val.sort_index(), cfg.val_subset, cfg.seed)
     if test is not None:
-        test = _stratified_cap(test, cfg.test_subset, cfg.seed)
+        test = stratified_cap(test, cfg.test_subset, cfg.seed)
     return Splits(
         train.reset_index(drop=True), val.reset_index(drop=True), None if test is None else test.reset_index(drop=True)
     )

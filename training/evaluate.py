@@ -6,9 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from models import Store
 from models.variant import load_variant
-from training.data import MissingSplit, read_split
+from training.data import MissingSplit, cap_problem, read_split, stratified_cap
 from training.metrics import classification_metrics
 
 
@@ -21,8 +23,25 @@ def training_config(provenance: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def evaluate_variant(store: Store, name: str, data: str | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Metrics of variant `name` on the test split of `data` (default: the data it was trained on)."""
+def limit_rows(df: pd.DataFrame, limit: int, seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """(`limit` rows of `df`, how they were picked): a seeded sample stratified by label (training's own
+    `stratified_cap`), else, where stratifying cannot work (fewer rows than classes, a class of one row), a
+    seeded random sample; rows keep their order. Never the first `limit` rows: a file sorted by label (AG News'
+    train_subset_20k) scored one class."""
+    if limit < 1:
+        raise ValueError(f"--limit: must be >= 1, got {limit}")
+    if limit >= len(df):
+        return df, f"all {len(df)} rows (--limit {limit})"
+    if cap_problem(df, limit, "--limit", "") is None:
+        return stratified_cap(df, limit, seed), f"{limit} of {len(df)} rows, stratified by label, seed {seed}"
+    return df.sample(n=limit, random_state=seed).sort_index(), f"{limit} of {len(df)} rows, random, seed {seed}"
+
+
+def evaluate_variant(
+    store: Store, name: str, data: str | None = None, limit: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Metrics of variant `name` on the test split of `data` (default: the data it was trained on); with
+    `limit`, on a seeded sample of that many rows stratified by label (`limit_rows`)."""
     variant = load_variant(store, name)
     manifest = variant.manifest
     cfg = training_config(manifest.provenance)
@@ -41,8 +60,9 @@ def evaluate_variant(store: Store, name: str, data: str | None = None, limit: in
         df, split = read_split(source, "test", **columns), "test"
     except MissingSplit:  # a source without a test split: report on train, and say so in the result
         df, split = read_split(source, "train", **columns), "train"
-    if limit:
-        df = df.head(limit)
+    sample = None
+    if limit is not None:
+        df, sample = limit_rows(df, limit, seed)
     texts = df["text"].tolist()
     t0 = time.perf_counter()
     preds = variant.predict(texts)
@@ -53,6 +73,7 @@ def evaluate_variant(store: Store, name: str, data: str | None = None, limit: in
         "kind": manifest.kind,
         "data": str(source),
         "split": split,
+        **({"sample": sample} if sample else {}),
         "eval_time_s": elapsed_s,
         "samples_per_s": len(texts) / elapsed_s,
         **out,
