@@ -132,8 +132,8 @@ class Batcher:
         # entered around the answers of one batch: the engine sends them as one message per front-end
         self._answering = answering
         self._rows: deque[Row] = deque()
-        # (op, name or prepared Entry, future, when the command arrived)
-        self._commands: deque[tuple[str, Any, concurrent.futures.Future, float]] = deque()
+        # (op, name or prepared Entry, future, when the command arrived, why: see `command`)
+        self._commands: deque[tuple[str, Any, concurrent.futures.Future, float, str]] = deque()
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -195,21 +195,24 @@ class Batcher:
         self._rows = deque(r for r in self._rows if not r.stale(now_s))
         self.metrics.queue_depth.set(len(self._rows))
 
-    def command(self, op: str, name: str) -> concurrent.futures.Future:
+    def command(self, op: str, name: str, reason: str = "admin") -> concurrent.futures.Future:
         """Load/replace or unload `name`. A load is verified on the swap worker while batches go on; only
-        its commit (attach + rename) waits for a gap between batches, like an unload."""
+        its commit (attach + rename) waits for a gap between batches, like an unload. `reason`: "admin" (PUT/DELETE,
+        counted in service_admin_operations) or why the engine does it itself ("cold": a request needs the variant,
+        as Ray Serve's multiplexed loads; "evicted": Ray's LRU dropped it), not an admin operation; a load is timed
+        under its reason in service_adapter_load_seconds."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         # running from the start: a waiter that gives up (asyncio.wrap_future cancels the future it wraps)
         # cannot cancel a command the engine will carry out anyway, nor make its answer raise InvalidStateError
         fut.set_running_or_notify_cancel()
         t0, seq = time.perf_counter(), next(self._seq)
         if op == "load" and self.ready.is_set():
-            self._swap_worker.submit(self._prepare, name, fut, t0, seq)
+            self._swap_worker.submit(self._prepare, name, fut, t0, seq, reason)
         else:  # before startup is done, loads queue behind it on the batcher thread
-            self._enqueue((op, (name, seq), fut, t0))
+            self._enqueue((op, (name, seq), fut, t0, reason))
         return fut
 
-    def _enqueue(self, command: tuple[str, Any, concurrent.futures.Future, float]) -> None:
+    def _enqueue(self, command: tuple[str, Any, concurrent.futures.Future, float, str]) -> None:
         with self._cond:
             if self.startup_error is not None:  # the batcher thread has exited: nobody would ever answer
                 command[2].set_exception(self._startup_failed())
@@ -220,7 +223,11 @@ class Batcher:
     def _startup_failed(self) -> Unavailable:
         return Unavailable(f"the engine's startup failed ({self.startup_error}); fix the store and restart the service")
 
-    def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float, seq: int) -> None:
+    def _admin_op(self, op: str, outcome: str, reason: str) -> None:
+        if reason == "admin":
+            self.metrics.swaps.labels(op, outcome).inc()
+
+    def _prepare(self, name: str, fut: concurrent.futures.Future, t0: float, seq: int, reason: str) -> None:
         """Swap worker thread: verify + golden-check `name`, then commit it here when the bank has a free
         slot for it (Runtime.commit_beside), else hand it to the batcher to commit between batches."""
         self._checking += 1
@@ -229,22 +236,22 @@ class Batcher:
             entry.seq = seq
             existed = name in self.runtime.entries
             if self.runtime.commit_beside(entry):
-                self._loaded(entry, existed, t0, fut)
+                self._loaded(entry, existed, t0, fut, reason)
                 with self._cond:
                     self._cond.notify()  # an idle batcher settles (frees the replaced slot) now
                 return
         except Exception as e:
-            self.metrics.swaps.labels("load", "refused").inc()
+            self._admin_op("load", "refused", reason)
             fut.set_exception(e)
             return
         finally:
             self._checking -= 1
-        self._enqueue(("commit", entry, fut, t0))
+        self._enqueue(("commit", entry, fut, t0, reason))
 
-    def _loaded(self, entry: Entry, existed: bool, t0: float, fut: concurrent.futures.Future) -> None:
+    def _loaded(self, entry: Entry, existed: bool, t0: float, fut: concurrent.futures.Future, reason: str) -> None:
         load_s = time.perf_counter() - t0  # from the command's arrival to servable
-        self.metrics.adapter_load.labels(entry.kind, "admin").observe(load_s)
-        self.metrics.swaps.labels("load", "ok").inc()
+        self.metrics.adapter_load.labels(entry.kind, reason).observe(load_s)
+        self._admin_op("load", "ok", reason)
         fut.set_result(
             {
                 "name": entry.name,
@@ -307,8 +314,8 @@ class Batcher:
             with self._cond:  # commands queued behind the startup would wait forever: fail them
                 self.startup_error = f"{type(e).__name__}: {e}"
                 queued, self._commands = list(self._commands), deque()
-            for _, _, fut, _ in queued:
-                fut.set_exception(self._startup_failed())
+            for command in queued:
+                command[2].set_exception(self._startup_failed())
             return
         self.ready.set()
         while True:
@@ -358,19 +365,19 @@ class Batcher:
         self._update_gauges()  # settle may have freed or evicted adapters (a PUT committed beside, over the cap)
         while self._commands:
             with self._cond:
-                op, target, fut, t0 = self._commands.popleft()
+                op, target, fut, t0, reason = self._commands.popleft()
             try:
                 if op in ("load", "commit"):  # "commit": prepared on the swap worker; "load": all here
                     name = target.name if op == "commit" else target[0]
                     existed = name in self.runtime.entries
                     entry = self.runtime.commit(target) if op == "commit" else self.runtime.load(*target)
-                    self._loaded(entry, existed, t0, fut)
+                    self._loaded(entry, existed, t0, fut, reason)
                     continue
                 self.runtime.unload(*target)
-                self.metrics.swaps.labels(op, "ok").inc()
+                self._admin_op(op, "ok", reason)
                 fut.set_result({"name": target[0], "status": "unloaded"})
             except Exception as e:
-                self.metrics.swaps.labels("load" if op == "commit" else op, "refused").inc()
+                self._admin_op("load" if op == "commit" else op, "refused", reason)
                 fut.set_exception(e)
             self._update_gauges()
 

@@ -123,12 +123,18 @@ class EngineMetrics:
         self.loaded_variants = Gauge("service_loaded_variants", "Variants servable by name", registry=r)
         self.adapter_load = Histogram(
             "service_adapter_load_seconds",
-            "Time to load and verify a variant",
+            "Time to load and verify a variant, by reason: start (at startup), admin (PUT /v1/adapters), cold (a "
+            "request waited for it: an LRU-evicted adapter reattached, or on Ray Serve a variant loaded on its first "
+            "request to a replica)",
             ["kind", "reason"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.evictions = Counter("service_adapter_evictions", "LoRA adapters evicted by the LRU cap", registry=r)
+        self.evictions = Counter(
+            "service_adapter_evictions",
+            "LoRA adapters evicted by the LRU cap (on Ray Serve: any variant, beyond max_adapters_per_replica)",
+            registry=r,
+        )
         self.restarts = Counter(
             "service_requests_restarted",
             "Requests computed again from their first row because a hot-swap replaced their variant between "

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -39,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,7 +56,7 @@ from service.app import serve_api
 from service.batcher import Batcher, Job
 from service.client import Result
 from service.config import ServiceConfig
-from service.errors import ModelNotFound, Refused, ServiceError, Timeout, Unavailable
+from service.errors import ModelNotFound, QueueFull, Refused, ServiceError, Timeout, Unavailable
 from service.metrics import EngineMetrics, FrontendMetrics
 from service.protocol import error_fields, error_from
 from service.runtime import Runtime
@@ -66,6 +67,7 @@ log = logging.getLogger("service.ray")
 STARTUP_TIMEOUT_S = 600.0  # a large base on a cold disk takes minutes; Ray waits for replica __init__
 REPLICA_RETRIES = 3  # a replica that died mid-request: the request is retried on another one
 INLINE_TOKENIZE_CHARS = 2_000
+REFRESH_TIMEOUT_S = 30.0  # every replica's state (/v1/models, /readyz); a busy replica answers once a slot frees
 
 
 class RayAppArgs(BaseModel):
@@ -82,6 +84,12 @@ class RayAppArgs(BaseModel):
     engine_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
     engine_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (set service.device: cuda too)")
     max_ongoing_requests: int = Field(64, gt=0, description="requests in flight per engine replica (batch company)")
+    max_queued_requests: int = Field(
+        256,
+        gt=0,
+        description="requests each front-end holds while every engine replica is at max_ongoing_requests; beyond "
+        "it, 429 queue_full with Retry-After (Ray's default, no limit, kept them waiting until they timed out)",
+    )
     service: dict[str, Any] = Field(
         default_factory=dict,
         description="any other ServiceConfig field for every replica (precision, threads, max_batch_tokens, ...)",
@@ -101,6 +109,19 @@ class NotOnRay(ServiceError):
     """An operation of the single-machine service that has no meaning across Ray replicas."""
 
     status, type = 405, "not_supported"
+
+
+def adapters_not_on_ray(method: str) -> NotOnRay:
+    """405 for any method on /v1/adapters/{name}: on Ray no method is served there, so `Allow` is empty (RFC 9110
+    10.2.1: the resource allows no methods)."""
+    return NotOnRay(
+        f"{method} /v1/adapters is not available on Ray Serve: hot-swap across replicas is not built. Every variant in "
+        "the store is servable by name and loads on the replica Ray routes its first request to (multiplexed model "
+        "id); replicas evict the least recently used beyond max_adapters_per_replica. To replace a variant, write it "
+        "into the store under a new name, or redeploy (`serve deploy`) for replicas to start from the store's "
+        "current versions.",
+        headers={"Allow": ""},
+    )
 
 
 # ---- the engine, in-process --------------------------------------------------------------------
@@ -130,9 +151,10 @@ class LocalEngine:
     def stop(self) -> None:
         self.batcher.stop(self.cfg.request_timeout_s)
 
-    async def command(self, op: str, name: str) -> dict[str, Any]:
-        """load (or replace) / unload `name` through the batcher; ServiceError on refusal."""
-        return await asyncio.wrap_future(self.batcher.command(op, name))
+    async def command(self, op: str, name: str, reason: str = "admin") -> dict[str, Any]:
+        """load (or replace) / unload `name` through the batcher (`reason`: see Batcher.command); ServiceError on
+        refusal."""
+        return await asyncio.wrap_future(self.batcher.command(op, name, reason))
 
     async def infer(self, name: str, texts: list[str], timeout_s: float) -> dict[str, Any]:
         """fp32 logits (rows x labels) of `texts` under variant `name`, plus the batcher's timing."""
@@ -225,13 +247,14 @@ class EngineReplica:
 
     async def _engine_load(self, name: str) -> None:
         try:
-            await self.engine.command("load", name)
+            await self.engine.command("load", name, reason="cold")  # a request needs it: not an admin operation
             self.loads[name] += 1
         finally:
             self.loading.pop(name, None)
 
     def evicted(self, name: str) -> None:
         """Ray dropped `name` from this replica's cache: unload it once no request here still needs it."""
+        self.engine.metrics.evictions.inc()  # Ray's LRU is this replica's cap (the engine's own never acts)
         self.held.discard(name)
         self._maybe_unload(name)
 
@@ -243,7 +266,7 @@ class EngineReplica:
 
     async def _unload(self, name: str) -> None:
         try:
-            await self.engine.command("unload", name)
+            await self.engine.command("unload", name, reason="evicted")
         except ServiceError as e:
             log.warning("unloading evicted %s: %s", name, e.message)
         finally:
@@ -322,6 +345,7 @@ def engine_deployment(args: RayAppArgs) -> Any:
         name="Engine",
         num_replicas=args.engine_replicas,
         max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
         ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
     )
 
@@ -366,6 +390,12 @@ class RayEngineClient:
             except asyncio.TimeoutError:
                 response.cancel()
                 raise Timeout(f"no result within {timeout_s:g}s; retry later or raise request_timeout_s") from None
+            except BackPressureError as e:  # every replica is at max_ongoing_requests and this caller's queue is full
+                raise QueueFull(
+                    f"queue full: every engine replica is busy and the requests waiting for one reached the limit "
+                    f"({e.message}); retry after a moment, or add engine replicas",
+                    headers={"Retry-After": f"{math.ceil(e.retry_after_s or 1):d}"},
+                ) from None
             except (RayActorError, ActorUnavailableError) as e:  # the replica died: Ray routes the retry elsewhere
                 if attempt == REPLICA_RETRIES:
                     raise Unavailable(
@@ -387,7 +417,9 @@ class RayEngineClient:
         return merge_replica_metrics([r for r in replies if isinstance(r, dict)])
 
     async def infer(self, name: str, entry: dict[str, Any], texts: list[str], timeout_s: float) -> Result:
-        reply = await self._remote("infer", texts, timeout_s, model=name, timeout_s=timeout_s + 5)
+        # one deadline, the configured one, from here: time queued for a replica counts (the replica's own
+        # deadline starts later, so this one answers first; the replica's job is cancelled with the request)
+        reply = await self._remote("infer", texts, timeout_s, model=name, timeout_s=timeout_s)
         if "error" in reply:
             raise error_from(reply["error"])
         info = _REPLICA_INFO.get()
@@ -397,19 +429,27 @@ class RayEngineClient:
         return Result(logits, reply["queue_ms"], reply["compute_ms"], reply["tokens"], reply.get("names"))
 
     async def refresh(self) -> dict[str, Any]:
-        """One engine replica's state (a handle call reaches one replica; /v1/models says which)."""
-        return await self._remote("state", timeout_s=30)
+        """Every engine replica's state, merged (`merge_replica_states`): a routed call reached one replica at random,
+        so consecutive /v1/models answers listed different variants as loaded and counts jumped between replicas'.
+        A replica that fails while answering is left out; if none answers, 503."""
+        try:
+            replies = await self.handle.broadcast("state").results_async(
+                timeout_s=REFRESH_TIMEOUT_S, return_exceptions=True
+            )
+        except TimeoutError:
+            raise Timeout(
+                f"not every engine replica answered within {REFRESH_TIMEOUT_S:g}s (all busy?); retry later"
+            ) from None
+        except DeploymentUnavailableError:
+            replies = []
+        states = [r for r in replies if isinstance(r, dict)]
+        if not states:
+            raise Unavailable("no engine replica answered; retry in a moment", headers={"Retry-After": "1"})
+        return merge_replica_states(states)
 
     async def call(self, op: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
         if op in ("load", "unload"):
-            raise NotOnRay(
-                f"{'PUT' if op == 'load' else 'DELETE'} /v1/adapters is not available on Ray Serve: a call reaches "
-                "one replica, not all. Every variant in the store is servable by name and loads on the replica Ray "
-                "routes its first request to (multiplexed model id); replicas evict the least recently used beyond "
-                "max_adapters_per_replica. To replace a variant, write it into the store under a new name, or "
-                "redeploy (`serve deploy`) for replicas to start from the store's current versions.",
-                headers={"Allow": "GET"},
-            )
+            raise adapters_not_on_ray("PUT" if op == "load" else "DELETE")
         if op == "metrics":
             return {"text": await self._all_metrics(timeout_s)}
         if op == "state":
@@ -419,6 +459,40 @@ class RayEngineClient:
 
 async def _awaited(response: Any) -> Any:
     return await response
+
+
+def merge_replica_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine state (the shape the admin routes read) from several replicas': a variant is loaded where any
+    replica holds it and resident where any has its weights in memory; its request count is the replicas' sum, its
+    last use the latest, its precision every precision a replica computes it in; refusals are every replica's.
+    The deployment's precision choice and CUDA graphs are the first replica's (one configuration for all)."""
+    entries: dict[str, dict[str, Any]] = {}
+    precisions: dict[str, set[str]] = {}
+    for state in states:
+        for name, e in state["entries"].items():
+            if e.get("precision"):
+                precisions.setdefault(name, set()).add(e["precision"])
+            m = entries.get(name)
+            if m is None:
+                entries[name] = dict(e)
+                continue
+            m["resident"] = m["resident"] or e["resident"]
+            m["bytes"] = max((b for b in (m["bytes"], e["bytes"]) if b is not None), default=None)
+            m["last_used"] = max(m["last_used"] or 0.0, e["last_used"] or 0.0)
+            m["request_count"] += e["request_count"]
+    for name, ps in precisions.items():
+        entries[name]["precision"] = ", ".join(sorted(ps))
+    errors = [s["startup_error"] for s in states if s["startup_error"]]
+    return {
+        "ready": all(s["ready"] for s in states),
+        "startup_error": "; ".join(errors) or None,
+        "precision": states[0]["precision"],
+        "cuda_graphs": states[0].get("cuda_graphs"),
+        "refused": {k: v for s in states for k, v in s["refused"].items()},
+        "queue_rows": sum(s["queue_rows"] for s in states),
+        "entries": entries,
+        "replicas": sorted(s["replica"] for s in states if "replica" in s),
+    }
 
 
 def merge_replica_metrics(replies: list[dict[str, str]]) -> str:
@@ -479,6 +553,12 @@ def frontend_app(cfg: ServiceConfig, engine: RayEngineClient) -> FastAPI:
     )
     app.state.supervisor, app.state.store = None, engine.store
     serve_api(app, cfg, engine, metrics)
+
+    # the other methods: Starlette's 405 would name PUT in `Allow`, which is a 405 here too
+    @app.api_route("/v1/adapters/{name}", methods=["GET", "HEAD", "POST", "PATCH", "OPTIONS"], include_in_schema=False)
+    async def adapters_other_methods(request: Request) -> None:
+        raise adapters_not_on_ray(request.method)
+
     app.add_middleware(ReplicaHeaders)
     return app
 

@@ -189,6 +189,31 @@ def test_metrics_count_every_engine_replica_and_say_the_engine_is_up(cluster):
         assert all(after[rep] >= before[rep] for rep in before), f"a counter went down between scrapes: {batches}"
 
 
+@needs_ray
+def test_models_list_merges_every_engine_replica(cluster):
+    """/v1/models on Ray: a variant is loaded where any replica holds it, its request count is the replicas' sum, the
+    same answer on every call (was: the state of the one replica a routed call reached, so consecutive calls listed
+    different loaded sets, and counts were one replica's). Each replica's own state is read through its handle."""
+    replicas: set[str] = set()
+    with ThreadPoolExecutor(8) as pool:  # both replicas serve `full` (preloaded on each), and each adapter somewhere
+        for _ in range(10):
+            jobs = ["full"] * 8 + ADAPTERS
+            for r in pool.map(lambda n: _classify(cluster, n, GOLDEN_TEXTS[0]), jobs):
+                assert r.status_code == 200, r.text
+                replicas.add(r.headers["x-engine-replica"])
+            if len(replicas) == 2:
+                break
+    assert len(replicas) == 2, "both engine replicas should have served requests"
+    states = serve.get_deployment_handle("Engine", "agnews").broadcast("state").results(timeout_s=30)
+    assert {s["replica"] for s in states} == replicas
+    loaded = sorted({n for s in states for n in s["entries"]})
+    counts = {n: sum(s["entries"][n]["request_count"] for s in states if n in s["entries"]) for n in loaded}
+    for _ in range(6):
+        data = cluster.get("/v1/models").json()["data"]
+        assert sorted(m["name"] for m in data if m["loaded"]) == loaded
+        assert {m["name"]: m["request_count"] for m in data if m["loaded"]} == counts
+
+
 BAD_ON_RAY = {  # admin rows: on Ray, load/unload is refused with 405 (a valid name) — see service/ray_app.py
     ("PUT", "/v1/adapters/missing"): (405, "not_supported"),
     ("DELETE", "/v1/adapters/missing"): (405, "not_supported"),
@@ -216,6 +241,17 @@ def test_bad_input_gets_the_same_4xx_as_the_plain_service(cluster, plain, method
     assert set(r.json()["error"]) == {"type", "message"}
     if r.status_code == 405 and "adapters" in path:
         assert "Ray Serve" in r.json()["error"]["message"] and "first request" in r.json()["error"]["message"]
+
+
+@needs_ray
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "GET", "POST", "PATCH"])
+def test_every_405_on_an_adapter_allows_no_method(cluster, method):
+    """On Ray no method is served on /v1/adapters/NAME, so every 405 there has an empty `Allow` (RFC 9110: the
+    resource allows no methods) and says how variants load here (was `Allow: GET` on PUT/DELETE, and GET is itself
+    a 405 here; the other methods named PUT, itself a 405 here)."""
+    r = cluster.request(method, "/v1/adapters/lora-0")
+    assert r.status_code == 405 and r.headers.get("allow") == "", (r.headers, r.text)
+    assert r.json()["error"]["type"] == "not_supported" and "first request" in r.json()["error"]["message"], r.text
 
 
 @needs_ray
@@ -253,6 +289,60 @@ def test_more_adapters_than_the_cap_are_evicted_and_reloaded_without_failures(cl
         assert len(loaded) == 1, f"the replica should hold only what Ray holds (cap 1): {loaded}"
     finally:
         serve.delete("cap1")
+
+
+@needs_ray
+def test_overload_is_429_queue_full_and_a_timeout_names_the_configured_one(cluster, store, monkeypatch):
+    """One engine replica taking 1 s a request, max_ongoing_requests=1, max_queued_requests=1: of 5 concurrent
+    requests one runs, one waits, the rest get 429 queue_full with Retry-After at once, as the single-machine
+    service answers a full queue (was: no queue limit, every request waited in the front-end). A request the
+    replica holds past request_timeout_s gets 504 at that timeout, naming it (was: at the timeout + 5 s, naming that)."""
+    import service.ray_app as ra
+
+    real = ra.engine_deployment
+
+    def slow_engine(args):
+        deployment = real(args)
+
+        class Engine(deployment.func_or_class):
+            async def infer(self, texts, timeout_s):
+                import asyncio
+
+                await asyncio.sleep(30.0 if texts == ["slow"] else 1.0)
+                return await super().infer(texts, timeout_s)
+
+        return deployment.options(func_or_class=Engine)
+
+    monkeypatch.setattr(ra, "engine_deployment", slow_engine)
+    app = ra.build_app(
+        {
+            "store": str(store.root),
+            "engine_replicas": 1,
+            "engine_cpus": 0.5,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+            "preload": "full",
+            "service": {"precision": "fp32", "threads": 1, "request_timeout_s": 3},
+        }
+    )
+    serve.run(app, name="busy", route_prefix="/busy")
+    try:
+        body = {"model": "full", "inputs": GOLDEN_TEXTS[0]}
+        with ThreadPoolExecutor(5) as pool:
+            resps = list(pool.map(lambda _: cluster.post("/busy/v1/classify", json=body), range(5)))
+        statuses = sorted(r.status_code for r in resps)
+        assert set(statuses) <= {200, 429} and 200 in statuses and statuses.count(429) >= 3, [r.text for r in resps]
+        for r in resps:
+            if r.status_code == 429:
+                assert r.json()["error"]["type"] == "queue_full" and r.headers["retry-after"] == "1", r.text
+                assert "retry after" in r.json()["error"]["message"]
+        t0 = time.monotonic()
+        r = cluster.post("/busy/v1/classify", json={"model": "full", "inputs": "slow"})
+        waited_s = time.monotonic() - t0
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout", r.text
+        assert "within 3s" in r.json()["error"]["message"] and waited_s < 5, (waited_s, r.text)
+    finally:
+        serve.delete("busy")
 
 
 @needs_ray
@@ -431,5 +521,53 @@ def test_a_cancelled_multiplexed_load_is_advertised_only_where_it_is_held(tmp_pa
         advertised, in_engine, hit = asyncio.run(scenario())
         assert advertised == in_engine == ["lora-0"], f"advertised {advertised}, engine holds {in_engine}"
         assert hit and replica.loads["lora-0"] == 1, "the next request is routed here as a hit: it must be one"
+    finally:
+        replica.engine.stop()
+
+
+@needs_ray
+def test_multiplexed_loads_and_evictions_are_counted_as_such(tmp_path, monkeypatch):
+    """The Engine class with Ray's real @serve.multiplexed wrapper, cap 1: two variants requested in turn make Ray
+    load both and evict the first. Loads a request waited for are timed as reason="cold" and evictions counted in
+    service_adapter_evictions_total; nothing is an admin operation (PUT/DELETE answer 405 on Ray). Was: both loads
+    and the eviction's unload counted as admin operations, the loads timed as reason="admin", no eviction counted."""
+    import asyncio
+    import types
+
+    import ray.serve.multiplex as multiplex
+
+    import service.ray_app as ra
+
+    store = make_store(tmp_path / "store", n_adapters=2)
+    args = ra.RayAppArgs(store=store.root, max_adapters_per_replica=1, service={"precision": "fp32", "threads": 1})
+    context = types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id="r1"), app_name="a", deployment="Engine")
+    model_id = {"id": "lora-0"}
+    monkeypatch.setattr(ra.serve, "get_replica_context", lambda: context)
+    monkeypatch.setattr(multiplex, "_get_internal_replica_context", lambda: context)
+    monkeypatch.setattr(ra.serve, "get_multiplexed_model_id", lambda: model_id["id"])
+    replica = ra.engine_deployment(args).func_or_class(args.service_config().model_dump_json())
+    try:
+
+        async def scenario() -> tuple[list[str], float]:
+            for name in ("lora-0", "lora-1"):
+                model_id["id"] = name
+                assert "error" not in await replica.infer(["hello"], 30.0)
+            for _ in range(100):  # Ray evicted lora-0: the replica unloads it
+                if "lora-0" not in replica.engine.runtime.entries:
+                    break
+                await asyncio.sleep(0.05)
+            in_engine = sorted(replica.engine.runtime.entries)
+            evictions = value("service_adapter_evictions_total")
+            await getattr(replica, "__serve_multiplex_wrapper").shutdown()
+            return in_engine, evictions
+
+        metrics = replica.engine.metrics
+        value = metrics.registry.get_sample_value
+        in_engine, evictions = asyncio.run(scenario())
+        assert in_engine == ["lora-1"] and evictions == 1
+        assert value("service_adapter_load_seconds_count", {"kind": "lora", "reason": "cold"}) == 2
+        assert value("service_adapter_load_seconds_count", {"kind": "lora", "reason": "admin"}) is None
+        admin = [ln for ln in metrics.render().decode().splitlines() if ln.startswith("service_admin_operations_total")]
+        assert admin == [], admin
     finally:
         replica.engine.stop()
