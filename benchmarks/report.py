@@ -123,6 +123,7 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
                 (v.get("adapter_param_bytes") or 0) / 1024 if v["kind"] == "lora" else None,
                 v["rss_load_delta_bytes"] / MiB,
                 v["rss_after_forward_delta_bytes"] / MiB,
+                v["rss_weights_read_delta_bytes"] / MiB if v.get("rss_weights_read_delta_bytes") is not None else None,
                 v["disk_bytes"] / MiB,
                 (v["cuda_allocated_bytes"] / MiB) if v.get("cuda_allocated_bytes") is not None else None,
             ]
@@ -137,6 +138,7 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
                     "adapter KiB",
                     "RSS Δ load MiB",
                     "RSS Δ +forward MiB",
+                    "RSS Δ +every weight read MiB",
                     "disk MiB",
                     "CUDA alloc MiB",
                 ],
@@ -145,8 +147,12 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
         )
         parts.append(
             "\nRSS Δ is the process's resident memory after loading minus before (imports excluded). "
-            "safetensors weights are memory-mapped and count only once touched, so the +forward column "
-            "is the resident cost; a LoRA variant's figures include its base."
+            "safetensors weights are memory-mapped and count only once touched, and a forward touches only the "
+            "embedding rows of its texts' tokens, so the +forward column leaves most of a full or merged "
+            "variant's embedding matrix out (a LoRA base is copied into the process and counted whole); the "
+            "+every weight read column (– in files written before it was measured) is the resident cost once "
+            "a stream has used the whole vocabulary. A LoRA variant's RSS and params include its base, its disk "
+            "figure does not."
         )
         sw = doc.get("adapter_sweep")
         if sw:
@@ -162,7 +168,8 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
                     sw["full_models_bytes_computed"].get(str(p["adapters"]), 0) / MiB
                     if str(p["adapters"]) in sw["full_models_bytes_computed"]
                     else None,
-                    p.get("add_s_per_adapter"),
+                    # in ms: a PUT + first request takes tens of ms, which one decimal of seconds showed as 0.0
+                    p["add_s_per_adapter"] * 1000 if p.get("add_s_per_adapter") is not None else None,
                 ]
                 for p in sw["points"]
             ]
@@ -174,7 +181,7 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
                         "limit MiB (base + 1.2 × adapters)",
                         "within",
                         "same count of full models MiB (computed)",
-                        "s per added adapter (PUT + first request)",
+                        "ms per added adapter (PUT + first request)",
                     ],
                     rows,
                 )

@@ -30,8 +30,13 @@ from pydantic import Field
 
 from benchmarks.experiment import Settings, experiment
 
-# Dense tensor-core peaks from the vendors' datasheets, TFLOP/s, by precision (no sparsity).
+# Dense tensor-core peaks from the vendors' datasheets, TFLOP/s, by precision (no sparsity). The first key
+# found in the device name wins: the PCIe and NVL cards run lower clocks and power than the SXM boards
+# (H100 PCIe 756 bf16, H100 NVL / H200 NVL 835), and their names contain "H100" / "H200" as well.
 DATASHEET_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
     "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
     "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},

@@ -334,3 +334,18 @@ def test_the_demo_paces_its_open_loop_at_half_the_measured_adapter_mix_throughpu
     }
     (d.results / "load-adapter-mix.json").write_text(json.dumps(doc))
     assert d.open_loop_rate() == 108.0
+
+
+def test_mfu_datasheet_peak_tells_the_pcie_and_nvl_cards_from_the_sxm_boards():
+    """An H100 PCIe peaks at 756 bf16 TFLOP/s, an H100 / H200 NVL at 835; matched by the substring "H100" /
+    "H200" they were divided by the SXM board's 989, and their MFU read 0.76x / 0.84x of what it was."""
+    from benchmarks.train_speed import datasheet_tflops
+
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert datasheet_tflops("NVIDIA H200", "bf16") == 989.4
+    assert datasheet_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
+    assert datasheet_tflops("NVIDIA H100 PCIe", "fp32") == 51.2
+    assert datasheet_tflops("NVIDIA H100 NVL", "bf16") == 835.5
+    assert datasheet_tflops("NVIDIA H200 NVL", "bf16") == 835.5
+    assert datasheet_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert datasheet_tflops("NVIDIA L4", "bf16") is None and datasheet_tflops(None, "bf16") is None

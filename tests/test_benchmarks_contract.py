@@ -366,3 +366,17 @@ def test_a_target_row_measured_on_a_dirty_tree_says_so():
 
     assert row(True).endswith(", at abc1234+dirty")
     assert row(False).endswith(", at abc1234") and row(None).endswith(", at abc1234")
+
+
+def test_the_memory_table_shows_the_time_per_added_adapter_in_ms(tmp_path: Path):
+    """A PUT + first request takes tens of ms: shown in seconds to one decimal, 0.059 s read '0.0' (the stored
+    MiniLM sweep's every row); in ms it reads 59.4."""
+    doc = json.loads((FIXTURES / "memory.json").read_text())
+    doc["payload"]["adapter_sweep"]["points"][1]["add_s_per_adapter"] = 0.0594
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "memory.json").write_text(json.dumps(doc))
+    text = write_report([tmp_path / "res"], tmp_path / "rep" / "REPORT.md").read_text()
+    header = next(x for x in text.splitlines() if "per added adapter" in x)
+    assert "ms per added adapter (PUT + first request)" in header, header
+    row = next(x for x in text.splitlines() if x.startswith("| 8 |"))
+    assert row.rstrip().endswith("| 59.4 |"), row

@@ -254,3 +254,18 @@ def test_memory_probes_and_adapter_sweep(store: Path, tmp_path: Path):
     assert 100 * 2**20 < rss[0] < 4 * 2**30
     assert sw["full_models_bytes_computed"] == {str(k): k * full_bytes for k in (1, 4, 12)}
     assert json.loads((tmp_path / "mem.json").read_text())["kind"] == "memory"
+
+
+def test_memory_probe_counts_the_memory_mapped_weights_a_forward_left_untouched(store: Path):
+    """A full variant's safetensors are memory-mapped and a forward faults in only its tokens' embedding rows:
+    MiniLM's full variant held 62 of its 87 MiB after the golden texts, so its '+forward' RSS left 25 MiB of
+    weights out that a LoRA variant's copied base counts whole. The probe reads every weight once more."""
+    from benchmarks.memory import _subprocess_json
+
+    full = _subprocess_json(["probe", "--store", str(store), "--variant", "full"])
+    lora = _subprocess_json(["probe", "--store", str(store), "--variant", "lora-0"])
+    embedding_bytes = 30522 * 32 * 4  # the tiny model's word embeddings, fp32
+    gained = full["rss_weights_read_delta_bytes"] - full["rss_after_forward_delta_bytes"]
+    assert gained > 0.2 * embedding_bytes, (gained, full)
+    # the LoRA base was copied into the process: nothing left to fault in
+    assert lora["rss_weights_read_delta_bytes"] - lora["rss_after_forward_delta_bytes"] < gained, lora
