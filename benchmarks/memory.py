@@ -258,6 +258,9 @@ def _metric(text: str, name: str) -> float | None:
 def adapter_check(points: list[dict[str, Any]], adapter_bytes: int) -> dict[str, Any]:
     """Target: memory(K) <= base + 1.2 x K x adapter bytes, judged at the largest K measured.
 
+    Memory is the GPU's allocated bytes where every point has them (adapters on a CUDA device live there: the
+    host RSS would pass whatever they cost), else the process RSS; `measured` names which.
+
     The base is extrapolated from the smallest K >= 1 (base = RSS(K_min) - K_min x adapter
     bytes). K = 0 (bare base, no peft wrapper) is excluded: peft's one-off wrapping cost belongs
     to the adapter runtime, not to any one adapter. RSS grows in allocator-sized steps, so
@@ -267,21 +270,29 @@ def adapter_check(points: list[dict[str, Any]], adapter_bytes: int) -> dict[str,
     import numpy as np
 
     pts = sorted((p for p in points if p["adapters"] > 0), key=lambda p: p["adapters"])
+    key = "cuda_allocated_bytes" if all(p.get("cuda_allocated_bytes") is not None for p in pts) else "rss_bytes"
+    pts = [{**p, "measured_bytes": p[key]} for p in pts]
     # the base as the smallest of RSS(K) - K x adapter bytes over every K: one noisy high reading (seen: RSS at
     # K=1 47 MiB above K=8) must not raise the base, and with it the limit at every K
-    base = min(p["rss_bytes"] - p["adapters"] * adapter_bytes for p in pts)
+    base = min(p["measured_bytes"] - p["adapters"] * adapter_bytes for p in pts)
     rows = []
     for p in pts:
         k = p["adapters"]
         limit = base + 1.2 * k * adapter_bytes
         rows.append(
-            {"adapters": k, "rss_bytes": p["rss_bytes"], "limit_bytes": limit, "passed": p["rss_bytes"] <= limit}
+            {
+                "adapters": k,
+                "measured_bytes": p["measured_bytes"],
+                "limit_bytes": limit,
+                "passed": p["measured_bytes"] <= limit,
+            }
         )
     fit = pts[1:] if len(pts) > 2 else pts  # the smallest K is the noisiest (allocator steps): slope over the rest
     ks = np.array([p["adapters"] for p in fit], dtype=float)
-    rss = np.array([p["rss_bytes"] for p in fit], dtype=float)
-    marginal = float(np.polyfit(ks, rss, 1)[0]) if len(fit) > 1 and ks[-1] > ks[0] else None
+    mem = np.array([p["measured_bytes"] for p in fit], dtype=float)
+    marginal = float(np.polyfit(ks, mem, 1)[0]) if len(fit) > 1 and ks[-1] > ks[0] else None
     return {
+        "measured": key,
         "base_estimate_bytes": base,
         "adapter_bytes": adapter_bytes,
         "marginal_bytes_per_adapter": marginal,

@@ -157,12 +157,13 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
         sw = doc.get("adapter_sweep")
         if sw:
             chk = memory_check(sw)
+            what = "CUDA allocated" if chk["measured"] == "cuda_allocated_bytes" else "RSS"
             parts.append(f"\n### Resident adapters (via {sw['via']}; copies of `{sw['source_adapter']}`)\n")
             lim = {r["adapters"]: r for r in chk["rows"]}
             rows = [
                 [
                     p["adapters"],
-                    p["rss_bytes"] / MiB,
+                    p[chk["measured"]] / MiB if p.get(chk["measured"]) is not None else None,
                     (lim[p["adapters"]]["limit_bytes"] / MiB) if p["adapters"] in lim else None,
                     ("yes" if lim[p["adapters"]]["passed"] else "NO") if p["adapters"] in lim else "–",
                     sw["full_models_bytes_computed"].get(str(p["adapters"]), 0) / MiB
@@ -177,7 +178,7 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
                 _table(
                     [
                         "adapters",
-                        "RSS MiB (measured)",
+                        f"{what} MiB (measured)",
                         "limit MiB (base + 1.2 × adapters)",
                         "within",
                         "same count of full models MiB (computed)",
@@ -199,9 +200,9 @@ def memory_section(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_d
             fig, ax = plt.subplots(figsize=(7, 4.5))
             ax.plot(
                 ks,
-                [max(p["rss_bytes"] - base, 1) / MiB for p in pts],
+                [max(p[chk["measured"]] - base, 1) / MiB for p in pts],
                 marker="o",
-                label=f"measured RSS − base ({sw['via']})",
+                label=f"measured {what} − base ({sw['via']})",
             )
             ax.plot(
                 ks, [1.2 * k * chk["adapter_bytes"] / MiB for k in ks], ls="--", label="target: 1.2 × adapter bytes"
@@ -568,7 +569,8 @@ def targets_section(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str
                 [
                     f"memory, {mx['adapters']} resident adapters ({sw['via']}; {run_of(d)})",
                     "≤ base + 1.2 × adapters' bytes",
-                    f"{mx['rss_bytes'] / MiB:.1f} MiB vs limit {mx['limit_bytes'] / MiB:.1f} MiB "
+                    f"{'GPU ' if check['measured'] == 'cuda_allocated_bytes' else ''}"
+                    f"{mx['measured_bytes'] / MiB:.1f} MiB vs limit {mx['limit_bytes'] / MiB:.1f} MiB "
                     f"(marginal ×{_fmt(check.get('marginal_over_adapter_bytes'), 2)} of adapter bytes)",
                     _met(check["passed"]),
                 ]

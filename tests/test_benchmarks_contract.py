@@ -380,3 +380,19 @@ def test_the_memory_table_shows_the_time_per_added_adapter_in_ms(tmp_path: Path)
     assert "ms per added adapter (PUT + first request)" in header, header
     row = next(x for x in text.splitlines() if x.startswith("| 8 |"))
     assert row.rstrip().endswith("| 59.4 |"), row
+
+
+def test_the_memory_check_on_a_gpu_judges_the_gpu_memory():
+    """Adapters on a CUDA device live in GPU memory: the check read the host RSS only, which stays flat
+    whatever they cost there, so it passed any GPU sweep. Where every point has the GPU's figure, that is judged."""
+    from benchmarks.memory import adapter_check
+
+    mib, one = 2**20, 2**20
+    points = [
+        {"adapters": k, "rss_bytes": 900 * mib, "cuda_allocated_bytes": 500 * mib + 3 * k * one} for k in (1, 8, 32)
+    ]
+    check = adapter_check(points, one)
+    assert check["measured"] == "cuda_allocated_bytes" and not check["passed"]
+    assert abs(check["marginal_over_adapter_bytes"] - 3.0) < 1e-6
+    host = adapter_check([{**p, "cuda_allocated_bytes": None} for p in points], one)  # a CPU sweep: RSS, as before
+    assert host["measured"] == "rss_bytes" and host["passed"]
