@@ -309,3 +309,23 @@ def test_compiled_step_trains_like_eager_and_compiles_once_per_shape(tmp_path, d
     assert loop.bucket_tokens(cfg.max_length) == 16
     assert 1 < len(buckets) < len(widths)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_step_overhead_trains_on_the_cpu_on_a_gpu_machine_too(monkeypatch):
+    """The minimal loop runs on the CPU; `training` took a GPU where one is (accelerate's default), so on a GPU
+    machine the ratio compared a GPU step with a CPU one. Here a GPU is claimed by torch.cuda.is_available
+    (only the probe is faked): accelerate must still be told to train on the CPU."""
+    import os
+
+    from benchmarks.step_overhead import StepOverheadSettings, run
+
+    seen = []
+    real_cpu_only = loop._cpu_only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a claimed GPU")  # the results' provenance
+    monkeypatch.setattr(loop, "_cpu_only", lambda: seen.append(real_cpu_only()) or seen[-1])
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    payload = run(StepOverheadSettings(steps=4, batch_size=4, max_length=32, repeats=1))
+    assert seen and all(seen), "training was not told to use the CPU"
+    assert payload["runs"]["training"][0]["steps"] == 4
+    assert "ACCELERATE_USE_CPU" not in os.environ  # restored after the run
