@@ -256,7 +256,16 @@ def render(docs: list[tuple[Path, dict[str, Any]]], fig_dir: Path, out_dir: Path
             ]
             for r in p["runs"]
         ]
-        header = ["method", "batch", "compile", "samples/s", "ms/step", "tokens/s", "model TFLOP/s", "MFU (datasheet)"]
+        header = [
+            "method",
+            "batch",
+            "compile",
+            "samples/s",
+            "ms/step",
+            "tokens/s (unpadded)",
+            "model TFLOP/s",
+            "MFU (datasheet)",
+        ]
         header += ["of measured matmul", "peak GiB", "120k-row epoch s", "first interval s"]
         parts.append(table(header, rows))
         if p.get("failed"):
