@@ -86,6 +86,14 @@ def _alpha_for(module: str, cfg: dict) -> float:
     return float(cfg["lora_alpha"])
 
 
+def _in_saved_module(module: str, saved: list[str]) -> bool:
+    """peft's modules_to_save rule (a module path ending with a listed name) for `module` or a module holding it:
+    a saved composite (RoBERTa's `classifier`, BERT's `pooler`) is written as its inner layers' tensors."""
+    parts = module.split(".")
+    paths = (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+    return any(p == k or p.endswith("." + k) for p in paths for k in saved)
+
+
 def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
     """The adapter stored at `path` as tensors for `model` (the plain classifier it was trained on).
 
@@ -120,7 +128,7 @@ def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
             pairs.setdefault(m[1], {})[m[2]] = t
             continue
         m = re.fullmatch(r"(.+)\.(weight|bias)", rel)
-        if m and any(m[1] == k or m[1].endswith("." + k) for k in saved):  # peft's modules_to_save rule
+        if m and _in_saved_module(m[1], saved):
             heads.setdefault(m[1], {})[m[2]] = t
             continue
         problems.append(f"tensor {key} is not plain LoRA A/B or a saved head layer")
@@ -143,7 +151,13 @@ def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
         out.layers[mod] = (a, b, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
     for mod, wb in heads.items():
         target = modules.get(mod)
-        if not isinstance(target, nn.Linear) or "weight" not in wb or wb["weight"].shape != target.weight.shape:
+        if target is not None and not isinstance(target, nn.Linear):
+            problems.append(
+                f"{mod}: a saved {type(target).__name__} (modules_to_save); the service swaps saved Linear layers "
+                "only: save only Linear layers, or export the adapter merged"
+            )
+            continue
+        if target is None or "weight" not in wb or wb["weight"].shape != target.weight.shape:
             problems.append(f"{mod}: saved head weights do not fit this base's layer")
             continue
         out.heads[mod] = (wb["weight"], wb.get("bias"))

@@ -150,7 +150,9 @@ class LoraBank:
             "bias": bias.detach().expand(self.slots, -1).clone(),
         }
         self._heads[path] = s
-        lin.register_forward_hook(self._head_hook)
+        # before any LoRA hook on this layer: the head hook replaces the output, so a LoRA hook that ran first
+        # (another adapter's LoRA on a layer this adapter saves whole, e.g. BERT's pooler.dense) would be discarded
+        lin.register_forward_hook(self._head_hook, prepend=True)
         self.generation += 1
         return s
 

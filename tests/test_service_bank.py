@@ -71,6 +71,73 @@ def test_bank_equals_peft_mixed_batches(arch: str, tmp_path: Path) -> None:
         bank.slots_of(["a1"])
 
 
+def _random_peft(base: torch.nn.Module, seed: int, **cfg) -> torch.nn.Module:
+    """A peft model over a copy of `base` with LoraConfig(**cfg) and random (non-zero) trainable weights."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(lora_dropout=0.0, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return pm.eval()
+
+
+@pytest.mark.parametrize("first", ["lora", "head"])
+def test_a_layer_one_adapter_adapts_and_another_saves_whole(first: str, tmp_path: Path) -> None:
+    """BERT's pooler.dense: LoRA in adapter "lora" (target "dense"), saved whole in adapter "head"
+    (modules_to_save). Each row gets its own adapter's pooler whatever order they were added in (was: with
+    "lora" added first, its rows lost the pooler's LoRA: the head hook, run after it, recomputed the output)."""
+    base = tiny_classifier("bert").eval()
+    specs = {
+        "lora": dict(r=8, lora_alpha=16, target_modules=["query", "dense"], modules_to_save=["classifier"]),
+        "head": dict(r=2, lora_alpha=4, target_modules=["value"], modules_to_save=["pooler.dense", "classifier"]),
+    }
+    paths = {n: tmp_path / n for n in specs}
+    for seed, (name, cfg) in enumerate(specs.items()):
+        _random_peft(base, seed, **cfg).save_pretrained(paths[name])
+    bank = LoraBank(copy.deepcopy(base))
+    for name in (first, *(n for n in specs if n != first)):
+        bank.add(name, read_lora(name, paths[name], bank.model))
+    assert "bert.pooler.dense" in bank._layers and "bert.pooler.dense" in bank._heads
+    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    names = ["lora", "head", "lora", "head", "lora"]
+    with torch.inference_mode():  # peft one adapter at a time: its mixed batch needs the same saved modules
+        alone = {n: _peft(base, {n: p})(**enc).logits for n, p in paths.items()}
+        ref = torch.stack([alone[n][i] for i, n in enumerate(names)])
+        got = bank.forward(names, **enc).logits
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize(("arch", "saved"), [("bert", ["pooler", "classifier"]), ("roberta", ["classifier"])])
+def test_a_saved_composite_module_is_served_as_its_inner_layers(arch: str, saved: list[str], tmp_path: Path) -> None:
+    """modules_to_save naming a composite (BERT's pooler, RoBERTa's classifier: peft's own SEQ_CLS default) is
+    saved as its inner Linears' tensors: each is a head layer, rows mixed with other adapters equal peft (was:
+    refused, "tensor ... is not plain LoRA A/B or a saved head layer"). A saved non-Linear is refused, saying so."""
+    base = tiny_classifier(arch).eval()
+    paths = _adapters(tmp_path, base)
+    _random_peft(base, 7, r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=saved).save_pretrained(
+        tmp_path / "composite"
+    )
+    paths = {"a1": paths["a1"], "composite": tmp_path / "composite", "a3": paths["a3"]}
+    bank = LoraBank(copy.deepcopy(base))
+    for name, p in paths.items():
+        bank.add(name, read_lora(name, p, bank.model))
+    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    names = ["composite", "a1", "composite", "a3", "a1"]
+    with torch.inference_mode():
+        alone = {n: _peft(base, {n: p})(**enc).logits for n, p in paths.items()}
+        ref = torch.stack([alone[n][i] for i, n in enumerate(names)])
+        got = bank.forward(names, **enc).logits
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    _random_peft(base, 8, r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["LayerNorm"]).save_pretrained(
+        tmp_path / "norm"
+    )
+    with pytest.raises(VariantRefused, match="a saved LayerNorm .*save only Linear layers"):
+        read_lora("norm", tmp_path / "norm", base)
+
+
 def test_bank_slots_are_stable_through_static_buffers(tmp_path: Path) -> None:
     """What a CUDA graph replays, on CPU: buckets + slots; in-place swaps keep `generation` (graphs stay valid)."""
     base = tiny_classifier("roberta").eval()
