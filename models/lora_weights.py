@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from torch import nn
 
-from models.heads import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from models.heads import ADAPTER_CONFIG, ADAPTER_WEIGHTS, in_saved_module
 from models.store import VariantRefused
 
 PREFIX = "base_model.model."
@@ -86,14 +86,6 @@ def _alpha_for(module: str, cfg: dict) -> float:
     return float(cfg["lora_alpha"])
 
 
-def _in_saved_module(module: str, saved: list[str]) -> bool:
-    """peft's modules_to_save rule (a module path ending with a listed name) for `module` or a module holding it:
-    a saved composite (RoBERTa's `classifier`, BERT's `pooler`) is written as its inner layers' tensors."""
-    parts = module.split(".")
-    paths = (".".join(parts[:i]) for i in range(len(parts), 0, -1))
-    return any(p == k or p.endswith("." + k) for p in paths for k in saved)
-
-
 def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
     """The adapter stored at `path` as tensors for `model` (the plain classifier it was trained on).
 
@@ -128,7 +120,7 @@ def read_lora(name: str, path: Path, model: nn.Module) -> LoraWeights:
             pairs.setdefault(m[1], {})[m[2]] = t
             continue
         m = re.fullmatch(r"(.+)\.(weight|bias)", rel)
-        if m and _in_saved_module(m[1], saved):
+        if m and in_saved_module(m[1], saved):
             heads.setdefault(m[1], {})[m[2]] = t
             continue
         problems.append(f"tensor {key} is not plain LoRA A/B or a saved head layer")

@@ -363,3 +363,24 @@ def test_an_unexpected_error_loading_a_variant_refuses_it_and_nothing_else(tmp_p
     with pytest.raises(Refused, match="RuntimeError: batch1 must be a 3D tensor"):
         rt.load("lora-1")
     assert set(rt.entries) == {"lora-0"} and "RuntimeError" in rt.refused["lora-1"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "cfg"),
+    [
+        ("roberta", dict(task_type="SEQ_CLS")),  # peft's default: modules_to_save ["classifier", "score"]
+        ("roberta", dict(modules_to_save=["classifier"])),
+        ("roberta", dict(modules_to_save=["classifier.dense", "classifier.out_proj"])),  # this project's layout
+        ("bert", dict(modules_to_save=["pooler", "classifier"])),
+        ("bert", dict(task_type="SEQ_CLS")),
+    ],
+)
+def test_the_head_of_any_modules_to_save_layout_is_found(arch: str, cfg: dict, tmp_path: Path) -> None:
+    """The store's label check found the head by the last modules_to_save entry's `.weight`: a RoBERTa adapter
+    saved with peft's defaults (or the composite `classifier`) was refused as having "no classification head"
+    although it has one (and the bank serves it: the test above)."""
+    from models.heads import head_out_features
+
+    base = tiny_classifier(arch).eval()
+    _random_peft(base, 3, r=2, lora_alpha=4, target_modules=["query", "value"], **cfg).save_pretrained(tmp_path / "a")
+    assert head_out_features(tmp_path / "a") == base.config.num_labels
