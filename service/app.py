@@ -7,6 +7,8 @@ process through `service.client.EngineClient`.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -153,4 +155,19 @@ def serve_api(app: FastAPI, cfg: ServiceConfig, engine: Any, metrics: FrontendMe
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for front-end worker processes (`python -m service --frontends N`)."""
+    _stop_with_parent()
     return create_app(ServiceConfig.model_validate_json(os.environ[CONFIG_ENV]))
+
+
+def _stop_with_parent(poll_s: float = 0.5) -> None:
+    """A worker whose `python -m service` died (kill -9, OOM) shuts down as if sent SIGTERM: uvicorn's workers
+    ran on without it, holding the port and answering 503 for the engine that had exited with it, so a restarted
+    service could not bind. (The engine polls its parent the same way.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

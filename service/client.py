@@ -67,6 +67,7 @@ class _Link(asyncio.Protocol):
         self.reader = FrameReader()
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
+        self.heard = False  # a message came: a live engine answered on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -79,6 +80,7 @@ class _Link(asyncio.Protocol):
             self.transport.close()
             return
         for raw in messages:
+            self.heard = True
             self.on_message(unpack(raw))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -131,9 +133,13 @@ class EngineClient:
             self._schedule_refresh()
             await link.lost
             self._link = None
-            log.error("lost the engine process; failing %d pending requests with 503", len(self._pending))
             self.metrics.engine_up.set(0)
-            self.metrics.engine_disconnects.inc()
+            if link.heard:
+                log.error("lost the engine process; failing %d pending requests with 503", len(self._pending))
+                self.metrics.engine_disconnects.inc()
+            else:  # a killed engine's listening socket can take a connection while its process is torn down:
+                # that is the same loss again, not a second one (it counted two disconnects for one kill)
+                log.info("the engine's socket closed before it answered (an engine that was exiting); retrying")
             self._version = None
             self._fail_pending(engine_down())
 

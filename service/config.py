@@ -12,7 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "SERVICE_"
 
@@ -66,7 +74,8 @@ class ServiceConfig(BaseModel):
         description="compute precision of torch variants; auto = bf16 where the hardware has it natively "
         "(CPU avx512_bf16/AMX, CUDA), else fp32 (fp16 on CUDA without bf16)",
     )
-    device: Literal["cpu", "cuda"] = Field("cpu", description="device of torch variants")
+    # validate_default: its check against --precision runs when --device is left at cpu too
+    device: Literal["cpu", "cuda"] = Field("cpu", validate_default=True, description="device of torch variants")
     variants: str = Field("all", description="comma-separated variants to load at start, or 'all' (those that verify)")
     base: str | None = Field(
         None, description="fingerprint (prefix) of the shared LoRA base; default: the base most LoRA variants use"
@@ -184,32 +193,38 @@ class ServiceConfig(BaseModel):
             raise ValueError("--api-key / SERVICE_API_KEY is empty; unset it to leave admin endpoints open")
         return v
 
-    @field_validator("frontends")
+    # Checks of one field, or of a field against one declared before it (info.data), are field validators, so
+    # that pydantic reports every bad value at once; a model validator runs only once all fields are valid.
+    @field_validator("frontends", "threads", "lone_threads", "lanes")
     @classmethod
     def _at_least_one(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
-            raise ValueError("--frontends must be >= 1 or auto")
+            raise ValueError("must be >= 1 or auto")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _precision_fits_device(cls, v: str, info: ValidationInfo) -> str:
+        if v == "cpu" and info.data.get("precision") == "fp16":
+            raise ValueError("fp16 is for --device cuda; on CPU use --precision bf16 (avx512_bf16) or fp32")
+        return v
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_fit_device(cls, v: int | str, info: ValidationInfo) -> int | str:
+        if isinstance(v, int) and v > 1 and info.data.get("device") == "cuda":
+            raise ValueError("--lanes > 1 is for CPU; on CUDA one lane keeps the device busy (leave it auto)")
         return v
 
     @model_validator(mode="after")
-    def _precision_fits_device(self) -> ServiceConfig:
+    def _resolve_auto(self) -> ServiceConfig:
         if self.frontends == "auto":
             self.frontends = auto_frontends(self.device)
         every_core = self.threads == "auto" and self.device == "cpu"  # decided before --threads resolves
         if self.threads == "auto":
             self.threads = auto_threads(self.device, self.frontends)
-        elif self.threads < 1:
-            raise ValueError("--threads must be >= 1 or auto")
         if self.lone_threads == "auto":
             self.lone_threads = (os.cpu_count() or 1) if every_core else self.threads
-        elif self.lone_threads < 1:
-            raise ValueError("--lone-threads must be >= 1 or auto")
-        if self.lanes != "auto" and self.lanes < 1:
-            raise ValueError("--lanes must be >= 1 or auto")
-        if self.lanes != "auto" and self.lanes > 1 and self.device == "cuda":
-            raise ValueError("--lanes > 1 is for CPU; on CUDA one lane keeps the device busy (leave it auto)")
-        if self.precision == "fp16" and self.device == "cpu":
-            raise ValueError("fp16 is for --device cuda; on CPU use --precision bf16 (avx512_bf16) or fp32")
         return self
 
 
@@ -246,6 +261,20 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     try:
         return ServiceConfig.model_validate(values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        parser.error(f"invalid configuration: {problems}")
+        parser.error(f"invalid configuration: {_problems(e)}")
         raise  # unreachable: parser.error exits
+
+
+def _problems(e: ValidationError) -> str:
+    """Every invalid value, named as the user gave it (--flag / SERVICE_NAME), one clause per setting."""
+    by_field: dict[str, list[str]] = {}
+    for err in e.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if len(err["loc"]) > 1 and err["type"] == "literal_error":  # the 'auto' branch of an int | 'auto' union
+            msg = f"or {msg[0].lower()}{msg[1:]}"
+        by_field.setdefault(name, []).append(msg)
+    return "; ".join(
+        f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}: {' '.join(msgs)}" if name else " ".join(msgs)
+        for name, msgs in by_field.items()
+    )

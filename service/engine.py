@@ -32,7 +32,7 @@ from service.errors import ModelNotFound, ServiceError, Unavailable, not_loaded
 from service.metrics import EngineMetrics
 from service.protocol import error_fields, pack, unpack
 from service.runtime import Runtime
-from service.transport import Listener, Peer, frame
+from service.transport import AddressInUse, Listener, Peer, frame
 
 log = logging.getLogger("service.engine")
 POLL_S = 0.1
@@ -130,10 +130,15 @@ class Engine:
         return self.batcher.state()
 
     # ---- the socket loop -----------------------------------------------------------------------
-    def serve(self) -> None:
+    def serve(self, ready_fd: int | None = None, parent_pid: int | None = None) -> None:
+        """`ready_fd`: a pipe to write one byte to once the startup loads are done (the supervisor tells a
+        crash at startup from a crash later by it). `parent_pid`: the process whose death stops this engine
+        (default: the parent now). The supervisor passes its pid: a parent that died while this process
+        imported torch was never noticed (the parent then was init), and the engine ran on, orphaned, in a
+        session of its own."""
         listener = Listener(self.address)
         self.batcher.start()
-        parent = os.getppid()
+        parent = parent_pid or os.getppid()
         log.info("engine %s listening on %s", self.engine_id, self.address)
         drain: threading.Thread | None = None
         while True:
@@ -146,6 +151,11 @@ class Engine:
                     log.error("dropped a message that is not a msgpack map (%d bytes)", len(raw))
                     continue
                 self._handle(peer, msg)
+            if ready_fd is not None and self.batcher.ready.is_set():
+                with contextlib.suppress(OSError):  # a supervisor that is gone: nobody to tell
+                    os.write(ready_fd, b"r")
+                os.close(ready_fd)
+                ready_fd = None
             if drain is None and (self._stop.is_set() or os.getppid() != parent):
                 # stop accepting (new requests get 503), let the queue finish, keep replying meanwhile
                 drain = threading.Thread(target=self.batcher.stop, args=(self.cfg.request_timeout_s,), daemon=True)
@@ -164,13 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m service.engine", description=__doc__.splitlines()[0])
     p.add_argument("--address", required=True, help="Unix socket to listen on (unix://PATH)")
     p.add_argument("--config", required=True, help="ServiceConfig as JSON")
+    p.add_argument("--ready-fd", type=int, default=None, help="file descriptor to write one byte to once ready")
+    p.add_argument("--parent-pid", type=int, default=None, help="stop when this process is no longer the parent")
     args = p.parse_args(argv)
     cfg = ServiceConfig.model_validate_json(args.config)
+    if args.ready_fd is not None:
+        os.set_inheritable(args.ready_fd, False)  # the engine's own subprocesses must not hold it
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = Engine(cfg, args.address)
     signal.signal(signal.SIGTERM, engine.request_stop)
     signal.signal(signal.SIGINT, engine.request_stop)
-    engine.serve()
+    try:
+        engine.serve(args.ready_fd, args.parent_pid)
+    except AddressInUse as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 Lives in the process that starts the service (`python -m service`, or `create_app` in tests).
 A crash is logged and the engine restarted after a short back-off; front-ends notice the lost
 connection at once (the engine's end of their socket closes) and answer 503 + Retry-After until it is back. If it
-keeps dying (MAX_CRASHES within CRASH_WINDOW_S) the supervisor gives up and calls `on_give_up`,
-so the service exits non-zero for its own supervisor (systemd, Kubernetes) instead of looping.
+keeps dying (MAX_CRASHES within CRASH_WINDOW_S, or MAX_CRASHES in a row before one of them was ready) the
+supervisor gives up and calls `on_give_up`, so the service exits non-zero for its own supervisor (systemd,
+Kubernetes) instead of looping. The second rule is for an engine that dies at startup (a model that does not
+fit in memory, a device that fails): its crashes are as far apart as a startup takes, which for a real model
+can exceed CRASH_WINDOW_S / MAX_CRASHES, and the window alone then restarted it forever.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class EngineSupervisor:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="engine-supervisor", daemon=True)
+        self._ready_r: int | None = None  # read end of the pipe the running engine writes one byte to once ready
 
     @property
     def pid(self) -> int | None:
@@ -67,20 +71,47 @@ class EngineSupervisor:
             "--address",
             self.address,
             "--config",
-            self.cfg.model_dump_json(),
+            # not the admin key: the engine never checks it, and a command line is readable by every local user (ps)
+            self.cfg.model_dump_json(exclude={"api_key"}),
+            "--parent-pid",
+            str(os.getpid()),
         ]
+        ready_r, ready_w = os.pipe()
+        os.set_blocking(ready_r, False)
+        cmd += ["--ready-fd", str(ready_w)]
         with self._lock:
-            if not self._stopping.is_set():
+            if self._stopping.is_set():
+                os.close(ready_r)
+            else:
                 # its own session: a signal to the service's process group (Ctrl-C, `kill -- -PGID`) must not
                 # make the engine drain and exit while uvicorn still finishes in-flight requests (and this
                 # watcher restart it as crashed); stop() signals it after them, and the engine exits by itself
                 # when this process dies (it polls its parent)
                 self.proc = subprocess.Popen(
-                    cmd, env=env, cwd=Path(__file__).resolve().parents[1], start_new_session=True
+                    cmd,
+                    env=env,
+                    cwd=Path(__file__).resolve().parents[1],
+                    start_new_session=True,
+                    pass_fds=(ready_w,),
                 )
+                self._ready_r = ready_r
+        os.close(ready_w)  # the engine holds the write end: the read end sees its byte, or nothing once it dies
+
+    def _was_ready(self) -> bool:
+        """Whether the engine that just exited had finished its startup loads (it wrote its byte)."""
+        fd, self._ready_r = self._ready_r, None
+        if fd is None:
+            return False
+        try:
+            return os.read(fd, 1) == b"r"
+        except BlockingIOError:  # a child of the engine still holds the write end, and nothing was written
+            return False
+        finally:
+            os.close(fd)
 
     def _watch(self) -> None:
         crashes: list[float] = []
+        unready = 0  # crashes in a row of engines that died before they were ready
         while not self._stopping.is_set():
             proc = self.proc
             rc = proc.wait() if proc else 0
@@ -88,14 +119,16 @@ class EngineSupervisor:
                 return
             now = time.monotonic()
             crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
+            unready = 0 if self._was_ready() else unready + 1
             log.error(
-                "engine process %s exited with status %s (crash %d within %.0fs)",
+                "engine process %s exited with status %s (crash %d within %.0fs; %d in a row before it was ready)",
                 proc.pid,
                 rc,
                 len(crashes),
                 CRASH_WINDOW_S,
+                unready,
             )
-            if len(crashes) >= MAX_CRASHES:
+            if len(crashes) >= MAX_CRASHES or unready >= MAX_CRASHES:
                 log.error("the engine keeps dying; giving up so the service exits non-zero")
                 self.failed = True
                 self.on_give_up()

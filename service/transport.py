@@ -124,6 +124,22 @@ class Peer:
         self.sock.close()
 
 
+class AddressInUse(RuntimeError):
+    """Another process listens on the engine's socket path."""
+
+
+def _listening(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path` (a file left by a dead one refuses)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:  # no file, a stale socket (ECONNREFUSED), not a socket
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 class Listener:
     """The engine's socket thread: accepts front-ends, reads their messages, writes backlogs.
 
@@ -132,12 +148,17 @@ class Listener:
 
     def __init__(self, address: str):
         path = Path(socket_path(address))
+        if _listening(path):  # was: unlinked and re-bound, cutting the running engine off its front-ends
+            raise AddressInUse(
+                f"another engine is listening on {address}; stop it first, or give this one another --address"
+            )
         path.unlink(missing_ok=True)  # left by an engine that died: this one replaces it
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(str(path))
         self._server.listen(64)
         self._server.setblocking(False)
         self._path = path
+        self._inode = path.stat().st_ino  # close() removes the file only while it is still this socket
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -187,7 +208,9 @@ class Listener:
         self._server.close()
         self._wake_r.close()
         self._wake_w.close()
-        self._path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self._path.stat().st_ino == self._inode:  # not another engine's socket bound there since
+                self._path.unlink()
 
     def _accept(self) -> None:
         while True:

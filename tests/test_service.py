@@ -237,6 +237,62 @@ def test_config_layers_env_and_cli():
     assert load_config(["--store", "/s", "--log-level", "DEBUG"], env={}).log_level == "debug"
 
 
+def test_the_cli_reports_every_invalid_setting_at_once_by_its_flag(tmp_path):
+    """torchtune's habit: all problems in one run. Cross-field checks (fp16 on CPU, --threads 0, --lanes 0) ran
+    only once every field was valid, and stopped at the first, so a fix revealed the next; errors named
+    pydantic's fields ("threads.int", ": Value error") rather than the flags."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = ["--port", "-1", "--precision", "fp16", "--threads", "0", "--lanes", "0", "--frontends", "0"]
+    r = subprocess.run(
+        [sys.executable, "-m", "service", "--store", str(tmp_path), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "SERVICE_LONE_THREADS": "0", "SERVICE_THREADS": "x"},
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    message = r.stderr.splitlines()[-1]
+    for expected in [
+        "--port / SERVICE_PORT: Input should be greater than or equal to 0",
+        "--device / SERVICE_DEVICE: fp16 is for --device cuda; on CPU use --precision bf16",
+        "--threads / SERVICE_THREADS: must be >= 1 or auto",
+        "--lone-threads / SERVICE_LONE_THREADS: must be >= 1 or auto",
+        "--lanes / SERVICE_LANES: must be >= 1 or auto",
+        "--frontends / SERVICE_FRONTENDS: must be >= 1 or auto",
+    ]:
+        assert expected in message, message
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--store",
+            str(tmp_path),
+            "--threads",
+            "x",
+            "--lanes",
+            "2",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert r.returncode == 2, r.stderr
+    assert (
+        "--threads / SERVICE_THREADS: Input should be a valid integer" in r.stderr
+        and "input should be 'auto'" in r.stderr
+    )
+    assert "--lanes / SERVICE_LANES: --lanes > 1 is for CPU" in r.stderr, r.stderr
+
+
 def test_unload_and_reload_non_lora_kinds(bert):
     for name in ["full-onnx", "lora-0-merged", "full"]:
         before = bert.probs(name, GOLDEN_TEXTS)

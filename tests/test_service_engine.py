@@ -103,6 +103,60 @@ def test_engine_that_keeps_crashing_makes_the_service_exit_nonzero(tmp_path):
     assert "giving up" in log
 
 
+def test_an_engine_that_dies_at_every_startup_is_given_up_however_slow_its_startup(tmp_path, monkeypatch):
+    """Engines that die before they are ready, each later than CRASH_WINDOW_S / MAX_CRASHES after it started
+    (a real model's startup can take that long): the 60 s window never held MAX_CRASHES of them, so the
+    supervisor restarted the engine forever. Here the window is shortened instead of the startups lengthened."""
+    from service import supervisor as sup
+    from service.config import ServiceConfig
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    monkeypatch.setattr(sup, "CRASH_WINDOW_S", 2.0)  # crashes ~1 s + back-off apart: never 5 within 2 s
+    gave_up = threading.Event()
+    s = sup.EngineSupervisor(
+        ServiceConfig(store=store.root, threads=1, precision="fp32"), on_give_up=gave_up.set
+    ).start()
+    killed: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not gave_up.is_set() and time.monotonic() < deadline:
+            proc = s.proc
+            if proc.pid not in killed:
+                time.sleep(1.0)  # dies while it starts (imports, loads), before it is ready
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                killed.add(proc.pid)
+            time.sleep(0.05)
+        assert gave_up.is_set() and s.failed, f"still restarting after {len(killed)} engines died at startup"
+        assert len(killed) == sup.MAX_CRASHES
+    finally:
+        s.stop(drain_timeout_s=5)
+
+
+def test_an_engine_that_was_ready_starts_the_count_of_startup_crashes_again(tmp_path, monkeypatch):
+    """A crash of an engine that had become ready is not a crash at startup: the supervisor restarts it."""
+    from service import supervisor as sup
+    from service.config import ServiceConfig
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    monkeypatch.setattr(sup, "MAX_CRASHES", 2)
+    monkeypatch.setattr(sup, "CRASH_WINDOW_S", 0.01)
+    gave_up = threading.Event()
+    s = sup.EngineSupervisor(ServiceConfig(store=store.root, threads=1, precision="fp32"), on_give_up=gave_up.set)
+    try:
+        with running(store.root, engine_address=s.start().address) as srv:
+            for _ in range(2):  # two crashes in a row, each after the engine was ready: restarted both times
+                pid = s.pid
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 60
+                while (s.pid == pid or srv.client.get("/readyz").status_code != 200) and time.monotonic() < deadline:
+                    assert not gave_up.is_set(), "gave up on an engine that had been ready"
+                    time.sleep(0.05)
+                assert s.pid != pid and srv.client.get("/readyz").status_code == 200
+    finally:
+        s.stop(drain_timeout_s=5)
+
+
 def _serve(store: Path, port: int, frontends: int, session: bool = False, **env: str) -> subprocess.Popen:
     """`python -m service` (fp32, 1 thread); `session`: in a process group of its own, as a shell job."""
     return subprocess.Popen(
@@ -143,6 +197,31 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> Non
     raise RuntimeError("service not ready")
 
 
+def test_an_engine_whose_service_died_while_it_started_exits(tmp_path):
+    """`python -m service` killed (OOM, kill -9) while its engine still imports: the engine, in a session of its
+    own, took init for its parent and never noticed the loss; it loaded its models and ran on, orphaned."""
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    proc = _serve(store.root, free_port(), frontends=1, SERVICE_REQUEST_TIMEOUT_S="2")
+    engine = None
+    try:
+        deadline = time.monotonic() + 60
+        while engine is None and time.monotonic() < deadline:
+            engine = next(iter(_engine_children(proc.pid)), None)
+            time.sleep(0.02)
+        assert engine is not None, "no engine started"
+        proc.kill()
+        proc.wait()
+        engine = psutil.Process(engine)
+        with contextlib.suppress(psutil.TimeoutExpired):
+            engine.wait(timeout=60)
+        assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, "the engine outlived its service"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if engine is not None and engine.is_running():
+            engine.kill()
+
+
 def test_engine_up_recovers_after_a_frontend_died_while_the_engine_was_down(tmp_path):
     """--frontends 2: service_engine_up is the minimum over front-ends. A worker that died while the engine was
     down left its 0 in the multi-process files (uvicorn restarts it under a new pid), so the metric said
@@ -172,6 +251,32 @@ def test_engine_up_recovers_after_a_frontend_died_while_the_engine_was_down(tmp_
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_frontend_workers_exit_when_the_service_is_killed(tmp_path):
+    """--frontends 2 and `python -m service` SIGKILLed (OOM killer): its engine exits (it polls its parent), and
+    so must uvicorn's worker processes, which held the port answering 503 for good (a restart: address in use)."""
+    store = make_store(tmp_path / "store", n_adapters=1, full=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(store.root, port, frontends=2)
+    workers: list[psutil.Process] = []
+    try:
+        _wait_ready(url, proc)
+        workers = [k for k in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(k.cmdline())]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"front-end workers {[p.pid for p in alive]} outlived the service"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
 
 
 def test_ctrl_c_lets_a_request_in_flight_finish_on_the_one_engine(tmp_path):
@@ -434,6 +539,45 @@ def test_python_m_service_with_engine_address_serves_from_that_engine(tmp_path):
         finally:
             proc.terminate()
             assert proc.wait(timeout=60) in (0, -signal.SIGTERM), proc.stdout.read()[-2000:]
+
+
+def test_a_second_engine_on_a_running_engines_socket_is_refused_and_leaves_it_serving(tmp_path):
+    """`python -m service.engine --address` of a socket an engine listens on: it unlinked the running engine's
+    socket file and bound its own (the first engine ran on, unreachable), and removed the file when it stopped."""
+    import socket
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    with running(store.root) as srv:
+        address = srv.app.state.supervisor.address
+        path = Path(address.removeprefix("unix://"))
+        inode = path.stat().st_ino
+        cmd = [sys.executable, "-m", "service.engine", "--address", address, "--config", srv.cfg.model_dump_json()]
+        second = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = second.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # it took the socket over and serves
+            second.terminate()
+            out, _ = second.communicate(timeout=60)
+            pytest.fail(f"a second engine ran on {address}: {out[-1000:]}")
+        finally:
+            if second.poll() is None:
+                second.kill()
+        assert second.returncode == 2 and f"another engine is listening on {address}" in out, out[-2000:]
+        assert "Traceback" not in out, out[-2000:]
+        assert path.stat().st_ino == inode  # still the first engine's socket, and it answers
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(path))
+        np.testing.assert_allclose(srv.probs("lora-0", GOLDEN_TEXTS), golden_probs(store, "lora-0"), atol=TOL)
+
+
+def test_the_admin_key_is_not_on_the_engines_command_line(tmp_path):
+    """The engine got the whole config as a --config argument, --api-key included: any local user read it with ps."""
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    with running(store.root, api_key="s3cret-admin-key") as srv:
+        cmdline = " ".join(psutil.Process(srv.app.state.supervisor.pid).cmdline())
+        assert "service.engine" in cmdline and "s3cret-admin-key" not in cmdline
+        assert srv.admin.put("/v1/adapters/lora-0").status_code == 200  # admin auth still works
+        assert srv.client.put("/v1/adapters/lora-0").status_code == 401
 
 
 def test_twenty_hot_swaps_across_two_frontends_fail_no_request(tmp_path):

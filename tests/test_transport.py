@@ -68,3 +68,43 @@ def test_listener_reads_requests_writes_a_backlog_and_drops_a_closed_peer(tmp_pa
         client.close()
         listener.close()
     assert not (tmp_path / "e.sock").exists()
+
+
+def test_a_socket_that_closes_before_any_answer_is_not_counted_as_a_lost_engine(tmp_path):
+    """A killed engine's listening socket can take the front-end's reconnect while the process is torn down,
+    then close it: that counted a second disconnect for one kill (seen: 2 "lost the engine" lines 1 ms apart,
+    service_engine_disconnects_total 2). Here a socket accepts and closes every connection without a word."""
+    import asyncio
+
+    from service.client import EngineClient
+    from service.metrics import FrontendMetrics
+
+    path = tmp_path / "e.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    accepted = []
+
+    def dying_engine() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                accepted.append(1)
+                conn.close()
+
+    threading.Thread(target=dying_engine, daemon=True).start()
+
+    async def run() -> float:
+        metrics = FrontendMetrics()
+        client = EngineClient(f"unix://{path}", metrics)
+        await client.start()
+        await asyncio.sleep(0.5)
+        await client.close()
+        return metrics.engine_disconnects._value.get()
+
+    try:
+        disconnects = asyncio.run(run())
+    finally:
+        server.close()
+    assert accepted, "the client never connected"
+    assert disconnects == 0
