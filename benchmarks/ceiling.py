@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ from benchmarks.common import free_port, running_server
 from benchmarks.experiment import Settings, experiment
 from benchmarks.loadgen import Workload, agnews_test_texts, failed_levels, run_level
 from benchmarks.paths import agnews_data, offline_env
+from models.hardware import usable_cores
 
 SHAPES = ("tiny", "minilm", "roberta-base", "roberta-large")
 
@@ -76,7 +76,7 @@ class CeilingSettings(Settings):
     device: Literal["cpu", "cuda"] = Field("cpu", description="device of the torch variants")
     max_batch_size: int = Field(64, gt=0, description="rows per batch, in-process and in the service")
     threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=usable_cores,
         gt=0,
         description="in-process torch / onnxruntime threads; the service keeps its default (--threads auto) "
         "unless --service-args sets it",
@@ -102,7 +102,7 @@ class CeilingSettings(Settings):
     @model_validator(mode="after")
     def _check(self) -> CeilingSettings:
         if self.lanes is None:
-            self.lanes = (os.cpu_count() or 1) if self.device == "cpu" else 1
+            self.lanes = usable_cores() if self.device == "cpu" else 1
         if min(self.concurrency) < 1:
             raise ValueError(f"--concurrency levels must be >= 1, got {self.concurrency}")
         if self.device == "cuda":
@@ -245,7 +245,7 @@ def in_process(
 
 def _machine_share(cpu_s: float, wall_s: float) -> float:
     """CPU seconds over `wall_s` as a share of every core of this machine."""
-    return cpu_s / wall_s / (os.cpu_count() or 1)
+    return cpu_s / wall_s / usable_cores()
 
 
 def _lanes(

@@ -32,6 +32,7 @@ from benchmarks.experiment import Settings, experiment
 from benchmarks.paths import agnews_data
 from benchmarks.stats import adapter_weights, latency_summary, poisson_arrivals
 from benchmarks.wrk import process_tree_cpu_s, run_wrk
+from models.hardware import usable_cores
 
 MAX_INFLIGHT_OPEN_LOOP = 2048  # bound on outstanding requests when the server falls behind
 WRK_SEQUENCE_LEN = 20_000  # distinct requests written for wrk; it cycles through them
@@ -243,7 +244,7 @@ def _httpx_measured(coro_fn, server_pid: int | None):
     The client's share is this whole process's CPU (a server run in a thread of the same process,
     as in some tests, is counted with it).
     """
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     srv0, cpu0, t0 = process_tree_cpu_s(server_pid), _cpu_self_s(), time.perf_counter()
     out = asyncio.run(coro_fn())
     wall_s = time.perf_counter() - t0

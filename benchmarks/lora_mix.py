@@ -15,7 +15,6 @@ Adapters are random-weight copies (speed does not depend on what they learned).
 from __future__ import annotations
 
 import copy
-import os
 import random
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pydantic import Field
 from benchmarks.common import load_split
 from benchmarks.experiment import Settings, experiment
 from benchmarks.paths import agnews_data, base_model
+from models.hardware import usable_cores
 
 
 class LoraMixSettings(Settings):
@@ -37,7 +37,7 @@ class LoraMixSettings(Settings):
     batches: int = Field(8, gt=0, description="batches per timed pass")
     adapters: list[int] = Field([1, 8, 32], description="adapter counts K to mix")
     repeats: int = Field(3, gt=0, description="timed passes per method (best kept)")
-    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="torch threads")
+    threads: int = Field(default_factory=usable_cores, gt=0, description="torch threads")
 
 
 def _merged_one(pm: Any) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import tempfile
 import time
@@ -35,6 +34,7 @@ from benchmarks.common import load_split
 from benchmarks.experiment import Settings, experiment
 from benchmarks.paths import agnews_data
 from benchmarks.stats import adapter_weights, latency_summary
+from models.hardware import usable_cores
 
 APP = "ray-routing"
 
@@ -192,7 +192,7 @@ def run(s: RayRoutingSettings) -> dict[str, Any]:
 
     for dist in s.popularity:
         adapter_weights(2, dist)  # raises with what to write
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     precision = resolve_precision(s.precision, "cpu")
     with tempfile.TemporaryDirectory(prefix="ray-routing-") as tmp:
         store = Path(s.store) if s.store else Path(tmp) / "store"

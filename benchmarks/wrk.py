@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from models.hardware import usable_cores
+
 LUA_SCRIPT = Path(__file__).with_name("wrk_load.lua")
 MARK = "WRKJSON "
 SOCKET_ERROR_NAMES = {"connect": "ConnectError", "read": "ReadError", "write": "WriteError", "timeout": "timeout"}
@@ -104,7 +106,7 @@ def run_wrk(
     # wrk opens connections // threads per thread: two threads only where that keeps every connection
     threads = 2 if connections % 2 == 0 else 1
     duration_whole_s = max(1, math.ceil(duration_s))  # wrk takes whole seconds only
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     parts = urlsplit(url)
     with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
         bodies = Path(tmp) / "requests.tsv"

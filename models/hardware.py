@@ -25,6 +25,24 @@ CPU_FLAGS_OF_INTEREST = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def usable_cores(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity (taskset, a container's cpuset), capped by a cgroup v2
+    CPU quota (a Kubernetes `limits.cpu`, `docker --cpus`), rounded up. os.cpu_count() counts the host's cores:
+    on a 64-core node limited to 2 CPUs, `--threads auto` would have started 63 engine threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        with open(cgroup_cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or unreadable: the affinity stands
+        pass
+    return max(1, cores)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from models.hardware import usable_cores
+
 ENV_PREFIX = "SERVICE_"
 
 
@@ -39,7 +41,7 @@ def auto_frontends(device: str, cores: int | None = None) -> int:
     """
     if device == "cpu":
         return 1
-    return max(1, min(4, (cores or os.cpu_count() or 1) // 4))
+    return max(1, min(4, (cores or usable_cores()) // 4))
 
 
 def auto_threads(device: str, frontends: int, cores: int | None = None) -> int:
@@ -55,7 +57,7 @@ def auto_threads(device: str, frontends: int, cores: int | None = None) -> int:
     150.8 req/s vs 2 threads 151.6; fp32 77.3 vs 118.5 — so a batch whose measured cost exceeds 20 ms runs
     on every core (--lone-threads; service/batcher.py), and light batches keep this count.
     """
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     return cores if device == "cuda" else max(1, cores - frontends)
 
 
@@ -224,7 +226,7 @@ class ServiceConfig(BaseModel):
         if self.threads == "auto":
             self.threads = auto_threads(self.device, self.frontends)
         if self.lone_threads == "auto":
-            self.lone_threads = (os.cpu_count() or 1) if every_core else self.threads
+            self.lone_threads = usable_cores() if every_core else self.threads
         return self
 
 

@@ -302,3 +302,26 @@ def test_unload_and_reload_non_lora_kinds(bert):
         assert bert.admin.put(f"/v1/adapters/{name}").json()["status"] == "loaded"
         assert bert.admin.put(f"/v1/adapters/{name}").json()["status"] == "replaced"
         np.testing.assert_allclose(bert.probs(name, GOLDEN_TEXTS), before, atol=TOL)
+
+
+def test_auto_counts_the_cores_this_process_may_use(monkeypatch, tmp_path):
+    """`--threads auto` / `--frontends auto` counted the host's cores (os.cpu_count): on a 64-core node limited to
+    2 CPUs by a cpuset or a cgroup quota (Kubernetes limits.cpu, docker --cpus), the engine started 63 threads."""
+    import os
+
+    from models import hardware
+    from service.config import auto_threads
+
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    cpu_max.write_text("max 100000\n")
+    assert hardware.usable_cores(str(cpu_max)) == 64
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: 2 threads can use them
+    assert hardware.usable_cores(str(cpu_max)) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a cpuset of 2 under a larger quota
+    cpu_max.write_text("400000 100000\n")
+    assert hardware.usable_cores(str(cpu_max)) == 2
+    import service.config
+
+    monkeypatch.setattr(service.config, "usable_cores", lambda: 2)  # what `auto` reads: no host count
+    assert auto_threads("cpu", frontends=1) == 1 and auto_threads("cuda", frontends=1) == 2
