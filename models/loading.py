@@ -321,7 +321,10 @@ def compute_logits(
     rows = []
     for i in range(0, len(texts), batch_size):
         chunk = list(texts[i : i + batch_size])
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        # right, as LoadedVariant.encode pads (why: there)
+        enc = tokenizer(
+            chunk, padding=True, padding_side="right", truncation=True, max_length=max_length, return_tensors="pt"
+        )
         if is_onnx:
             rows.append(onnx_logits(model, enc))
             continue

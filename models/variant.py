@@ -80,9 +80,18 @@ class LoadedVariant:
         return self.session if self.session is not None else self.model
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise `texts` as one padded batch, truncated to the manifest's max_length."""
+        """Tokenise `texts` as one padded batch, truncated to the manifest's max_length.
+
+        Padded on the right whatever tokenizer_config.json says, as training and the service pad: with absolute
+        positions (BERT), left padding shifts a short text's positions by its batch's longest, so golden logits and
+        eval scores would depend on what shares the batch."""
         return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.manifest.max_length, return_tensors="pt"
+            list(texts),
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            max_length=self.manifest.max_length,
+            return_tensors="pt",
         )
 
     @torch.inference_mode()

@@ -200,7 +200,9 @@ class EngineClient:
     async def _fetch_tokenizer(self, key: str, timeout_s: float) -> Tokenizer:
         reply = await self.call("tokenizer", timeout_s, key=key)
         tok = Tokenizer.from_str(reply["json"])
-        tok.enable_truncation(reply["max_length"])
+        # the side too: a tokenizer_config.json with truncation_side "left" keeps a long text's end, as training,
+        # eval and the engine's own tokenizer do (enable_truncation's default cuts the end off)
+        tok.enable_truncation(reply["max_length"], direction=reply.get("direction", "right"))
         tok.no_padding()
         self._tokenizers[key] = tok
         return tok

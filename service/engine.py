@@ -31,7 +31,7 @@ from service.config import ServiceConfig
 from service.errors import ModelNotFound, ServiceError, Unavailable, not_loaded
 from service.metrics import EngineMetrics
 from service.protocol import error_fields, pack, unpack
-from service.runtime import Runtime
+from service.runtime import Runtime, truncation_side
 from service.transport import AddressInUse, Listener, Peer, frame
 
 log = logging.getLogger("service.engine")
@@ -101,7 +101,13 @@ class Engine:
                 if entry is None:
                     raise ModelNotFound(f"no loaded variant has tokenizer {msg['key']}; it was replaced meanwhile")
                 self._reply(
-                    peer, {"id": req_id, "json": entry.tokenizer_json(), "max_length": entry.manifest.max_length}
+                    peer,
+                    {
+                        "id": req_id,
+                        "json": entry.tokenizer_json(),
+                        "max_length": entry.manifest.max_length,
+                        "direction": truncation_side(entry.tokenizer),
+                    },
                 )
             elif op == "metrics":
                 self._reply(peer, {"id": req_id, "text": self.metrics.render().decode()})

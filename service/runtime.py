@@ -69,9 +69,17 @@ def tokenizer_model(tokenizer_json: str) -> dict[str, Any]:
     return data
 
 
-def tokenizer_key(tokenizer_json: str, max_length: int) -> str:
-    """Content hash of a serialised tokenizer and its truncation length (hashing MiniLM's takes ~8 ms)."""
-    return hashlib.sha256(f"{tokenizer_json}\0{max_length}".encode()).hexdigest()[:16]
+def tokenizer_key(tokenizer_json: str, max_length: int, truncation_side: str = "right") -> str:
+    """Content hash of a serialised tokenizer, its truncation length and side (hashing MiniLM's takes ~8 ms).
+
+    The side is the HF tokenizer's `truncation_side` (tokenizer_config.json), which tokenizer.json does not
+    carry: two variants whose files differ only there truncate long texts at opposite ends."""
+    return hashlib.sha256(f"{tokenizer_json}\0{max_length}\0{truncation_side}".encode()).hexdigest()[:16]
+
+
+def truncation_side(tokenizer: Any) -> str:
+    """Which end an HF tokenizer cuts a long text at ("right" unless its tokenizer_config.json says "left")."""
+    return getattr(tokenizer, "truncation_side", "right")
 
 
 @dataclass
@@ -111,7 +119,9 @@ class Entry:
     def tok_key(self) -> str:
         """Content hash of the tokenizer and truncation length: front-ends tokenise with the tokenizer of this key."""
         if self._tok_key is None:
-            self._tok_key = tokenizer_key(self.tokenizer_json(), self.manifest.max_length)
+            self._tok_key = tokenizer_key(
+                self.tokenizer_json(), self.manifest.max_length, truncation_side(self.tokenizer)
+            )
         return self._tok_key
 
     def tokenizer_json(self) -> str:
@@ -445,7 +455,9 @@ class Runtime:
         if any(m.files.get(f) != d for f, d in weights.digests.items()):
             raise VariantRefused(name, ["its files were replaced while it was loaded; PUT it again"])
         if m.max_length not in self._lora_tok_keys:
-            self._lora_tok_keys[m.max_length] = tokenizer_key(self.base_tok_json, m.max_length)
+            self._lora_tok_keys[m.max_length] = tokenizer_key(
+                self.base_tok_json, m.max_length, truncation_side(self.base_tokenizer)
+            )
         tok_key = self._lora_tok_keys[m.max_length]
         entry = Entry(
             name,
@@ -467,6 +479,20 @@ class Runtime:
         """An adapter is served with the base's tokenizer (the base snapshot's, or the Hub's), which no checksum
         covers (the base fingerprint hashes weights): it must tokenise as the adapter's own tokenizer.json, which
         its manifest hashes (verified above). Once per distinct file."""
+        # tokenizer.json does not say which end a long text is cut at: tokenizer_config.json's truncation_side does
+        # (training, eval and the adapter's own tokenizer honour it; the service truncates as the base's says)
+        config = self.store.path(name) / "tokenizer_config.json"
+        if "tokenizer_config.json" in m.files and config.is_file():
+            side = json.loads(config.read_text()).get("truncation_side") or "right"
+            if side != truncation_side(self.base_tokenizer):
+                raise VariantRefused(
+                    name,
+                    [
+                        f"its tokenizer truncates long texts on the {side} (tokenizer_config.json truncation_side), "
+                        f"the base's on the {truncation_side(self.base_tokenizer)}; train the adapter with the base's "
+                        "tokenizer, or restore the base snapshot's tokenizer files"
+                    ],
+                )
         digest = m.files.get("tokenizer.json")
         if digest is None or digest in self._tok_matches:  # none saved (a slow tokenizer's files): nothing to compare
             return

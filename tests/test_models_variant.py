@@ -397,3 +397,18 @@ def test_a_lora_variant_loads_with_its_own_hashed_tokenizer(tmp_path):
     vocab["football"], vocab["election"] = vocab["election"], vocab["football"]
     (snapshot / "tokenizer.json").write_text(json.dumps(data))
     assert load_variant(store, "lora-0").tokenizer(text)["input_ids"] == before
+
+
+def test_a_text_scores_the_same_alone_and_in_a_batch_whatever_the_padding_side(store):
+    """A tokenizer_config.json with padding_side "left" made eval and golden logits depend on the batch (BERT
+    numbers positions absolutely; training and the service pad on the right): a short text's logits moved with
+    the longest text beside it."""
+    from models.loading import compute_logits
+
+    v = load_variant(store, "full")
+    v.tokenizer.padding_side = "left"
+    short, long = "stocks", " ".join(GOLDEN_TEXTS)
+    alone = v.logits([short])
+    assert torch.allclose(v.logits([short, long])[:1], alone, atol=1e-5)
+    got = compute_logits(v.model, v.tokenizer, [short, long], v.manifest.max_length)
+    assert torch.allclose(got[:1], alone, atol=1e-5)

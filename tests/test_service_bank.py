@@ -321,6 +321,90 @@ def test_each_adapter_is_served_with_its_own_truncation_length(tmp_path: Path) -
             np.testing.assert_allclose(srv.probs(name, [LONG]), alone, atol=1e-4)
 
 
+def _left_truncating_tokenizer(tmp_path: Path):
+    """The tests' tokenizer with truncation_side "left" in its tokenizer_config.json (kept: a long text's end)."""
+    directory = tmp_path / "left-tokenizer"
+    tokenizer().save_pretrained(str(directory))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "truncation_side": "left"}))
+    from models.loading import load_tokenizer
+
+    tok = load_tokenizer(directory)
+    assert tok.truncation_side == "left"
+    return tok
+
+
+def test_a_left_truncating_tokenizer_is_honoured_by_the_front_end(tmp_path: Path) -> None:
+    """A variant whose tokenizer truncates on the left (tokenizer_config.json truncation_side, which training's
+    encode and load_variant honour, and which tokenizer.json does not carry) is answered over HTTP as the
+    variant alone scores it (was: the front-end rebuilt the tokenizer from tokenizer.json and cut every long
+    text's end off, so the service scored the opening words that training and eval had dropped)."""
+    import numpy as np
+    from service_helpers import running
+
+    from models import Store
+    from models.loading import fingerprint
+    from models.variant import load_variant
+    from models.writing import write_variant
+    from tests.tiny import GOLDEN_TEXTS, LABELS
+
+    store = Store(tmp_path / "store")
+    model = tiny_classifier("bert", seed=7)
+    with torch.no_grad():  # logits large enough that which tokens were kept shows
+        model.classifier.weight.mul_(200)
+    write_variant(
+        store,
+        name="left",
+        kind="full",
+        model=model,
+        tokenizer=_left_truncating_tokenizer(tmp_path),
+        labels=LABELS,
+        max_length=12,
+        base_model="tiny-bert",
+        base_fingerprint=fingerprint(model),
+        init="random",
+        golden_texts=GOLDEN_TEXTS,
+    )
+    alone = load_variant(store, "left")
+    expected = alone.logits([LONG])  # what training's encode and eval score: LONG's last tokens
+    alone.tokenizer.truncation_side = "right"
+    assert (expected - alone.logits([LONG])).abs().max() > 1e-3  # the ends differ by far more than atol below
+    with running(store.root) as srv:
+        r = srv.client.post("/models/left", json={"inputs": [LONG], "parameters": {"function_to_apply": "none"}})
+        assert r.status_code == 200, r.text
+        served = [[next(x["score"] for x in r.json()[0] if x["label"] == label) for label in LABELS]]
+    np.testing.assert_allclose(served, expected.tolist(), atol=1e-4)
+
+
+def test_an_adapter_whose_tokenizer_truncates_on_the_other_side_is_refused(tmp_path: Path) -> None:
+    """An adapter trained with a left-truncating tokenizer over a base whose tokenizer truncates on the right:
+    tokenizer.json is the same, so the tokenizer check passed, and the service (base tokenizer) cut long texts'
+    ends off where the adapter's own tokenizer (training, load_variant) keeps them. Refused with the reason."""
+    from service_helpers import write_lora
+
+    from models.manifest import Manifest
+    from service.errors import Refused
+    from tests.tiny import make_store
+
+    store = make_store(tmp_path / "store", arch="bert", n_adapters=1, full=False)
+    write_lora(store, "left", seed=9)
+    path = store.path("left")
+    left = _left_truncating_tokenizer(tmp_path)
+
+    with store.writing("left", overwrite=True) as tmp:  # the same adapter, saved with the left-truncating tokenizer
+        for f in path.iterdir():
+            if f.name != "manifest.json":
+                (tmp / f.name).write_bytes(f.read_bytes())
+        left.save_pretrained(str(tmp))
+        m = store.manifest("left")
+        store.commit(tmp, Manifest.model_validate({**m.model_dump(), "files": {}, "created_at": ""}))
+    rt = _runtime(store)
+    assert rt.load("lora-0").resident  # the base's own side: served
+    with pytest.raises(Refused, match="truncates long texts on the left"):
+        rt.load("left")
+    assert "left" not in rt.entries and "truncation_side" in rt.refused["left"]
+
+
 def test_an_adapter_the_base_tokenizer_would_tokenise_otherwise_is_refused(tmp_path: Path) -> None:
     """The base snapshot's tokenizer, which every adapter is served with, is covered by no checksum (the
     base fingerprint hashes weights): it must tokenise as the adapter's own, hashed tokenizer.json.
