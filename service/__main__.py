@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.device == "cuda":  # else the engine dies in its constructor 5 times (a torch traceback each) first
         import torch
 
-        if not torch.cuda.is_available():
-            sys.exit(
+        if not torch.cuda.is_available():  # a configuration error: exit 2, as argparse's are
+            print(
                 f"python -m service: error: --device cuda, but torch {torch.__version__} sees no CUDA device "
-                "(CPU-only build or no driver); use --device cpu"
+                "(CPU-only build or no driver); use --device cpu",
+                file=sys.stderr,
             )
+            sys.exit(2)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     supervisor = None
     frontend_cfg = cfg

@@ -358,7 +358,7 @@ def test_device_cuda_without_cuda_exits_at_once_saying_so(tmp_path):
         text=True,
         timeout=120,
     )
-    assert r.returncode != 0 and "--device cuda, but torch" in r.stderr and "use --device cpu" in r.stderr
+    assert r.returncode == 2 and "--device cuda, but torch" in r.stderr and "use --device cpu" in r.stderr
     assert time.monotonic() - t0 < 60 and "Traceback" not in r.stderr  # was: 5 engine crashes, then exit 1
 
 
