@@ -57,6 +57,46 @@ def counting_baseline(store: Path):
         yield url, counter
 
 
+BODY = b'{"predictions":[],"usage":{"tokens":3},"timing":{"queue_ms":0.1,"compute_ms":1.0}}'
+
+
+@contextlib.contextmanager
+def scripted_server(answer):
+    """A threaded HTTP/1.1 server on loopback whose POST handler calls `answer(n, handler)` with the request's
+    number (1, 2, ...): it sleeps, and returns True to send BODY, False to have closed the connection instead.
+    Yields (url, seen) where seen["n"] counts the requests that reached it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"n": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else a header and a body write wait on delayed ACKs (~40 ms)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen["n"] += 1
+            if not answer(seen["n"], self):
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # wrk may have gone at the end
+                self.wfile.write(BODY)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+
+
 def test_request_lines_are_one_request_per_line():
     lines = request_lines([("m", ["a\nb"]), ("m2", ["x", "y"])], "v1")
     assert lines == [
@@ -208,42 +248,13 @@ def test_wrk_latency_figures_are_the_requests_own(tmp_path):
     nothing, so wrk_load.lua takes them out again. A server where every 20th request takes 50 ms and the
     rest 5 ms (c=1; 5 % slow keeps the 90th percentile off the fast/slow boundary): p90 and the share within a
     20 ms SLO are the requests' (with the synthetic samples, ~5 per slow request, p90 lands among them)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    seen = {"n": 0}
+    def answer(n, _):
+        time.sleep(0.05 if n % 20 == 0 else 0.005)
+        return True
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # else a header and a body write wait on delayed ACKs (~40 ms)
-
-        def log_message(self, *args):  # quiet
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen["n"] += 1
-            time.sleep(0.05 if seen["n"] % 20 == 0 else 0.005)
-            body = b'{"predictions":[],"usage":{"tokens":3},"timing":{"queue_ms":0.1,"compute_ms":1.0}}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        w = run_wrk(
-            f"http://127.0.0.1:{httpd.server_address[1]}",
-            [("m", ["hello"])] * 10,
-            connections=1,
-            duration_s=3,
-            timeout_s=5,
-            slo_ms=20,
-        )
-    finally:
-        httpd.shutdown()
+    with scripted_server(answer) as (url, _):
+        w = run_wrk(url, [("m", ["hello"])] * 10, connections=1, duration_s=3, timeout_s=5, slo_ms=20)
     assert w["ok"] > 50
     share = w["within_slo"] / w["ok"]
     assert 0.90 <= share <= 0.99, (share, w["latency_all"])  # one in twenty is slow
@@ -255,48 +266,18 @@ def test_wrk_late_answer_is_one_timeout_not_a_success():
     counted) and also counts it as a "timeout" socket error: it must be one failed request, not a success
     plus a timeout. A server where every second request takes 1.3 s (timeout 1 s) and the rest 20 ms, c=1:
     ok is the answers within the timeout (those in the latency histogram: all of them within a 10 s SLO)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    slow = {"n": 0}
 
-    seen = {"n": 0, "slow": 0}
+    def answer(n, _):
+        slow["n"] += n % 2 == 0
+        time.sleep(1.3 if n % 2 == 0 else 0.02)
+        return True
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True
-
-        def log_message(self, *args):  # quiet
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen["n"] += 1
-            slow = seen["n"] % 2 == 0
-            seen["slow"] += slow
-            time.sleep(1.3 if slow else 0.02)
-            body = b'{"predictions":[],"usage":{"tokens":3},"timing":{"queue_ms":0.1,"compute_ms":1.0}}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            with contextlib.suppress(OSError):  # wrk may have gone at the end
-                self.wfile.write(body)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        w = run_wrk(
-            f"http://127.0.0.1:{httpd.server_address[1]}",
-            [("m", ["hello"])] * 10,
-            connections=1,
-            duration_s=4,
-            timeout_s=1,
-            slo_ms=10_000,
-        )
-    finally:
-        httpd.shutdown()
+    with scripted_server(answer) as (url, _):
+        w = run_wrk(url, [("m", ["hello"])] * 10, connections=1, duration_s=4, timeout_s=1, slo_ms=10_000)
     late = w["errors_by_status"].get("timeout", 0)
     assert late >= 2 and set(w["errors_by_status"]) == {"timeout"}, w["errors_by_status"]
-    assert late <= seen["slow"]
+    assert late <= slow["n"]
     assert w["ok"] == w["within_slo"] >= 2, w  # the in-time answers only
     assert w["requests"] == w["ok"] + late, w  # each late answer counted once
     assert w["latency_all"]["max_ms"] < 1000
@@ -307,39 +288,17 @@ def test_wrk_a_request_whose_connection_broke_is_counted():
     requests, as the httpx client's ReadError sample is: requests = ok + errors, and an SLO share is taken over
     them (was: left out of `requests`, so '124/124 ok' with 61 ReadErrors beside it, and 100 % within the SLO)."""
     import socket
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    seen = {"n": 0}
+    def answer(n, handler):
+        time.sleep(0.01)
+        if n % 3 == 0:  # every third request: no answer, the connection is closed
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return False
+        return True
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True
-
-        def log_message(self, *args):  # quiet
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen["n"] += 1
-            time.sleep(0.01)
-            if seen["n"] % 3 == 0:  # every third request: no answer, the connection is closed
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            body = b'{"predictions":[],"usage":{"tokens":3},"timing":{"queue_ms":0.1,"compute_ms":1.0}}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        w = run_wrk(f"http://127.0.0.1:{httpd.server_address[1]}", [("m", ["hello"])] * 10, connections=1, duration_s=2)
-    finally:
-        httpd.shutdown()
+    with scripted_server(answer) as (url, seen):
+        w = run_wrk(url, [("m", ["hello"])] * 10, connections=1, duration_s=2)
     broken = w["errors_by_status"].get("ReadError", 0)
     assert broken >= 5 and w["ok"] >= 2 * broken - 2, w
     assert w["requests"] == w["ok"] + sum(w["errors_by_status"].values()), w
