@@ -408,7 +408,9 @@ def _why_failed(url: str, wl: Workload, res: dict[str, Any]) -> str:
         try:
             r = httpx.post(url + path, json=body, timeout=10)
             err = r.json().get("error") if r.headers.get("content-type", "").startswith("application/json") else None
-            detail = (err.get("message") if isinstance(err, dict) else None) or r.text[:300]
+            # the service's {"error": {"message"}}, or the HF route's {"error": message} (service.errors.error_body)
+            message = err.get("message") if isinstance(err, dict) else err
+            detail = message if isinstance(message, str) and message else r.text[:300]
         except (httpx.HTTPError, ValueError):
             detail = ""
     return f"{n} requests answered {status}" + (f": {detail}" if detail else "")

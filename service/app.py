@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models import Store
 from service.client import EngineClient
 from service.config import ServiceConfig
-from service.errors import PayloadTooLarge, error_body, install_error_handlers
+from service.errors import PayloadTooLarge, error_body, install_error_handlers, route_path
 from service.metrics import UNKNOWN_VARIANT, FrontendMetrics
 from service.routes import admin, inference, kserve
 from service.routes.inference import classify_fast
@@ -101,7 +101,7 @@ class LimitsAndMetrics:
         from starlette.responses import JSONResponse
 
         msg = f"request body exceeds {self.max_body_bytes} bytes; send fewer or shorter inputs"
-        resp = JSONResponse(error_body("payload_too_large", msg), status_code=413)
+        resp = JSONResponse(error_body("payload_too_large", msg, route_path(scope)), status_code=413)
         if endpoint:
             self.metrics.requests.labels(UNKNOWN_VARIANT, endpoint, "413").inc()
         await resp(scope, _noop_receive, send)

@@ -1,4 +1,5 @@
-"""Every error leaves the server as JSON {"error": {"type", "message"}}; the message says what to do."""
+"""Every error leaves the server as JSON {"error": {"type", "message"}} — on the Hugging Face route
+{"error": message, "error_type": type}, the shape its clients read; the message says what to do."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from models.manifest import check_name
 
@@ -74,7 +76,21 @@ class Unavailable(ServiceError):
     status, type = 503, "unavailable"
 
 
-def error_body(type_: str, message: str) -> dict:
+HF_ROUTE_PREFIX = "/models/"  # POST /models/{name}, the Hugging Face text-classification route
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's mount point (Ray Serve's route_prefix arrives as root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root + "/") else path
+
+
+def error_body(type_: str, message: str, path: str = "") -> dict:
+    """The error body for a request to `path`. The Hugging Face route answers as the HF Inference API and TEI
+    do, {"error": message, "error_type": type}: huggingface_hub reads `error` as the message (an object there
+    became its repr in HfHubHTTPError, and made huggingface_hub < 0.28 raise AttributeError instead)."""
+    if path.startswith(HF_ROUTE_PREFIX):
+        return {"error": message, "error_type": type_}
     return {"error": {"type": type_, "message": message}}
 
 
@@ -90,15 +106,16 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts) + "; see /openapi.json (or /docs) for the request schema"
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """The response for a ServiceError, a request validation error, or (as a 500) anything else."""
+def error_response(exc: Exception, path: str = "") -> JSONResponse:
+    """The response for a ServiceError, a request validation error, or (as a 500) anything else, to a
+    request for `path` (which picks the body's shape, see error_body)."""
     if isinstance(exc, ServiceError):
-        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.type, exc.message, path), status_code=exc.status, headers=exc.headers)
     if isinstance(exc, RequestValidationError):
-        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+        return JSONResponse(error_body("invalid_request", _validation_message(exc), path), status_code=422)
     log.exception("unexpected error", exc_info=exc)
     return JSONResponse(
-        error_body("internal_error", f"{type(exc).__name__}: {exc}; this is a server bug, please report it"),
+        error_body("internal_error", f"{type(exc).__name__}: {exc}; this is a server bug, please report it", path),
         status_code=500,
     )
 
@@ -107,12 +124,12 @@ def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's default error bodies with the service's shape."""
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc, route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(exc, route_path(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -124,7 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 BadRequest(
                     f"request body could not be read as JSON ({type(cause).__name__}: {str(cause)[:200]}); "
                     "send uncompressed UTF-8 JSON with 'Content-Type: application/json'"
-                )
+                ),
+                route_path(request.scope),
             )
         if exc.status_code == 404:
             msg = f"no route {request.method} {request.url.path}; see /openapi.json (or /docs) for the API"
@@ -133,9 +151,11 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             msg = str(exc.detail)
         return JSONResponse(
-            error_body("http_error", msg), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+            error_body("http_error", msg, route_path(request.scope)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc, route_path(request.scope))

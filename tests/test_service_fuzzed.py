@@ -10,6 +10,7 @@ import time
 
 import pytest
 from service_helpers import running
+from test_service_limits import error_of
 from tiny import make_store
 
 V2 = "/v2/models/lora-0/infer"
@@ -37,8 +38,8 @@ def srv(tmp_path_factory):
 def test_hf_unparseable_body_is_422_saying_what_to_send(srv, body):
     r = srv.client.post("/models/lora-0", content=body, headers={"content-type": "application/json; charset=latin-1"})
     assert r.status_code == 422, r.text
-    err = r.json()["error"]
-    assert err["type"] == "invalid_request" and "UTF-8" in err["message"], err
+    assert error_of("/models/lora-0", r.json()) == ("invalid_request", r.json()["error"]), r.text
+    assert "UTF-8" in r.json()["error"], r.text
 
 
 def _requests_total(srv, endpoint: str, status: str) -> float:
@@ -111,7 +112,7 @@ def test_negative_v2_header_length_is_named(srv):
 )
 def test_top_k_bool_is_422(srv, path, body):
     r = srv.client.post(path, json=body)
-    assert r.status_code == 422 and "top_k" in r.json()["error"]["message"], r.text
+    assert r.status_code == 422 and "top_k" in error_of(path, r.json())[1], r.text
 
 
 # Finding 5: HEAD on the health routes is 405 (probes such as HAProxy's or `curl -I` fail)

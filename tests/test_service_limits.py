@@ -24,6 +24,16 @@ CLASSIFY = "/v1/classify"
 V2 = "/v2/models/lora-0/infer"
 
 
+def error_of(path: str, body: dict) -> tuple[str, str]:
+    """(type, message) of an error body, checking its shape: the Hugging Face route answers as the HF Inference
+    API and TEI do, {"error": message, "error_type": type}; every other route {"error": {"type", "message"}}."""
+    if path.startswith("/models/"):
+        assert set(body) == {"error", "error_type"} and isinstance(body["error"], str), body
+        return body["error_type"], body["error"]
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    return body["error"]["type"], body["error"]["message"]
+
+
 def _v2(**tensor) -> dict:
     return {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"], **tensor}]}
 
@@ -97,9 +107,8 @@ def test_bad_input_gets_its_4xx(srv, method, path, body, status, etype, words):
     )
     r = srv.admin.request(method, path, **({} if body is None else kwargs))
     assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"type", "message"} and err["type"] == etype
-    assert words in err["message"], err["message"]
+    type_, message = error_of(path, r.json())
+    assert type_ == etype and words in message, message
     # the server is still healthy after every refusal
     assert srv.classify("lora-0", "still fine").status_code == 200
 
@@ -182,7 +191,7 @@ def test_a_body_sent_as_a_form_is_told_to_send_json(tmp_path):
             content=b'{"inputs": "Stocks rallied"}',
             headers={"content-type": "application/x-www-form-urlencoded"},
         )
-    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["error"], r.text
 
 
 def test_rows_nobody_waits_for_do_not_fill_the_queue(tmp_path):
@@ -243,3 +252,46 @@ def test_an_api_key_with_surrounding_whitespace_authenticates():
     require_admin(request("Bearer s3cret"))
     with pytest.raises(Unauthorized):
         require_admin(request("Bearer s3cre"))
+
+
+def test_huggingface_hub_reads_the_hf_routes_errors(srv, monkeypatch):
+    """huggingface_hub's HfHubHTTPError takes the body's `error` as the server's message: the HF route's errors
+    come as the HF Inference API's and TEI's {"error": message, "error_type": type}, on every way a request to it
+    fails (was {"error": {"type", "message"}}: server_message was a dict's repr, and huggingface_hub < 0.28
+    raised AttributeError instead of HfHubHTTPError, so its retry on 503 never ran)."""
+    from huggingface_hub import InferenceClient, constants
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline mode blocks loopback URLs too
+    reset_sessions()
+    try:
+        with pytest.raises(HfHubHTTPError) as e:
+            InferenceClient(model=f"{srv.url}/models/nope").text_classification("x")
+        assert e.value.response.status_code == 404
+        assert e.value.server_message == (
+            "model 'nope' is not loaded; loaded: full, lora-0; load it with PUT /v1/adapters/nope"
+        )
+        with pytest.raises(HfHubHTTPError) as e:
+            InferenceClient(model=f"{srv.url}/models/lora-0").text_classification("y" * 201)
+        assert e.value.response.status_code == 422 and e.value.server_message.startswith("inputs[0] has 201 char")
+    finally:
+        monkeypatch.undo()
+        reset_sessions()
+    json_ct = {"content-type": "application/json"}
+    cases = [  # (path, request kwargs, status, error_type): the route, FastAPI's validation, the body-limit middleware
+        ("/models/lora-0", {"json": {"inputs": ["x"] * 9}}, 413, "payload_too_large"),
+        ("/models/lora-0", {"json": {"inputs": "x", "parameters": {"top_k": 0}}}, 422, "invalid_request"),
+        ("/models/lora-0", {"content": b"{", "headers": json_ct}, 422, "invalid_request"),
+        ("/models/lora-0", {"content": b"\x1f\x8b\x08", "headers": json_ct}, 422, "invalid_request"),
+        ("/models/lora-0", {"json": {"inputs": ["z" * 199] * 120}}, 413, "payload_too_large"),
+        ("/models/org/lora-0", {"json": {"inputs": "x"}}, 404, "http_error"),  # a Hub-style id with a slash
+        ("/models/lora-0", {"content": iter([b" " * 1000] * 30), "headers": json_ct}, 413, "payload_too_large"),
+    ]
+    for path, kwargs, status, etype in cases:
+        r = srv.client.post(path, **kwargs)
+        assert r.status_code == status, r.text
+        assert r.json() == {"error": r.json()["error"], "error_type": etype} and isinstance(r.json()["error"], str)
+    # the service's own routes keep {"error": {"type", "message"}}
+    r = srv.classify("nope", "x")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"type", "message"}, r.text
