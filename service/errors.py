@@ -1,5 +1,9 @@
-"""Every error leaves the server as JSON {"error": {"type", "message"}} — on the Hugging Face route
-{"error": message, "error_type": type}, the shape its clients read; the message says what to do."""
+"""Every error leaves the server as JSON {"error": {"type", "message"}}; the message says what to do.
+
+Where a protocol's clients read `error` as the message string, its routes answer {"error": message,
+"error_type": type} instead: the Hugging Face route (/models/NAME: huggingface_hub showed the object's repr, and
+< 0.28 raised AttributeError) and KServe V2 (/v2, the Open Inference Protocol's shape: tritonclient's `str(exc)`
+raised TypeError, and its C++ client said only "inference failed with unknown error")."""
 
 from __future__ import annotations
 
@@ -85,11 +89,14 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
+def message_as_string(path: str) -> bool:
+    """Whether a route's clients read `error` as the message string (module docstring)."""
+    return path.startswith(HF_ROUTE_PREFIX) or path == "/v2" or path.startswith("/v2/")
+
+
 def error_body(type_: str, message: str, path: str = "") -> dict:
-    """The error body for a request to `path`. The Hugging Face route answers as the HF Inference API and TEI
-    do, {"error": message, "error_type": type}: huggingface_hub reads `error` as the message (an object there
-    became its repr in HfHubHTTPError, and made huggingface_hub < 0.28 raise AttributeError instead)."""
-    if path.startswith(HF_ROUTE_PREFIX):
+    """The error body for a request to `path` (module docstring)."""
+    if message_as_string(path):
         return {"error": message, "error_type": type_}
     return {"error": {"type": type_, "message": message}}
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -144,6 +146,76 @@ def test_tritonclient_kserve_v2(bert):
     np.testing.assert_allclose(only.as_numpy("probabilities"), ref, atol=1e-5)
     assert only.as_numpy("label") is None
     client.close()
+
+
+def _v2_binary_request(texts: list[str], **request) -> tuple[bytes, dict]:
+    """The body and headers tritonclient sends for a BYTES input with binary_data=True (its default)."""
+    raw = b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in texts))
+    tensor = {"name": "text", "shape": [len(texts)], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
+    head = json.dumps({"inputs": [tensor], **request}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def _v2_binary_outputs(r) -> tuple[dict, dict]:
+    """The JSON header and each binary output's bytes, read as Triton's C++ client (perf_analyzer) does: it
+    finds an output's data only through `binary_data_size`, in the header's order after its length."""
+    split = int(r.headers["Inference-Header-Content-Length"])
+    header, pos, raw = json.loads(r.content[:split]), split, {}
+    for out in header["outputs"]:
+        if "parameters" in out:
+            size = out["parameters"]["binary_data_size"]
+            raw[out["name"]] = r.content[pos : pos + size]
+            pos += size
+    assert pos == len(r.content)
+    return header, raw
+
+
+def _bytes_elements(raw: bytes) -> list[str]:
+    out, pos = [], 0
+    while pos < len(raw):
+        (n,) = struct.unpack_from("<I", raw, pos)
+        out.append(raw[pos + 4 : pos + 4 + n].decode())
+        pos += 4 + n
+    return out
+
+
+def test_v2_outputs_come_back_as_binary_data_when_asked(bert):
+    """tritonclient asks for every output as binary data (`binary_data_output`, or `binary_data` per requested
+    output); the binary data extension then returns them after the JSON header. The service answered JSON
+    `data` whatever was asked, which the C++ client cannot read at all ("does not contain results")."""
+    ref = bert.probs("lora-3", GOLDEN_TEXTS)
+    best = [LABELS[int(np.argmax(p))] for p in ref]
+    body, headers = _v2_binary_request(GOLDEN_TEXTS, id="req-7", parameters={"binary_data_output": True})
+    r = bert.client.post("/v2/models/lora-3/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    header, raw = _v2_binary_outputs(r)
+    assert header["id"] == "req-7" and header["model_name"] == "lora-3"
+    assert [(o["name"], o["datatype"], o["shape"]) for o in header["outputs"]] == [
+        ("label", "BYTES", [4]),
+        ("probabilities", "FP32", [4, 4]),
+    ]
+    assert all("data" not in o for o in header["outputs"])
+    assert _bytes_elements(raw["label"]) == best
+    np.testing.assert_allclose(np.frombuffer(raw["probabilities"], "<f4").reshape(4, 4), ref, atol=1e-6)
+
+    # per output: binary_data overrides binary_data_output; the JSON one keeps its data
+    outputs = [{"name": "probabilities", "parameters": {"binary_data": True}}, {"name": "label"}]
+    body, headers = _v2_binary_request(GOLDEN_TEXTS, outputs=outputs)
+    header, raw = _v2_binary_outputs(bert.client.post("/v2/models/lora-3/infer", content=body, headers=headers))
+    assert set(raw) == {"probabilities"} and header["outputs"][0] == {
+        "name": "label",
+        "shape": [4],
+        "datatype": "BYTES",
+        "data": best,
+    }
+    np.testing.assert_allclose(np.frombuffer(raw["probabilities"], "<f4").reshape(4, 4), ref, atol=1e-6)
+
+    # nothing asked as binary: plain JSON, no Inference-Header-Content-Length
+    body, headers = _v2_binary_request(GOLDEN_TEXTS, parameters={"binary_data_output": False})
+    r = bert.client.post("/v2/models/lora-3/infer", content=body, headers=headers)
+    assert r.status_code == 200 and "inference-header-content-length" not in r.headers
+    assert r.headers["content-type"] == "application/json" and r.json()["outputs"][0]["data"] == best
 
 
 def test_admin_list_models(bert):

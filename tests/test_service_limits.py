@@ -25,9 +25,10 @@ V2 = "/v2/models/lora-0/infer"
 
 
 def error_of(path: str, body: dict) -> tuple[str, str]:
-    """(type, message) of an error body, checking its shape: the Hugging Face route answers as the HF Inference
-    API and TEI do, {"error": message, "error_type": type}; every other route {"error": {"type", "message"}}."""
-    if path.startswith("/models/"):
+    """(type, message) of an error body, checking its shape: the Hugging Face route (as the HF Inference API and
+    TEI do) and KServe V2 (the Open Inference Protocol) {"error": message, "error_type": type}; every other route
+    {"error": {"type", "message"}}."""
+    if path.startswith(("/models/", "/v2/")) or path == "/v2":
         assert set(body) == {"error", "error_type"} and isinstance(body["error"], str), body
         return body["error_type"], body["error"]
     assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
@@ -81,6 +82,15 @@ BAD = [
     ("POST", V2, _v2(data=None), 422, "invalid_request", "data"),
     ("POST", V2, _v2(shape=[3]), 422, "invalid_request", "shape"),
     ("POST", V2, {**_v2(), "outputs": [{"name": "nope"}]}, 422, "invalid_request", "unknown outputs"),
+    (
+        "POST",
+        V2,
+        {**_v2(), "outputs": [{"name": "label", "parameters": {"binary_data": "yes"}}]},
+        422,
+        "invalid_request",
+        "true or false",
+    ),
+    ("POST", V2, {**_v2(), "parameters": {"binary_data_output": 1}}, 422, "invalid_request", "true or false"),
     ("POST", V2, _v2(data=None, parameters={"binary_data_size": "ten"}), 422, "invalid_request", "binary_data_size"),
     ("POST", V2, _v2(data=None, parameters={"binary_data_size": -1}), 422, "invalid_request", "non-negative"),
     ("POST", V2, b'{"inputs": [{"data": ' + b"[" * 3000 + b"]" * 3000 + b"}]}", 422, "invalid_request", "V2"),
@@ -111,6 +121,32 @@ def test_bad_input_gets_its_4xx(srv, method, path, body, status, etype, words):
     assert type_ == etype and words in message, message
     # the server is still healthy after every refusal
     assert srv.classify("lora-0", "still fine").status_code == 200
+
+
+V2_ERRORS = [
+    ("POST", "/v2/models/nope/infer", _v2(), 404, "model_not_found", "loaded: full, lora-0"),
+    ("GET", "/v2/models/nope", None, 404, "model_not_found", "loaded: full, lora-0"),
+    ("GET", "/v2/models/nope/ready", None, 404, "model_not_found", "loaded: full, lora-0"),
+    ("POST", V2, b"{", 422, "invalid_request", "invalid V2 infer request"),
+    ("POST", V2, {**_v2(), "outputs": [{"name": "nope"}]}, 422, "invalid_request", "unknown outputs"),
+    ("GET", "/v2/models/lora-0/versions/1", None, 404, "http_error", "no route"),  # tritonclient's model_version=
+    ("POST", V2, b"x" * 30_000, 413, "payload_too_large", "exceeds 20000 bytes"),  # refused by the middleware
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "etype", "words"), V2_ERRORS)
+def test_v2_errors_take_the_open_inference_protocol_shape(srv, method, path, body, status, etype, words):
+    """The V2 spec's error is {"error": "<message>"}: tritonclient raises InferenceServerException(msg=body["error"])
+    and its str() is "[status] " + msg, which raised TypeError on {"error": {"type", "message"}} (the C++ client
+    read "inference failed with unknown error"). The service's type rides beside it (error_type)."""
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = srv.client.request(method, path, **({} if body is None else kwargs))
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()
+    assert isinstance(err["error"], str) and words in err["error"], err
+    assert err["error_type"] == etype
+    assert words in f"[{r.status_code}] " + err["error"]  # what tritonclient's str(exc) builds
 
 
 def test_a_client_leaving_mid_body_is_not_counted_as_a_server_error(srv):

@@ -3,6 +3,7 @@
 tritonclient sends inputs in the binary-tensor extension by default (a JSON header of
 `Inference-Header-Content-Length` bytes followed by raw tensors), so the body is parsed here
 rather than by FastAPI; the pydantic models still document the JSON form in the OpenAPI schema.
+Outputs go back the same way when the request asks for them as binary data (tritonclient does by default).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 
+import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
@@ -130,11 +132,46 @@ def _flatten(data: list) -> list:
     return [y for x in data for y in (_flatten(x) if isinstance(x, list) else [x])]
 
 
+def _binary_wanted(req: V2InferRequest) -> dict[str, bool]:
+    """Per output name, whether the client asked for it as binary data: the output's `binary_data`, else the
+    request's `binary_data_output` (what tritonclient sends when it names no outputs), else JSON."""
+    default = (req.parameters or {}).get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise BadRequest(f"parameters.binary_data_output must be true or false, not {default!r}")
+    wanted = {"label": default, "probabilities": default}
+    for o in req.outputs or []:
+        flag = (o.parameters or {}).get("binary_data", default)
+        if not isinstance(flag, bool):
+            raise BadRequest(f"output {o.name!r}: binary_data must be true or false, not {flag!r}")
+        wanted[o.name] = flag
+    return wanted
+
+
+def _binary_response(header: dict, raw: dict[str, bytes]) -> Response:
+    """The binary tensor data extension's response: the JSON header (each binary output's `data` replaced by its
+    `binary_data_size`), then those outputs' bytes in the header's order; Inference-Header-Content-Length
+    gives the header's length. The C++ client (perf_analyzer) reads outputs only from these bytes."""
+    chunks = []
+    for out in header["outputs"]:
+        if out["name"] in raw:
+            del out["data"]
+            out["parameters"] = {"binary_data_size": len(raw[out["name"]])}
+            chunks.append(raw[out["name"]])
+    head = orjson.dumps(header)
+    return Response(
+        head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+
+
 @router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True)
-async def infer(name: str, request: Request) -> V2InferResponse:
-    """Texts in a BYTES input -> `label` (BYTES) and `probabilities` (FP32, [n, labels]) outputs."""
+async def infer(name: str, request: Request) -> V2InferResponse | Response:
+    """Texts in a BYTES input -> `label` (BYTES) and `probabilities` (FP32, [n, labels]) outputs, each as JSON
+    data or, where the request asks (`binary_data`, `binary_data_output`), as binary data after the JSON."""
     entry = await resolve(request, name)
     req, texts = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
+    binary = _binary_wanted(req)
     texts = check_inputs(request, texts)
     res = await run_job(request, name, entry, texts)
     labels = res.labels or entry["labels"]
@@ -144,10 +181,18 @@ async def infer(name: str, request: Request) -> V2InferResponse:
         V2Tensor(name="label", datatype="BYTES", shape=[len(texts)], data=best),
         V2Tensor(name="probabilities", datatype="FP32", shape=[len(texts), len(labels)], data=probs.ravel().tolist()),
     ]
-    if req.outputs:  # only what was asked for; always as JSON data (clients accept it for binary requests too)
+    if req.outputs:  # only what was asked for
         wanted = {o.name for o in req.outputs}
         unknown = wanted - {o.name for o in outputs}
         if unknown:
             raise BadRequest(f"unknown outputs {sorted(unknown)}; this model has 'label' and 'probabilities'")
         outputs = [o for o in outputs if o.name in wanted]
-    return V2InferResponse(model_name=name, id=req.id, outputs=outputs)
+    response = V2InferResponse(model_name=name, id=req.id, outputs=outputs)
+    raw = {
+        "label": lambda: b"".join(struct.pack("<I", len(b)) + b for b in (x.encode() for x in best)),
+        "probabilities": lambda: probs.astype("<f4").tobytes(),
+    }
+    as_binary = {o.name: raw[o.name]() for o in outputs if binary[o.name]}
+    if not as_binary:
+        return response
+    return _binary_response(response.model_dump(exclude_none=True), as_binary)
