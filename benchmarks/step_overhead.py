@@ -14,14 +14,13 @@ Run it alone: on a shared CPU the figures are rough.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 from pydantic import Field
 
@@ -114,17 +113,6 @@ def minimal_loop(cfg: Any) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
 def training_loop(cfg: Any) -> dict[str, Any]:
     """`training.loop.train` on the same config: its own clock over the steps (train_time_s)."""
     from models import Store
@@ -132,7 +120,7 @@ def training_loop(cfg: Any) -> dict[str, Any]:
 
     # on the CPU, as the minimal loop runs: on a GPU machine `train` would take the GPU (accelerate's default)
     # and the ratio would compare a GPU step with a CPU one
-    with tempfile.TemporaryDirectory() as tmp, _env(ACCELERATE_USE_CPU="true"):
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"ACCELERATE_USE_CPU": "true"}):
         info = train(cfg, store=Store(Path(tmp) / "store"), runs_dir=Path(tmp) / "runs")["train_info"]
     if info["peak_memory_kind"] != "peak_rss":  # it measured a GPU's memory: it trained there
         raise RuntimeError("training ran on a GPU, the minimal loop on the CPU: not comparable")

@@ -84,6 +84,15 @@ def _random_peft(base: torch.nn.Module, seed: int, **cfg) -> torch.nn.Module:
     return pm.eval()
 
 
+def _bank_and_peft_alone(base: torch.nn.Module, bank: LoraBank, paths: dict[str, Path], names: list[str]):
+    """(the bank's logits for a batch mixing `names`, peft's: each adapter run alone, its rows picked out; peft's
+    own mixed batch needs every adapter to save the same modules)."""
+    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        alone = {n: _peft(base, {n: p})(**enc).logits for n, p in paths.items()}
+        return bank.forward(names, **enc).logits, torch.stack([alone[n][i] for i, n in enumerate(names)])
+
+
 @pytest.mark.parametrize("first", ["lora", "head"])
 def test_a_layer_one_adapter_adapts_and_another_saves_whole(first: str, tmp_path: Path) -> None:
     """BERT's pooler.dense: LoRA in adapter "lora" (target "dense"), saved whole in adapter "head"
@@ -101,12 +110,7 @@ def test_a_layer_one_adapter_adapts_and_another_saves_whole(first: str, tmp_path
     for name in (first, *(n for n in specs if n != first)):
         bank.add(name, read_lora(name, paths[name], bank.model))
     assert "bert.pooler.dense" in bank._layers and "bert.pooler.dense" in bank._heads
-    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
-    names = ["lora", "head", "lora", "head", "lora"]
-    with torch.inference_mode():  # peft one adapter at a time: its mixed batch needs the same saved modules
-        alone = {n: _peft(base, {n: p})(**enc).logits for n, p in paths.items()}
-        ref = torch.stack([alone[n][i] for i, n in enumerate(names)])
-        got = bank.forward(names, **enc).logits
+    got, ref = _bank_and_peft_alone(base, bank, paths, ["lora", "head", "lora", "head", "lora"])
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
 
 
@@ -124,12 +128,7 @@ def test_a_saved_composite_module_is_served_as_its_inner_layers(arch: str, saved
     bank = LoraBank(copy.deepcopy(base))
     for name, p in paths.items():
         bank.add(name, read_lora(name, p, bank.model))
-    enc = tokenizer()(TEXTS, padding=True, return_tensors="pt")
-    names = ["composite", "a1", "composite", "a3", "a1"]
-    with torch.inference_mode():
-        alone = {n: _peft(base, {n: p})(**enc).logits for n, p in paths.items()}
-        ref = torch.stack([alone[n][i] for i, n in enumerate(names)])
-        got = bank.forward(names, **enc).logits
+    got, ref = _bank_and_peft_alone(base, bank, paths, ["composite", "a1", "composite", "a3", "a1"])
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     _random_peft(base, 8, r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["LayerNorm"]).save_pretrained(
         tmp_path / "norm"
