@@ -84,8 +84,19 @@ def temp_dir_beside(final: str | os.PathLike, tag: str = "") -> Path:
     return tmp
 
 
+ASIDE_PREFIX = ".tmp-old-"
+
+
 def _aside_name(final: Path) -> Path:
-    return final.parent / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
+    return final.parent / f"{ASIDE_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+
+
+def aside_of(aside: Path) -> str | None:
+    """The name of the directory `aside` (`.tmp-old-<name>-<8 hex>`, _aside_name) was set aside from; None if
+    it is no aside."""
+    if not aside.name.startswith(ASIDE_PREFIX):
+        return None
+    return aside.name[len(ASIDE_PREFIX) : -9] or None
 
 
 def set_aside(final: str | os.PathLike) -> list[Path]:
@@ -93,7 +104,7 @@ def set_aside(final: str | os.PathLike) -> list[Path]:
     between its two renames leaves one of these and no `final`; one after both leaves it beside `final`."""
     final = Path(final)
     found = []
-    for d in final.parent.glob(f".tmp-old-{final.name}-*"):
+    for d in final.parent.glob(f"{ASIDE_PREFIX}{final.name}-*"):
         try:  # one being removed meanwhile (by its writer, or remove_abandoned) is no longer a version
             found.append((d.stat().st_mtime, d))
         except OSError:
@@ -217,7 +228,7 @@ def remove_abandoned(parent: str | os.PathLike) -> list[Path]:
     for d in parent.iterdir():
         if not d.name.startswith(".tmp-"):
             continue
-        if d.name.startswith(".tmp-old-") and not (parent / d.name[len(".tmp-old-") : -9]).exists():
+        if (name := aside_of(d)) is not None and not (parent / name).exists():
             continue
         try:
             if not d.is_dir() or d.is_symlink() or now - d.stat().st_mtime < ABANDONED_AFTER_S:

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.atomic import recover, remove_abandoned, remove_dir, rename_new, replace_dir, temp_dir
+from models.atomic import (
+    ASIDE_PREFIX,
+    aside_of,
+    recover,
+    remove_abandoned,
+    remove_dir,
+    rename_new,
+    replace_dir,
+    temp_dir,
+)
 from models.manifest import BASES_DIR, MANIFEST_NAME, Manifest, ManifestError, check_name
 
 # Pickle-based formats can execute code on load; the store refuses them outright.
@@ -139,8 +148,8 @@ class Store:
         return recover(self.root / name, names_it) and (self.root / name / MANIFEST_NAME).exists()
 
     def _recover_all(self) -> None:
-        for aside in self.root.glob(".tmp-old-*"):
-            name = aside.name[len(".tmp-old-") : -9]  # .tmp-old-<name>-<8 hex>
+        for aside in self.root.glob(f"{ASIDE_PREFIX}*"):
+            name = aside_of(aside)
             if name and not (self.root / name).exists():
                 self._recover(name)
 
